@@ -17,6 +17,10 @@ from typing import Any
 CONFIG_NAME = "adapter_config.json"
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 BIAS_CHOICES = ("none", "all", "lora_only")
+# PEFT fields we do not implement, with the value that means "feature off": such entries are silent.
+PEFT_INERT_FIELDS = {"auto_mapping": None, "peft_version": None, "megatron_config": None,
+                     "megatron_core": "megatron.core", "qalora_group_size": 16, "use_qalora": False,
+                     "lora_bias": False, "ensure_weight_tying": False, "use_bdlora": None}
 TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
@@ -104,7 +108,9 @@ class LoraConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra_fields"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
-        ignored = sorted(k for k, v in extra.items() if v not in (None, False, [], {}, ""))
+        ignored = sorted(k for k, v in extra.items()
+                         if k not in PEFT_INERT_FIELDS and v not in (None, False, [], {}, "")
+                         or k in PEFT_INERT_FIELDS and PEFT_INERT_FIELDS[k] is not None and v != PEFT_INERT_FIELDS[k])
         if ignored:
             warnings.warn(f"adapter_config.json fields not used by lorakit are kept and ignored: {ignored}")
         return cls(**kwargs, extra_fields=extra)

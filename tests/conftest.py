@@ -1,0 +1,83 @@
+"""Tiny random models built in fixtures; the embedded real model only in `integration` tests."""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_llama(tie=False, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+class ConvNet(nn.Module):
+    """Conv2d (3x3 and 1x1), Conv1d, Conv3d and Linear layers, for LoRA on every conv type."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.conv1d = nn.Conv1d(8, 6, 3, stride=2)
+        self.conv3d = nn.Conv3d(2, 4, (1, 3, 3))
+        self.head = nn.Linear(6 * 7, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))  # (B, 8, 16, 16)
+        h = self.conv2(h)
+        v = self.conv3d(h[:, :4].reshape(h.shape[0], 2, 2, 16, 16))  # (B, 4, 2, 14, 14)
+        seq = h.mean(dim=3) + v.mean(dim=(1, 2, 4)).unsqueeze(1)[..., :1]  # (B, 8, 16)
+        return self.head(self.conv1d(seq).flatten(1))
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def convnet():
+    torch.manual_seed(0)
+    return ConvNet().eval()
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 128, (2, 9))
+
+
+def clone(model):
+    return copy.deepcopy(model)
+
+
+def randomize_adapters(model, seed=123):
+    """Give every adapter parameter non-trivial values (B starts at zero, which would hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)

@@ -1,0 +1,113 @@
+"""lorakit vs PEFT 0.21 on the same weights: outputs, gradients, files in both directions, counts."""
+
+import peft
+import pytest
+import torch
+from conftest import ConvNet, clone, randomize_adapters, tiny_gpt2, tiny_llama
+
+import lorakit
+from lorakit.peft_io import adapter_state_dict
+
+CASES = {
+    "llama": (tiny_llama, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj", "embed_tokens"], r=4, lora_alpha=8)),
+    "llama_patterns": (tiny_llama, dict(target_modules="all-linear", r=4, lora_alpha=8,
+                                        rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 6},
+                                        alpha_pattern={"v_proj": 3.0}, modules_to_save=["lm_head"])),
+    "llama_rslora_layers": (tiny_llama, dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
+                                             use_rslora=True, layers_to_transform=[1], layers_pattern="layers")),
+    "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"], r=4, lora_alpha=16,
+                             fan_in_fan_out=True, bias="lora_only")),
+    "convnet": (lambda: ConvNet().eval(), dict(target_modules=["conv1", "conv2", "conv1d", "conv3d", "head"],
+                                               r=2, lora_alpha=4)),
+}
+
+
+def _inputs(case):
+    torch.manual_seed(5)
+    if case == "convnet":
+        return torch.randn(2, 3, 16, 16)
+    return torch.randint(0, 128, (2, 9))
+
+
+def _run(model, x, case):
+    out = model(x) if case == "convnet" else model(input_ids=x).logits
+    return out
+
+
+def _pair(case):
+    """Same base weights and same adapter weights in a PEFT model and a lorakit model."""
+    build, kwargs = CASES[case]
+    torch.manual_seed(0)
+    base = build()
+    ours = lorakit.get_peft_model(clone(base), lorakit.LoraConfig(**kwargs))
+    randomize_adapters(ours)
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
+    state = adapter_state_dict(ours.model, "default", kwargs.get("bias", "none"))
+    result = peft.set_peft_model_state_dict(theirs, state)
+    assert not result.unexpected_keys, result.unexpected_keys
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    assert not missing, missing
+    return ours, theirs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_outputs_and_gradients_equal_peft(case):
+    ours, theirs = _pair(case)
+    x = _inputs(case)
+    out_ours, out_theirs = _run(ours, x, case), _run(theirs, x, case)
+    assert (out_ours - out_theirs).abs().max() < 1e-5
+    out_ours.square().mean().backward()
+    out_theirs.square().mean().backward()
+    grads_theirs = {k.replace(".default", ""): p.grad for k, p in theirs.named_parameters() if p.requires_grad}
+    grads_ours = {"base_model." + k.replace(".default", ""): p.grad for k, p in ours.named_parameters()
+                  if p.requires_grad}
+    assert set(grads_ours) == set(grads_theirs)
+    for key, grad in grads_ours.items():
+        assert (grad - grads_theirs[key]).abs().max() < 1e-5, key
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_trainable_parameter_counts_equal_peft(case):
+    ours, theirs = _pair(case)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lorakit_file_loads_in_peft_with_same_outputs(case, tmp_path):
+    ours, _ = _pair(case)
+    build, _ = CASES[case]
+    x = _inputs(case)
+    ours.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path)
+    assert (_run(ours, x, case) - _run(theirs, x, case)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_file_loads_in_lorakit_with_same_outputs(case, tmp_path):
+    _, theirs = _pair(case)
+    build, _ = CASES[case]
+    x = _inputs(case)
+    theirs.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    ours = lorakit.PeftModel.from_pretrained(build(), str(tmp_path))
+    assert (_run(ours, x, case) - _run(theirs, x, case)).abs().max() < 1e-5
+    assert ours.get_nb_trainable_parameters()[0] == 0  # loaded for inference, as in PEFT
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(target_modules=["q_proj", "v_proj"]),
+    dict(target_modules=r".*layers\.0\.(self_attn|mlp)\.(q|up)_proj"),
+    dict(target_modules="all-linear"),
+    dict(target_modules="all-linear", exclude_modules=["o_proj", "down_proj"]),
+    dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[0], layers_pattern="layers"),
+    dict(target_modules=["q_proj"], layers_to_transform=1),
+])
+def test_injection_targets_same_modules_as_peft(kwargs):
+    ours = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kwargs))
+    ours_names = sorted(n for n, m in ours.model.named_modules() if isinstance(m, lorakit.LoraLayer))
+    theirs_names = sorted(n for n, m in theirs.base_model.model.named_modules()
+                          if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert ours_names == theirs_names and ours_names
