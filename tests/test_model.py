@@ -211,3 +211,10 @@ def test_saved_files_are_only_adapter_and_config(tmp_path):
     model, _ = _build("llama")
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_new_adapters_follow_the_models_eval_mode():
+    model = get_peft_model(tiny_llama().eval(), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
+    assert not any(m.training for m in model.modules())
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
+    assert not any(m.training for m in model.modules())

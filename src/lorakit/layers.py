@@ -79,6 +79,7 @@ class LoraLayer(nn.Module):
             getattr(self, layer_name)[name].to(device=device, dtype=torch.float32)
         if not self.active_adapters:
             self.active_adapters = [name]
+        self.train(self.base_layer.training)  # new dropout modules follow the model's train/eval mode
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -174,9 +175,15 @@ class LoraLinear(LoraLayer):
         for name in self._unmerged_active():
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
-            result = result + lora_B(lora_A(h)) * self.scaling[name]
+            after_A = lora_A(h)
+            if result.dtype == after_A.dtype:
+                # result + s * after_A @ B^T in one kernel: no separate scale and add passes.
+                flat = torch.addmm(result.reshape(-1, result.shape[-1]), after_A.reshape(-1, after_A.shape[-1]),
+                                   lora_B.weight.T, alpha=self.scaling[name])
+                result = flat.view(result.shape)
+            else:
+                result = result + lora_B(after_A) * self.scaling[name]
         return result.to(out_dtype)
-
 
 class LoraEmbedding(LoraLayer):
     """nn.Embedding + low-rank update (A is a lookup table, as in PEFT and loralib)."""
@@ -249,7 +256,14 @@ class LoraConv(LoraLayer):
         d = LF.conv_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
         return d.to(self.base_layer.weight.dtype)
 
-    forward = LoraLinear.forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        for name in self._unmerged_active():
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
+            result = result + lora_B(lora_A(h)) * self.scaling[name]
+        return result.to(out_dtype)
 
 
 def _layer_types() -> list[tuple[type, type]]:

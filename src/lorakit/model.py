@@ -35,6 +35,7 @@ class LoraModel(nn.Module):
         self.active_adapter: str = adapter_name
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
+        self.train(model.training)
 
     # --- attribute access like the wrapped model -------------------------------------------
     def __getattr__(self, name: str):
