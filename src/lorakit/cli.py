@@ -1,25 +1,179 @@
-"""`lorakit` command line."""
+"""`lorakit` command line: train, generate, chat, eval.
+
+Errors in user input print one line and exit with status 2 (`--debug` shows the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import textwrap
+
+EXIT_USAGE = 2
+
+
+def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="model name (smollm2-135m), local transformers directory, or .gguf file")
+    p.add_argument("--adapter", required=adapter_required, default=None,
+                   help="adapter directory (PEFT format)" + ("" if adapter_required else "; omit for the base model"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning and serving toolkit.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter (no arguments: the demo)", allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.dedent("""\
+                           Fine-tune a LoRA adapter. With no arguments: the embedded SmolLM2-135M-Instruct
+                           on the bundled demo data. Settings come from defaults, then CONFIG.yaml, then
+                           --key=value overrides (dotted for sections), e.g.
+                             lorakit train configs/demo.yaml --lr=5e-4 --lora.r=32 --output_dir=runs/x
+                           Writes OUT/adapter/, OUT/loss.png, OUT/metrics.jsonl, OUT/config.yaml."""))
+    p.add_argument("config", nargs="?", help="YAML file of training settings")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("generate", help="generate a completion for a prompt")
+    _add_model_args(p, adapter_required=False)
+    p.add_argument("prompt", help="user message (sent through the chat template)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+    p = sub.add_parser("chat", help="interactive chat, streaming tokens (empty line or Ctrl-D quits)")
+    _add_model_args(p, adapter_required=False)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+    p = sub.add_parser("eval", help="loss and perplexity of a model/adapter on a data file")
+    _add_model_args(p, adapter_required=False)
+    p.add_argument("--data", required=True, help="data file (any training format)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
     return parser
+
+
+def _load(model_name: str, adapter: str | None):
+    from .model import PeftModel
+    from .models import load_model, load_tokenizer
+
+    if adapter and not os.path.isdir(adapter):
+        raise FileNotFoundError(f"adapter directory {adapter} does not exist")
+    tokenizer = load_tokenizer(model_name)
+    model = load_model(model_name)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), tokenizer
+
+
+def cmd_train(args, overrides: list[str]) -> int:
+    from .train import train
+    from .train_config import load_train_config
+
+    extra = overrides + (["--resume=true"] if args.resume else []) + (["--progress=false"] if args.quiet else [])
+    cfg = load_train_config(args.config, extra)
+    result = train(cfg)
+    if result["interrupted"]:
+        return 130
+    history = result["history"]
+    evals = [r["eval_loss"] for r in history if "eval_loss" in r]
+    print(f"\ntrained {result['steps']} steps in {result['seconds']:.0f} s; final train loss "
+          f"{history[-1]['train_loss']:.3f}" + (f", eval loss {evals[0]:.3f} -> {evals[-1]:.3f}" if evals else ""))
+    print(f"adapter: {result['adapter_dir']}   plot: {os.path.join(cfg.output_dir, 'loss.png')}")
+    for prompt, before, after in zip(result.get("prompts", []), result["before"], result.get("after", [])):
+        print(f"\n> {prompt}\n  before: {before}\n  after:  {after}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .data import render_prompt
+
+    model, tokenizer = _load(args.model, args.adapter)
+    ids = tokenizer(render_prompt([{"role": "user", "content": args.prompt}], tokenizer),
+                    return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=args.temperature > 0, temperature=args.temperature or None,
+                             pad_token_id=tokenizer.pad_token_id)
+    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return 0
+
+
+def cmd_chat(args) -> int:
+    import threading
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    from .data import render_prompt
+
+    model, tokenizer = _load(args.model, args.adapter)
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer(render_prompt(messages, tokenizer), return_tensors="pt", add_special_tokens=False).input_ids
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                      do_sample=args.temperature > 0, temperature=args.temperature or None,
+                      pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+        thread = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs))
+        thread.start()
+        print("bot> ", end="", flush=True)
+        reply = ""
+        for piece in streamer:
+            reply += piece
+            print(piece, end="", flush=True)
+        thread.join()
+        print()
+        messages.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import data as D
+    from .train import evaluate
+
+    model, tokenizer = _load(args.model, args.adapter)
+    examples, stats = D.load_examples(args.data, tokenizer, args.max_length)
+    loss = evaluate(model, examples, args.batch_size, tokenizer.pad_token_id, next(model.parameters()).device)
+    print(f"rows: {len(examples)} ({stats.truncated} truncated)   loss: {loss:.4f}   perplexity: {math.exp(loss):.2f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line
+    args, unknown = parser.parse_known_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    if unknown and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        if args.command == "train":
+            return cmd_train(args, unknown)
+        return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval}[args.command](args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

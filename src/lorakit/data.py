@@ -1,0 +1,225 @@
+"""Training data: file formats -> token ids + labels (-100 where no loss), batching and packing.
+
+Row formats (JSON list, JSONL, or a .txt file):
+  chat        {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+  ShareGPT    {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}
+  alpaca      {"instruction": ..., "input": optional, "output": ...}
+  completion  {"prompt": ..., "completion": ...}
+  text        {"text": ...} or a .txt file (one document per blank-line-separated block)
+Chat-like rows use the tokenizer's chat template. By default only response tokens (assistant
+turns, completions) carry loss; `train_on_prompt=True` puts loss on every token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE = -100
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    truncated: int = 0
+    dropped_empty: int = 0
+
+
+class DataError(ValueError):
+    """A malformed data file or row; the message names the file and line."""
+
+
+def read_rows(path: str) -> list[tuple[int, dict | str]]:
+    """(line number, row) pairs. JSON arrays give each element's index + 1 as its 'line'."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path} does not exist")
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            blocks = [b.strip() for b in f.read().split("\n\n")]
+        return [(i + 1, {"text": b}) for i, b in enumerate(blocks) if b]
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+            return list(enumerate(data, start=1))
+        rows = []
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        return rows
+
+
+def row_to_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
+    """Render a row as text segments, each flagged whether it is a response (loss) segment."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if "messages" in row or "conversations" in row:
+        return chat_segments(_messages(row), tokenizer)
+    if "instruction" in row and "output" in row:
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return chat_segments([{"role": "user", "content": prompt},
+                              {"role": "assistant", "content": row["output"]}], tokenizer)
+    if "prompt" in row and "completion" in row:
+        return [(_text(row, "prompt"), False), (_text(row, "completion") + (tokenizer.eos_token or ""), True)]
+    if "text" in row:
+        return [(_text(row, "text") + (tokenizer.eos_token or ""), True)]
+    raise ValueError(f"row has none of the known fields (messages, conversations, instruction+output, "
+                     f"prompt+completion, text); its keys are {sorted(row)}")
+
+
+def _text(row: dict, key: str) -> str:
+    if not isinstance(row[key], str):
+        raise ValueError(f"field {key!r} must be a string, got {type(row[key]).__name__}")
+    return row[key]
+
+
+def _messages(row: dict) -> list[dict]:
+    if "messages" in row:
+        messages = row["messages"]
+    else:
+        messages = [{"role": SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")}
+                    for m in row["conversations"] if isinstance(m, dict)]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise ValueError(f"each message needs role system/user/assistant and string content, got {m!r}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("conversation has no assistant message to learn from")
+    return messages
+
+
+def render_prompt(messages: list[dict], tokenizer) -> str:
+    """The text that asks the model for its next assistant turn."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+
+
+def _render(messages: list[dict], tokenizer) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "".join(f"<|{m['role']}|>\n{m['content']}\n{tokenizer.eos_token or ''}" if m["role"] == "assistant"
+                   else f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+
+
+def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    """Split the templated conversation into prompt/response segments by rendering prefixes."""
+    segments, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render_prompt(messages[:i], tokenizer)
+        full = _render(messages[: i + 1], tokenizer)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ValueError("the chat template does not render conversations as growing prefixes; "
+                             "use train_on_prompt=True for this tokenizer")
+        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    return segments
+
+
+def encode(segments: list[tuple[str, bool]], tokenizer, max_length: int, train_on_prompt: bool):
+    """Token ids and labels for the segments; returns (Example, was_truncated)."""
+    ids, labels = [], []
+    for i, (text, is_response) in enumerate(segments):
+        piece = tokenizer(text, add_special_tokens=(i == 0))["input_ids"]
+        ids += piece
+        labels += piece if (is_response or train_on_prompt) else [IGNORE] * len(piece)
+    truncated = len(ids) > max_length
+    return Example(ids[:max_length], labels[:max_length]), truncated
+
+
+def load_examples(path: str, tokenizer, max_length: int, train_on_prompt: bool = False):
+    """Read and tokenize a data file. Raises DataError naming file and line for a malformed row."""
+    stats = DataStats()
+    examples = []
+    for lineno, row in read_rows(path):
+        try:
+            example, truncated = encode(row_to_segments(row, tokenizer), tokenizer, max_length, train_on_prompt)
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno}: {e}") from None
+        stats.rows += 1
+        stats.truncated += truncated
+        if all(label == IGNORE for label in example.labels[1:]):
+            stats.dropped_empty += 1  # nothing left to learn after truncation
+            continue
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{path}: no usable rows")
+    return examples, stats
+
+
+def split(examples: list[Example], val_fraction: float, seed: int):
+    """Deterministic train/validation split."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(len(examples) * val_fraction))
+    if val_fraction > 0 and len(examples) > 1:
+        n_val = max(1, n_val)
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenate examples into rows of at most max_length tokens. Positions restart at 0 for each
+    example; with no padding mask, transformers (>= 4.56) turns restarting positions into a
+    block-diagonal causal mask, so packed examples cannot attend to each other."""
+    packs, current = [], Example([], [], [])
+    for ex in examples:
+        if current.input_ids and len(current) + len(ex) > max_length:
+            packs.append(current)
+            current = Example([], [], [])
+        current.input_ids += ex.input_ids
+        current.labels += [IGNORE] + ex.labels[1:]  # never predict across a boundary
+        current.position_ids += list(range(len(ex)))
+    if current.input_ids:
+        packs.append(current)
+    return packs
+
+
+def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row. Packed rows get position_ids and no attention mask."""
+    width = max(len(e) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = any(e.position_ids for e in examples)
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+        if packed:
+            positions[i, :n] = torch.tensor(e.position_ids or list(range(n)))
+            positions[i, n:] = torch.arange(width - n)  # padding forms its own block
+    if packed:
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

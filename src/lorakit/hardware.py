@@ -1,0 +1,35 @@
+"""Run-time capability checks (the CPU type varies between machines: never assume it)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def fast_bf16(device: torch.device | str = "cpu") -> bool:
+    """True where bf16 matmuls are native: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def resolve_bf16(setting: bool | str, device: torch.device | str = "cpu") -> bool:
+    if setting == "auto":
+        return fast_bf16(device)
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"bf16 must be true, false or 'auto', got {setting!r}")

@@ -1,0 +1,220 @@
+"""The one training loop: single process, or DDP/FSDP when launched by torchrun.
+
+Read top to bottom: set up -> data -> model -> optimizer -> resume -> steps (eval, checkpoint)
+-> save adapter, metrics, plot. Ctrl-C saves a checkpoint and returns; `resume=True` continues
+bit-exactly (same data order, optimizer, scheduler and RNG states).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import data as D
+from . import distributed as dist_utils
+from .hardware import resolve_bf16
+from .model import get_peft_model
+from .models import load_model, load_tokenizer
+from .train_config import TrainConfig
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over positions whose label is not -100 (fp32)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=D.IGNORE, reduction="sum")
+
+
+def count_targets(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != D.IGNORE).sum())
+
+
+def batch_order(n_rows: int, micro_index: int, rows_per_micro: int, seed: int) -> list[int]:
+    """Row indices of global micro-batch `micro_index`: a fresh seeded shuffle every epoch."""
+    per_epoch = max(1, n_rows // rows_per_micro)
+    epoch, k = divmod(micro_index, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return order[k * rows_per_micro:(k + 1) * rows_per_micro]
+
+
+def _forward_loss_sum(model, batch, autocast: bool) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(**inputs, use_cache=False).logits
+    return causal_lm_loss_sum(logits, batch["labels"])
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size: int, pad_id: int, device, autocast: bool = False) -> float:
+    """Mean token loss (nats) over `examples`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in D.collate(examples[i:i + batch_size], pad_id).items()}
+        total += _forward_loss_sum(model, batch, autocast).item()
+        count += count_targets(batch)
+    model.train(was_training)
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, device) -> list[str]:
+    """Greedy answers to each prompt, as a chat turn."""
+    was_training = model.training
+    model.eval()
+    answers = []
+    for prompt in prompts:
+        text = D.render_prompt([{"role": "user", "content": prompt}], tokenizer)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
+
+
+def _read_prompts(path: str | None) -> list[str]:
+    if not path:
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
+    """Fine-tune a LoRA adapter as `cfg` says. Returns a summary dict (losses, paths, timings, model).
+
+    `model` / `tokenizer` override loading `cfg.model`; `on_step(step, record)` runs after each
+    optimizer step (raise KeyboardInterrupt there to stop with a checkpoint).
+
+    >>> result = train(TrainConfig(max_steps=20, output_dir="runs/x"))  # doctest: +SKIP
+    """
+    env = dist_utils.setup()
+    is_main = env.rank == 0
+    cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    log = print if is_main else (lambda *a, **k: None)
+
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    examples, stats = D.load_examples(cfg.data, tokenizer, cfg.max_length, cfg.train_on_prompt)
+    if cfg.eval_data:
+        train_rows, val_rows = examples, D.load_examples(cfg.eval_data, tokenizer, cfg.max_length)[0]
+    else:
+        train_rows, val_rows = D.split(examples, cfg.val_fraction, cfg.seed)
+    if cfg.packing:
+        train_rows = D.pack(train_rows, cfg.max_length)
+    log(f"data: {stats.rows} rows from {cfg.data} ({stats.truncated} truncated to {cfg.max_length} tokens, "
+        f"{stats.dropped_empty} dropped with no response tokens); {len(train_rows)} train / {len(val_rows)} val")
+
+    log(f"model: {cfg.model}; bf16 autocast: {cfg.bf16}; processes: {env.world_size}; device: {env.device}")
+    rows_per_micro = cfg.batch_size * env.world_size
+    if len(train_rows) < rows_per_micro:
+        raise ValueError(f"{len(train_rows)} training rows is fewer than one batch of {rows_per_micro} rows")
+    micro_per_epoch = len(train_rows) // rows_per_micro
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * micro_per_epoch / cfg.grad_accum))
+
+    base = model if model is not None else load_model(cfg.model)
+    base.to(env.device)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = get_peft_model(base, cfg.lora_config())
+    prompts = _read_prompts(cfg.prompts) if is_main else []
+    before = answer_prompts(peft_model, tokenizer, prompts, cfg.max_new_tokens, env.device) if prompts else []
+    peft_model.train()
+    engine = dist_utils.wrap(peft_model, env, cfg.distributed)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+
+    step, history = 0, []
+    if cfg.resume:
+        step, history = ckpt.load(cfg.output_dir, peft_model, optimizer, scheduler)
+        log(f"resumed from step {step}")
+    if is_main:
+        cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    pad_id = tokenizer.pad_token_id
+
+    progress = dist_utils.progress_bar(total_steps, step, enabled=is_main and cfg.progress)
+    started, tokens_seen, interrupted = time.perf_counter(), 0, False
+    try:
+        while step < total_steps:
+            micro_batches = []
+            for a in range(cfg.grad_accum):
+                rows = batch_order(len(train_rows), step * cfg.grad_accum + a, rows_per_micro, cfg.seed)
+                mine = rows[env.rank * cfg.batch_size:(env.rank + 1) * cfg.batch_size]
+                micro_batches.append({k: v.to(env.device) for k, v in
+                                      D.collate([train_rows[i] for i in mine], pad_id).items()})
+                tokens_seen += sum(len(train_rows[i]) for i in mine)  # real tokens, no padding
+            # Normalise by the global number of target tokens so every setup sums to the same gradient.
+            n_targets = dist_utils.all_reduce_sum(sum(count_targets(b) for b in micro_batches), env)
+            loss_sum = 0.0
+            for i, batch in enumerate(micro_batches):
+                with dist_utils.no_sync_unless_last(engine, i == len(micro_batches) - 1):
+                    loss = _forward_loss_sum(engine, batch, cfg.bf16)
+                    (loss * env.world_size / n_targets).backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            train_loss = dist_utils.all_reduce_sum(loss_sum, env) / n_targets
+            elapsed = time.perf_counter() - started
+            record = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen * env.world_size / elapsed}
+            if val_rows and (step % cfg.eval_every == 0 or step == total_steps):
+                record["eval_loss"] = evaluate(peft_model, val_rows, cfg.batch_size, pad_id, env.device, cfg.bf16)
+            history.append(record)
+            if is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                progress.update(1)
+            if step % cfg.save_every == 0 and step < total_steps:
+                ckpt.save(cfg.output_dir, peft_model, optimizer, scheduler, step, history, is_main)
+            if on_step is not None:
+                on_step(step, record)
+    except KeyboardInterrupt:
+        interrupted = True
+        ckpt.save(cfg.output_dir, peft_model, optimizer, scheduler, step, history, is_main)
+        log(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
+    finally:
+        progress.close()
+
+    adapter_dir = os.path.join(cfg.output_dir, "adapter")
+    summary = {"steps": step, "total_steps": total_steps, "interrupted": interrupted, "history": history,
+               "adapter_dir": adapter_dir, "seconds": time.perf_counter() - started, "before": before}
+    if not interrupted:
+        if is_main:
+            peft_model.save_pretrained(adapter_dir)
+            from .plot import plot_losses
+
+            plot_losses(history, os.path.join(cfg.output_dir, "loss.png"))
+        summary["after"] = answer_prompts(peft_model, tokenizer, prompts, cfg.max_new_tokens, env.device) \
+            if prompts else []
+        summary["prompts"] = prompts
+    summary["model"] = peft_model
+    dist_utils.teardown(env)
+    return summary

@@ -1,0 +1,135 @@
+"""TrainConfig: every training setting as plain values; YAML files and dotted CLI overrides map onto it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .config import LoraConfig
+
+PACKAGE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DEMO_DATA = os.path.join(PACKAGE_DATA, "demo_train.jsonl")
+DEMO_PROMPTS = os.path.join(PACKAGE_DATA, "demo_prompts.txt")
+DEMO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05,
+                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. Defaults are the demo: the embedded model on the bundled data."""
+
+    model: str = "smollm2-135m"
+    data: str = DEMO_DATA
+    eval_data: str | None = None          # None: hold out val_fraction of `data`
+    prompts: str | None = DEMO_PROMPTS    # held-out prompts answered before and after training
+    output_dir: str = "runs/demo"
+    lora: dict[str, Any] = field(default_factory=lambda: dict(DEMO_LORA))
+    max_length: int = 256
+    batch_size: int = 8                   # rows per micro-batch, per process
+    grad_accum: int = 1
+    epochs: float = 3.0
+    max_steps: int = 0                    # > 0 overrides epochs
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1             # cosine decays to lr * min_lr_ratio
+    clip_grad_norm: float = 1.0
+    bf16: bool | str = "auto"             # bf16 autocast for matmuls (adapters stay fp32); auto = if fast here
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    train_on_prompt: bool = False
+    val_fraction: float = 0.1
+    eval_every: int = 10
+    save_every: int = 25
+    log_every: int = 1
+    seed: int = 0
+    max_new_tokens: int = 40
+    resume: bool = False
+    distributed: str = "ddp"              # under torchrun: "ddp" or "fsdp"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_length", "batch_size", "grad_accum", "eval_every", "save_every", "log_every",
+                     "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_steps < 0 or self.epochs <= 0:
+            raise ValueError(f"need max_steps >= 0 and epochs > 0, got max_steps={self.max_steps}, "
+                             f"epochs={self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
+        if self.bf16 not in (True, False, "auto"):
+            raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
+        self.lora_config()  # validates the adapter settings now, not after the model loads
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(task_type="CAUSAL_LM", **self.lora)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_yaml(self, path: str) -> None:
+        from .peft_io import atomic_path
+
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--key=value` / `--lora.r=32` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ValueError(f"override {item!r} must look like --key=value (e.g. --lora.r=32)")
+        key, _, raw = item[2:].partition("=")
+        node = data
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def load_train_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- dotted overrides. Unknown keys are errors that list the known ones."""
+    data: dict[str, Any] = {}
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} does not exist")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: invalid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; known settings: {sorted(known)}")
+    lora = dict(DEMO_LORA)
+    lora.update(data.pop("lora", None) or {})
+    lora_known = {f.name for f in dataclasses.fields(LoraConfig)}
+    bad = sorted(set(lora) - lora_known)
+    if bad:
+        raise ValueError(f"unknown lora setting(s) {bad}; known: {sorted(lora_known - {'extra_fields'})}")
+    if path:  # relative paths in a config file are relative to the file
+        base = os.path.dirname(os.path.abspath(path))
+        for key in ("data", "eval_data", "prompts"):
+            if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
+                candidate = os.path.join(base, data[key])
+                data[key] = candidate if os.path.exists(candidate) else data[key]
+    return TrainConfig(lora=lora, **data)

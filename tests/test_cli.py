@@ -1,0 +1,82 @@
+"""Every CLI error path: exit status 2 and one clear line on stderr; --help everywhere."""
+
+import json
+
+import pytest
+
+from lorakit.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "chat", "eval"])
+def test_help_on_every_subcommand(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: lorakit {command}" in capsys.readouterr().out
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    return str(path)
+
+
+def _case_args(tmp_path, tiny_model_dir, data_file):
+    bad_rows = tmp_path / "bad.jsonl"
+    bad_rows.write_text('{"text": "ok"}\n{"question": 1}\n')
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("lr: [1, 2\n")
+    return {
+        "unknown setting": (["train", "--learning_rate=1"], "unknown setting(s) ['learning_rate']"),
+        "unknown lora setting": (["train", "--lora.rank=4"], "unknown lora setting(s) ['rank']"),
+        "bad rank": (["train", "--lora.r=0"], "r must be an integer >= 1, got 0"),
+        "bad override syntax": (["train", "--lr"], "must look like --key=value"),
+        "missing config": (["train", str(tmp_path / "nope.yaml")], "config file"),
+        "invalid yaml": (["train", str(bad_yaml)], "invalid YAML"),
+        "missing data": (["train", f"--model={tiny_model_dir}", f"--data={tmp_path}/none.jsonl"], "does not exist"),
+        "malformed row": (["train", f"--model={tiny_model_dir}", f"--data={bad_rows}", "--prompts=null",
+                           f"--output_dir={tmp_path}/o"], "bad.jsonl:2: row has none of the known fields"),
+        "resume without checkpoint": (["train", f"--model={tiny_model_dir}", f"--data={data_file}", "--prompts=null",
+                                       "--batch_size=1", "--val_fraction=0", f"--output_dir={tmp_path}/r",
+                                       "--resume"], "no checkpoint.pt"),
+        "unknown model": (["generate", "--model=gpt-17", "hi"], "unknown model 'gpt-17'"),
+        "missing adapter": (["generate", f"--model={tiny_model_dir}", f"--adapter={tmp_path}/none", "hi"],
+                            "adapter directory"),
+        "eval missing data": (["eval", f"--model={tiny_model_dir}", f"--data={tmp_path}/none.jsonl"],
+                              "does not exist"),
+    }
+
+
+CASES = ["unknown setting", "unknown lora setting", "bad rank", "bad override syntax", "missing config",
+         "invalid yaml", "missing data", "malformed row", "resume without checkpoint", "unknown model",
+         "missing adapter", "eval missing data"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cli_errors_exit_2_with_one_line(capsys, tmp_path, tiny_model_dir, data_file, case):
+    argv, message = _case_args(tmp_path, tiny_model_dir, data_file)[case]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.startswith("lorakit")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_unknown_flag_for_other_commands_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--bogus", "hi"])
+    assert exit_info.value.code == 2
+
+
+def test_eval_and_generate_run_on_a_model_dir(capsys, tiny_model_dir, data_file):
+    code, out, _ = _run(capsys, "eval", f"--model={tiny_model_dir}", f"--data={data_file}")
+    assert code == 0 and "perplexity" in out
+    code, out, _ = _run(capsys, "generate", f"--model={tiny_model_dir}", "--max-new-tokens=3", "hi")
+    assert code == 0

@@ -1,0 +1,136 @@
+"""The training loop on a tiny model: learning, resume bit-exactness, Ctrl-C, DDP, Trainer interop."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_llama_for
+
+from lorakit.train import lr_lambda, train
+from lorakit.train_config import DEMO_DATA, TrainConfig
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(data=DEMO_DATA, prompts=None, output_dir=str(tmp_path), max_length=96, batch_size=4,
+                max_steps=10, lr=5e-3, warmup_steps=2, eval_every=5, save_every=100, bf16=False, progress=False,
+                lora=dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"]))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _adapter(result):
+    return {n: p.detach().clone() for n, p in result["model"].named_parameters() if p.requires_grad}
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    values = [lr_lambda(s, warmup=4, total=20, min_ratio=0.1) for s in range(20)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(values[3:], values[4:])) and abs(values[-1] - 0.1) < 0.01
+
+
+def test_training_lowers_eval_loss_and_writes_outputs(tmp_path, tiny_tokenizer):
+    result = train(_cfg(tmp_path, max_steps=20, eval_every=10), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
+    evals = [r["eval_loss"] for r in result["history"] if "eval_loss" in r]
+    assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
+    assert len(evals) == 2
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "loss.png", "metrics.jsonl",
+                 "config.yaml"):
+        assert (tmp_path / name).exists(), name
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == list(range(1, 21))
+
+
+def test_resume_after_interrupt_is_bit_identical(tmp_path, tiny_tokenizer):
+    straight = _adapter(train(_cfg(tmp_path / "a", grad_accum=2), tiny_llama_for(tiny_tokenizer), tiny_tokenizer))
+
+    def stop_at_5(step, record):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    first = train(_cfg(tmp_path / "b", grad_accum=2), tiny_llama_for(tiny_tokenizer), tiny_tokenizer,
+                  on_step=stop_at_5)
+    assert first["interrupted"] and first["steps"] == 5 and (tmp_path / "b" / "checkpoint.pt").exists()
+    assert not (tmp_path / "b" / "adapter").exists()
+    resumed = train(_cfg(tmp_path / "b", grad_accum=2, resume=True), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
+    assert resumed["steps"] == 10
+    got = _adapter(resumed)
+    assert got.keys() == straight.keys()
+    for name, value in straight.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_packing_and_gradient_checkpointing_train(tmp_path, tiny_tokenizer):
+    result = train(_cfg(tmp_path, packing=True, gradient_checkpointing=True, max_steps=6, lora=dict(
+        r=4, lora_alpha=8, target_modules="all-linear")), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
+    assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
+
+
+def _write_yaml(path, model_dir, out_dir, **kw):
+    import yaml
+
+    cfg = dict(model=model_dir, prompts=None, output_dir=str(out_dir), max_length=64, batch_size=2, max_steps=4,
+               lr=5e-3, warmup_steps=1, bf16=False, progress=False, eval_every=100,
+               lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    cfg.update(kw)
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def test_two_process_ddp_equals_single_process_with_same_global_batch(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    single = _write_yaml(tmp_path / "single.yaml", tiny_model_dir, tmp_path / "single", batch_size=4)
+    ddp = _write_yaml(tmp_path / "ddp.yaml", tiny_model_dir, tmp_path / "ddp", batch_size=2)
+    subprocess.run([sys.executable, "-m", "lorakit", "train", single], check=True, env=_env(), capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "-m", "lorakit", "train", ddp], env=_env(), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < 1e-5, key
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it trained
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
+    import signal
+    import time
+
+    cfg = _write_yaml(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out", max_steps=100000, save_every=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", cfg], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "checkpoint saved" in out and (tmp_path / "out" / "checkpoint.pt").exists()
+    assert "Traceback" not in err
+
+
+def test_transformers_trainer_accepts_a_lorakit_model(tmp_path, tiny_tokenizer):
+    from transformers import Trainer, TrainingArguments
+
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.data import collate, load_examples
+
+    model = get_peft_model(tiny_llama_for(tiny_tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    examples, _ = load_examples(DEMO_DATA, tiny_tokenizer, 64)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=examples[:24],
+                      data_collator=lambda rows: collate(rows, tiny_tokenizer.pad_token_id))
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
