@@ -34,13 +34,13 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
 def test_training_lowers_eval_loss_and_writes_outputs(tmp_path, tiny_tokenizer):
     result = train(_cfg(tmp_path, max_steps=20, eval_every=10), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
     evals = [r["eval_loss"] for r in result["history"] if "eval_loss" in r]
-    assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
-    assert len(evals) == 2
+    assert result["history"][-1]["train_loss"] < result["history"][1]["train_loss"]
+    assert len(evals) == 3 and evals[-1] < evals[0]  # step 0 (untrained), 10, 20
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "loss.png", "metrics.jsonl",
                  "config.yaml"):
         assert (tmp_path / name).exists(), name
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["step"] for l in lines] == list(range(1, 21))
+    assert [json.loads(l)["step"] for l in lines] == list(range(0, 21))
 
 
 def test_resume_after_interrupt_is_bit_identical(tmp_path, tiny_tokenizer):
@@ -65,7 +65,7 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path, tiny_tokenizer):
 def test_packing_and_gradient_checkpointing_train(tmp_path, tiny_tokenizer):
     result = train(_cfg(tmp_path, packing=True, gradient_checkpointing=True, max_steps=6, lora=dict(
         r=4, lora_alpha=8, target_modules="all-linear")), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
-    assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
+    assert result["history"][-1]["train_loss"] < result["history"][1]["train_loss"]
 
 
 def _write_yaml(path, model_dir, out_dir, **kw):

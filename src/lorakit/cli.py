@@ -82,7 +82,8 @@ def cmd_train(args, overrides: list[str]) -> int:
     history = result["history"]
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     print(f"\ntrained {result['steps']} steps in {result['seconds']:.0f} s; final train loss "
-          f"{history[-1]['train_loss']:.3f}" + (f", eval loss {evals[0]:.3f} -> {evals[-1]:.3f}" if evals else ""))
+          f"{history[-1]['train_loss']:.3f}" + (f"; held-out loss {evals[0]:.3f} (before) -> {evals[-1]:.3f}"
+                                                if evals else ""))
     print(f"adapter: {result['adapter_dir']}   plot: {os.path.join(cfg.output_dir, 'loss.png')}")
     for prompt, before, after in zip(result.get("prompts", []), result["before"], result.get("after", [])):
         print(f"\n> {prompt}\n  before: {before}\n  after:  {after}")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as LF
+from .kernels import fused_lora_linear
 
 try:  # GPT-2 style layers: a Linear that stores its weight as (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -169,10 +170,22 @@ class LoraLinear(LoraLayer):
                             self.fan_in_fan_out)
         return d.to(self.base_layer.weight.dtype) if d.dtype != self.base_layer.weight.dtype else d
 
+    def _fused_ok(self, x: torch.Tensor, names: list[str]) -> bool:
+        base = self.base_layer
+        return (len(names) == 1 and type(base) is nn.Linear and torch.is_grad_enabled()
+                and x.dtype == base.weight.dtype and not torch.is_autocast_enabled(x.device.type))
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self._unmerged_active()
+        if names and self._fused_ok(x, names):
+            name = names[0]
+            drop = self.lora_dropout[name]
+            return fused_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
+                                     self.lora_B[name].weight, self.scaling[name],
+                                     drop.p if isinstance(drop, nn.Dropout) else 0.0, self.training)
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
-        for name in self._unmerged_active():
+        for name in names:
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
             after_A = lora_A(h)

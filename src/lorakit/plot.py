@@ -12,7 +12,8 @@ def plot_losses(history: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in history], [r["train_loss"] for r in history], label="train")
+    trains = [r for r in history if "train_loss" in r]
+    ax.plot([r["step"] for r in trains], [r["train_loss"] for r in trains], label="train")
     evals = [r for r in history if "eval_loss" in r]
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")

@@ -16,12 +16,12 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import data as D
 from . import distributed as dist_utils
 from .hardware import resolve_bf16
+from .loss import CausalLMLoss
 from .model import get_peft_model
 from .models import load_model, load_tokenizer
 from .train_config import TrainConfig
@@ -33,12 +33,6 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over positions whose label is not -100 (fp32)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=D.IGNORE, reduction="sum")
 
 
 def count_targets(batch: dict) -> int:
@@ -53,23 +47,16 @@ def batch_order(n_rows: int, micro_index: int, rows_per_micro: int, seed: int) -
     return order[k * rows_per_micro:(k + 1) * rows_per_micro]
 
 
-def _forward_loss_sum(model, batch, autocast: bool) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    device_type = batch["input_ids"].device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(**inputs, use_cache=False).logits
-    return causal_lm_loss_sum(logits, batch["labels"])
-
-
 @torch.no_grad()
-def evaluate(model, examples, batch_size: int, pad_id: int, device, autocast: bool = False) -> float:
-    """Mean token loss (nats) over `examples`."""
+def evaluate(model, examples, batch_size: int, pad_id: int, device) -> float:
+    """Mean token loss (nats) over `examples` for a LoraModel (or any causal LM)."""
+    loss_module = CausalLMLoss(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in D.collate(examples[i:i + batch_size], pad_id).items()}
-        total += _forward_loss_sum(model, batch, autocast).item()
+        total += loss_module(**batch).item()
         count += count_targets(batch)
     model.train(was_training)
     return total / max(1, count)
@@ -126,22 +113,23 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     log(f"data: {stats.rows} rows from {cfg.data} ({stats.truncated} truncated to {cfg.max_length} tokens, "
         f"{stats.dropped_empty} dropped with no response tokens); {len(train_rows)} train / {len(val_rows)} val")
 
-    log(f"model: {cfg.model}; bf16 autocast: {cfg.bf16}; processes: {env.world_size}; device: {env.device}")
+    log(f"model: {cfg.model}; frozen weights in {'bf16' if cfg.bf16 else 'fp32'} (adapters fp32); processes: {env.world_size}; device: {env.device}")
     rows_per_micro = cfg.batch_size * env.world_size
     if len(train_rows) < rows_per_micro:
         raise ValueError(f"{len(train_rows)} training rows is fewer than one batch of {rows_per_micro} rows")
     micro_per_epoch = len(train_rows) // rows_per_micro
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * micro_per_epoch / cfg.grad_accum))
 
-    base = model if model is not None else load_model(cfg.model)
-    base.to(env.device)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    base = model if model is not None else load_model(cfg.model, dtype=dtype)
+    base.to(device=env.device, dtype=dtype)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = get_peft_model(base, cfg.lora_config())
     prompts = _read_prompts(cfg.prompts) if is_main else []
     before = answer_prompts(peft_model, tokenizer, prompts, cfg.max_new_tokens, env.device) if prompts else []
     peft_model.train()
-    engine = dist_utils.wrap(peft_model, env, cfg.distributed)
+    engine = dist_utils.wrap(CausalLMLoss(peft_model, fused=cfg.fused_loss), env, cfg.distributed)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -156,6 +144,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     pad_id = tokenizer.pad_token_id
 
+    if step == 0 and val_rows:  # held-out loss of the untrained adapter (= the base model)
+        history.append({"step": 0, "eval_loss": evaluate(peft_model, val_rows, cfg.batch_size, pad_id, env.device)})
+        if is_main:
+            with open(metrics_path, "w") as f:
+                f.write(json.dumps(history[-1]) + "\n")
     progress = dist_utils.progress_bar(total_steps, step, enabled=is_main and cfg.progress)
     started, tokens_seen, interrupted = time.perf_counter(), 0, False
     try:
@@ -172,7 +165,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
             loss_sum = 0.0
             for i, batch in enumerate(micro_batches):
                 with dist_utils.no_sync_unless_last(engine, i == len(micro_batches) - 1):
-                    loss = _forward_loss_sum(engine, batch, cfg.bf16)
+                    loss = engine(**batch)
                     (loss * env.world_size / n_targets).backward()
                 loss_sum += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
@@ -185,7 +178,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
             record = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen * env.world_size / elapsed}
             if val_rows and (step % cfg.eval_every == 0 or step == total_steps):
-                record["eval_loss"] = evaluate(peft_model, val_rows, cfg.batch_size, pad_id, env.device, cfg.bf16)
+                record["eval_loss"] = evaluate(peft_model, val_rows, cfg.batch_size, pad_id, env.device)
             history.append(record)
             if is_main:
                 with open(metrics_path, "a") as f:

@@ -18,6 +18,9 @@ DEMO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05,
                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
+FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "min_lr_ratio", "clip_grad_norm", "val_fraction")
+
+
 @dataclass
 class TrainConfig:
     """Training settings. Defaults are the demo: the embedded model on the bundled data."""
@@ -38,7 +41,9 @@ class TrainConfig:
     warmup_steps: int = 5
     min_lr_ratio: float = 0.1             # cosine decays to lr * min_lr_ratio
     clip_grad_norm: float = 1.0
-    bf16: bool | str = "auto"             # bf16 autocast for matmuls (adapters stay fp32); auto = if fast here
+    bf16: bool | str = "auto"             # frozen base weights + compute in bf16, adapters/optimizer fp32;
+                                          # auto = where this CPU/GPU has fast bf16 (AVX512-BF16, AMX, CUDA)
+    fused_loss: bool = True               # chunked lm_head + cross-entropy on labelled positions only
     gradient_checkpointing: bool = False
     packing: bool = False
     train_on_prompt: bool = False
@@ -53,6 +58,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        for name in FLOAT_FIELDS:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            value = getattr(self, name)
+            try:
+                setattr(self, name, float(value))
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a number, got {value!r}") from None
         for name in ("max_length", "batch_size", "grad_accum", "eval_every", "save_every", "log_every",
                      "max_new_tokens"):
             value = getattr(self, name)

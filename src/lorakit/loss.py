@@ -1,0 +1,52 @@
+"""Causal-LM training loss as a module (so DDP/FSDP can wrap it), with a fused fast path.
+
+Fast path: run the decoder only, keep the hidden states of positions that have a label, and
+compute lm_head + cross-entropy in chunks (`kernels.linear_cross_entropy_sum`): no full
+(tokens x vocab) logits, and no lm_head work for prompt or padding positions. It applies when the
+output head is a plain frozen Linear without bias and the model applies nothing after it
+(no logit soft-capping/scaling); otherwise the reference path (full logits) runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE
+from .kernels import linear_cross_entropy_sum
+
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def fused_head_supported(model: nn.Module) -> bool:
+    """True when hidden -> logits is exactly `hidden @ lm_head.weight.T` and lm_head is frozen."""
+    get_decoder = getattr(model, "get_decoder", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    return (callable(get_decoder) and type(head) is nn.Linear and head.bias is None
+            and not head.weight.requires_grad
+            and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS))
+
+
+class CausalLMLoss(nn.Module):
+    """forward(batch) -> (sum of next-token losses over labelled positions) for a LoraModel."""
+
+    def __init__(self, peft_model: nn.Module, fused: bool = True, chunk_rows: int = 1024):
+        super().__init__()
+        self.peft_model = peft_model
+        self.fused = fused
+        self.chunk_rows = chunk_rows
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+        model = self.peft_model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        targets = labels[:, 1:]
+        if self.fused and fused_head_supported(base):
+            hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1]
+            keep = targets != IGNORE
+            head = base.get_output_embeddings()
+            return linear_cross_entropy_sum(hidden[keep], head.weight, targets[keep], self.chunk_rows)
+        logits = self.peft_model(**inputs).logits[:, :-1]
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")

@@ -1,0 +1,22 @@
+"""The demo fine-tune on the embedded SmolLM2 changes its behaviour (slow: marked integration)."""
+
+import pytest
+
+from lorakit.train import train
+from lorakit.train_config import TrainConfig
+
+pytestmark = pytest.mark.integration
+SIGNATURE = "Happy trails"
+
+
+def test_demo_teaches_the_house_style_on_held_out_prompts(tmp_path):
+    # A shortened demo (30 steps instead of 66) keeps the suite fast; the full demo is `lorakit train`.
+    result = train(TrainConfig(output_dir=str(tmp_path), max_steps=30, eval_every=30, save_every=1000,
+                               max_new_tokens=40, progress=False))
+    evals = [r["eval_loss"] for r in result["history"] if "eval_loss" in r]
+    assert evals[-1] < 0.75 * evals[0], evals
+    before = [SIGNATURE in a for a in result["before"]]
+    after = [SIGNATURE in a for a in result["after"]]
+    assert len(after) == 10
+    assert not any(before), result["before"]
+    assert sum(after) >= 7, result["after"]

@@ -1,0 +1,46 @@
+"""YAML configs and dotted overrides map onto TrainConfig."""
+
+import glob
+import os
+
+import pytest
+
+from lorakit.train_config import DEMO_LORA, TrainConfig, load_train_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_defaults_are_the_demo():
+    cfg = load_train_config()
+    assert cfg == TrainConfig() and cfg.lora == DEMO_LORA and os.path.isfile(cfg.data)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_shipped_configs_load_and_point_at_real_files(path):
+    cfg = load_train_config(path)
+    assert os.path.isfile(cfg.data)
+    cfg.lora_config()
+
+
+def test_demo_yaml_equals_the_no_argument_defaults():
+    cfg = load_train_config(os.path.join(ROOT, "configs", "demo.yaml"))
+    assert cfg == TrainConfig()
+
+
+def test_dotted_overrides_parse_yaml_values():
+    cfg = load_train_config(None, ["--lr=5e-4", "--lora.r=32", "--lora.target_modules=[q_proj]", "--bf16=false",
+                                   "--prompts=null"])
+    assert cfg.lr == 5e-4 and cfg.lora["r"] == 32 and cfg.lora["target_modules"] == ["q_proj"]
+    assert cfg.bf16 is False and cfg.prompts is None and cfg.lora["lora_alpha"] == DEMO_LORA["lora_alpha"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--batch_size=0", "batch_size must be an integer >= 1"),
+    ("--bf16=maybe", "bf16 must be true, false or 'auto'"),
+    ("--lr=-1", "lr must be > 0"),
+    ("--distributed=horovod", "distributed must be 'ddp' or 'fsdp'"),
+    ("--lora.lora_dropout=1.5", r"lora_dropout must be in \[0, 1\)"),
+])
+def test_bad_values_are_rejected_before_loading_anything(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_train_config(None, [override])
