@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.kernels import fused_lora_linear, linear_cross_entropy_sum
+from lorakit.kernels.lora_linear import dropout_mask
 
 
 def _lora_inputs(dtype=torch.float64, seed=0):
@@ -36,13 +37,13 @@ def test_fused_lora_linear_matches_module_path_values_and_grads():
     torch.manual_seed(1)
     fused = fused_lora_linear(x, W, b, A, B, 2.0, dropout_p=0.25)
     torch.manual_seed(1)
-    mask = torch.empty(10, 8, dtype=torch.bool).bernoulli_(0.75).view(2, 5, 8)
-    ref = F.linear(x, W, b) + (x * mask / 0.75) @ A.T @ B.T * 2.0
+    drop, keep = dropout_mask((10, 8), 0.25, "cpu")
+    ref = F.linear(x, W, b) + (x * ~drop.view(2, 5, 8) / keep) @ A.T @ B.T * 2.0
     assert (fused - ref).abs().max() < 1e-5
     grads_fused = torch.autograd.grad(fused.square().sum(), (x, A, B))
     grads_ref = torch.autograd.grad(ref.square().sum(), (x, A, B))
     for a, b_ in zip(grads_fused, grads_ref):
-        assert (a - b_).abs().max() < 1e-4
+        assert torch.allclose(a, b_, rtol=1e-5, atol=1e-4)
 
 
 def test_fused_lora_linear_bf16_activations_keep_fp32_adapter_grads():
@@ -104,3 +105,15 @@ def test_fused_training_loss_equals_reference_path_values_and_adapter_grads():
     assert abs(loss_f - loss_r) < 1e-4 and abs(loss_r - hf.detach()) < 1e-4
     for name in grads_r:
         assert (grads_f[name] - grads_r[name]).abs().max() < 1e-5, name
+
+
+def test_dropout_mask_keep_rate_and_independence():
+    torch.manual_seed(0)
+    drop, keep = dropout_mask((400, 500), 0.1, "cpu")
+    mask = ~drop
+    assert mask.dtype == torch.bool and abs(keep - 0.9) < 1e-4
+    assert abs(mask.float().mean().item() - keep) < 0.003  # 200k draws: 4 sigma ~ 0.0027
+    # neighbouring elements (which share a 64-bit draw) are uncorrelated
+    m = mask.float().flatten()
+    corr = torch.corrcoef(torch.stack([m[:-1], m[1:]]))[0, 1].item()
+    assert abs(corr) < 0.01

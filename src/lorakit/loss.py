@@ -32,7 +32,7 @@ def fused_head_supported(model: nn.Module) -> bool:
 class CausalLMLoss(nn.Module):
     """forward(batch) -> (sum of next-token losses over labelled positions) for a LoraModel."""
 
-    def __init__(self, peft_model: nn.Module, fused: bool = True, chunk_rows: int = 1024):
+    def __init__(self, peft_model: nn.Module, fused: bool = True, chunk_rows: int = 256):
         super().__init__()
         self.peft_model = peft_model
         self.fused = fused

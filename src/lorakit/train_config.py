@@ -14,7 +14,7 @@ from .config import LoraConfig
 PACKAGE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEMO_DATA = os.path.join(PACKAGE_DATA, "demo_train.jsonl")
 DEMO_PROMPTS = os.path.join(PACKAGE_DATA, "demo_prompts.txt")
-DEMO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05,
+DEMO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 

@@ -12,6 +12,26 @@ import torch
 import torch.nn.functional as F
 
 
+MASK_BITS = 15
+
+
+def dropout_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
+    """Bernoulli(p) drop-mask (True = zero this element) and the exact keep probability.
+
+    CPU random number generation costs more than the LoRA matmuls (one draw per element with
+    bernoulli_). Here one 64-bit draw gives four 15-bit uniforms; p is rounded to a multiple of
+    2^-15 and the returned keep probability is the exact one, so scaling by it stays unbiased.
+    """
+    n = 1
+    for d in shape:
+        n *= d
+    threshold = round(p * 2**MASK_BITS)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
+    lanes = words.view(torch.int16)[:n].view(shape)
+    drop = torch.bitwise_and(lanes, 2**MASK_BITS - 1) < threshold
+    return drop, 1.0 - threshold / 2**MASK_BITS
+
+
 class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, training: bool):
@@ -21,15 +41,15 @@ class _FusedLoraLinear(torch.autograd.Function):
         B = lora_B.to(x.dtype)
         mask = None
         if dropout_p > 0 and training:
-            mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1 - dropout_p)
-            xd = x2 * mask / (1 - dropout_p)
-        else:
-            xd = x2
+            # dropout(x) = mask * x / keep; the 1/keep goes into the scaling (one pass fewer).
+            mask, keep = dropout_mask(x2.shape, dropout_p, x2.device)
+            scaling = scaling / keep
+        xd = x2 if mask is None else x2.masked_fill(mask, 0)
         after_A = xd @ A.T
         out = F.linear(x2, weight, bias)
         out = torch.addmm(out, after_A, B.T, alpha=scaling)
-        ctx.save_for_backward(x2 if mask is not None else xd, mask, after_A, weight, A, B)
-        ctx.scaling, ctx.dropout_p, ctx.shape = scaling, dropout_p, shape
+        ctx.save_for_backward(x2, mask, after_A, weight, A, B)
+        ctx.scaling, ctx.shape = scaling, shape
         ctx.adapter_dtype = lora_A.dtype
         return out.view(*shape[:-1], out.shape[-1])
 
@@ -41,12 +61,12 @@ class _FusedLoraLinear(torch.autograd.Function):
         gB = g @ B  # (N, r)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            lora_grad = (gB @ A) * s
+            lora_grad = gB @ A
             if mask is not None:
-                lora_grad = lora_grad * mask / (1 - ctx.dropout_p)
-            grad_x = (g @ weight + lora_grad).view(ctx.shape)
+                lora_grad.masked_fill_(mask, 0)
+            grad_x = (g @ weight).add_(lora_grad, alpha=s).view(ctx.shape)
         if ctx.needs_input_grad[3]:
-            xd = x2 * mask / (1 - ctx.dropout_p) if mask is not None else x2
+            xd = x2 if mask is None else x2.masked_fill(mask, 0)
             grad_A = ((gB.T @ xd) * s).to(ctx.adapter_dtype)
         if ctx.needs_input_grad[4]:
             grad_B = ((g.T @ after_A) * s).to(ctx.adapter_dtype)
