@@ -1,4 +1,4 @@
-"""`lorakit` command line: train, generate, chat, eval.
+"""`lorakit` command line: train, generate, chat, eval, calc.
 
 Errors in user input print one line and exit with status 2 (`--debug` shows the traceback).
 """
@@ -48,6 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, adapter_required=False)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+    p = sub.add_parser("calc", help="LoRA parameter counts, memory estimates, rank suggestions",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.dedent("""\
+                           Examples:
+                             lorakit calc --shape 4096x4096 --rank 8
+                             lorakit calc --arch llama-2-7b --targets q_proj,v_proj --rank 16 --memory-gb 24
+                             lorakit calc --arch path/to/config.json --targets all --rank 8 --json
+                             lorakit calc --suggest-rank complex --model-size 7e9"""))
+    p.add_argument("--shape", help="one matrix, D_OUTxD_IN (e.g. 4096x4096)")
+    p.add_argument("--arch", help="built-in architecture name or a config.json path")
+    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or 'all'")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per step for the activation estimate")
+    p.add_argument("--memory-gb", type=float, default=None, help="say what fits in this much GPU/CPU memory")
+    p.add_argument("--suggest-rank", choices=["simple", "medium", "complex"], help="task complexity")
+    p.add_argument("--model-size", type=float, default=None, help="parameters, e.g. 7e9 (for --suggest-rank)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("eval", help="loss and perplexity of a model/adapter on a data file")
     _add_model_args(p, adapter_required=False)
@@ -153,6 +171,41 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_calc(args) -> int:
+    import json as json_mod
+
+    from . import calc
+
+    if args.suggest_rank:
+        if args.model_size is None:
+            raise ValueError("--suggest-rank needs --model-size (parameters, e.g. 7e9)")
+        out = calc.suggest_rank(args.suggest_rank, args.model_size)
+        text = f"suggested r = {out['r']}, lora_alpha = {out['lora_alpha']} (alpha = 2r)"
+    elif args.shape:
+        try:
+            d_out, d_in = (int(v) for v in args.shape.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--shape must look like 4096x4096, got {args.shape!r}") from None
+        out = {"shape": [d_out, d_in], "r": args.rank, "lora_params": calc.lora_params(d_out, d_in, args.rank)}
+        text = f"LoRA r={args.rank} on a {d_out}x{d_in} matrix: {out['lora_params']:,} parameters"
+    elif args.arch:
+        arch = calc.get_arch(args.arch)
+        targets = sorted(arch.matrices()) if args.targets == "all" else [t for t in args.targets.split(",") if t]
+        out = calc.report(args.arch, targets, args.rank, args.tokens, args.memory_gb)
+        lines = [f"{args.arch}: {out['base_params']:,} base parameters; LoRA r={args.rank} on {', '.join(targets)}: "
+                 f"{out['lora_params']:,} trainable ({out['trainable_percent']:.3f} %)",
+                 f"memory (GB, {args.tokens} tokens/step, checkpointing): "
+                 + "   ".join(f"{m} {row['total']:.1f}" for m, row in out["memory_gb"].items())]
+        if args.memory_gb is not None:
+            lines.append(f"fits in {args.memory_gb:g} GB: " + ", ".join(
+                f"{m} {'yes' if ok else 'no'}" for m, ok in out["fits_in"].items() if m != "memory_gb"))
+        text = "\n".join(lines)
+    else:
+        raise ValueError("give --shape, --arch or --suggest-rank (see lorakit calc --help)")
+    print(json_mod.dumps(out, indent=2) if args.json else text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -167,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, unknown)
-        return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval}[args.command](args)
+        return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "calc": cmd_calc}[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:
         if args.debug:
             raise

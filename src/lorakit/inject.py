@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .layers import Conv1D, LoraLayer, lora_layer_class
+from .quant.nf4 import NF4Linear
 from .saved_modules import ModulesToSaveWrapper
 
 ALL_LINEAR = "all-linear"
@@ -177,6 +178,8 @@ def unwrap(model: nn.Module, merge: bool, adapter_names: list[str] | None = None
     for name, module in adapter_layers(model):
         if isinstance(module, LoraLayer):
             if merge:
+                if isinstance(module.base_layer, NF4Linear):  # merge into a dequantized float copy
+                    module.base_layer = module.base_layer.to_linear(module.base_layer.compute_dtype)
                 module.merge(adapter_names)
             else:
                 module.unmerge()

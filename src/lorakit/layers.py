@@ -75,7 +75,7 @@ class LoraLayer(nn.Module):
         self._create_adapter(name, r)
         self._init_adapter(name, init_lora_weights)
         # Adapters live on the base layer's device, in fp32 (stable optimisation for bf16/fp16 bases).
-        device = self.base_layer.weight.device
+        device = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()])).device
         for layer_name in self.adapter_layer_names:
             getattr(self, layer_name)[name].to(device=device, dtype=torch.float32)
         if not self.active_adapters:
@@ -119,6 +119,9 @@ class LoraLayer(nn.Module):
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' ΔW into the base weight. Merging an adapter twice warns and does nothing."""
         names = self.active_adapters if adapter_names is None else adapter_names
+        if not isinstance(self.base_layer.weight, nn.Parameter):
+            raise ValueError(f"cannot merge in place into a {type(self.base_layer).__name__} (quantized) weight; "
+                             "use merge_and_unload(), which dequantizes first")
         weight = self.base_layer.weight
         for name in names:
             if name not in self.r:
@@ -147,8 +150,10 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D) if Conv1D else False
-        rows, cols = base_layer.weight.shape
-        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:  # nn.Linear, or a quantized linear exposing the same attributes
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
@@ -168,7 +173,7 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, name):
         d = LF.linear_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
                             self.fan_in_fan_out)
-        return d.to(self.base_layer.weight.dtype) if d.dtype != self.base_layer.weight.dtype else d
+        return d.to(self.base_layer.weight.dtype)
 
     def _fused_ok(self, x: torch.Tensor, names: list[str]) -> bool:
         base = self.base_layer
@@ -280,7 +285,9 @@ class LoraConv(LoraLayer):
 
 
 def _layer_types() -> list[tuple[type, type]]:
-    types: list[tuple[type, type]] = [(nn.Linear, LoraLinear), (nn.Embedding, LoraEmbedding),
+    from .quant.nf4 import NF4Linear
+
+    types: list[tuple[type, type]] = [(NF4Linear, LoraLinear), (nn.Linear, LoraLinear), (nn.Embedding, LoraEmbedding),
                                       (nn.Conv1d, LoraConv), (nn.Conv2d, LoraConv), (nn.Conv3d, LoraConv)]
     if Conv1D:
         types.append((Conv1D, LoraLinear))

@@ -17,6 +17,7 @@ from . import peft_io
 from .config import LoraConfig
 from .inject import adapter_layers, inject_adapter, unwrap
 from .layers import LoraLayer
+from .quant.nf4 import NF4Linear, requantize_linears
 
 DEFAULT_ADAPTER = "default"
 
@@ -153,11 +154,21 @@ class LoraModel(nn.Module):
             if isinstance(layer, LoraLayer):
                 layer.unmerge()
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge the active adapter into the base weights and return the plain model (no lorakit modules)."""
+    def merge_and_unload(self, adapter_names: list[str] | None = None, requantize: bool = False) -> nn.Module:
+        """Merge the active adapter into the base weights and return the plain model (no lorakit modules).
+
+        On a 4-bit (NF4) base the merged layers come back dequantized (float, compute dtype);
+        `requantize=True` quantizes them to NF4 again and records the extra error in
+        `model.requantization_error` (mean relative L2 error of the merged weights).
+        """
         for name in adapter_names or []:
             self._check_known(name)
-        return unwrap(self.model, merge=True, adapter_names=adapter_names)
+        quantized = [n for n, m in self.model.named_modules() if isinstance(m, LoraLayer)
+                     and isinstance(m.base_layer, NF4Linear)]
+        plain = unwrap(self.model, merge=True, adapter_names=adapter_names)
+        if requantize and quantized:
+            plain.requantization_error = requantize_linears(plain, quantized)
+        return plain
 
     def unload(self) -> nn.Module:
         """Remove all adapters without merging and return the plain base model (merged adapters are undone)."""
@@ -168,10 +179,10 @@ class LoraModel(nn.Module):
         """(trainable, all) parameter counts, counted as PEFT counts them."""
         trainable = total = 0
         for p in self.parameters():
-            n = p.numel()
-            n = n * 2 if getattr(p, "packed_4bit", False) else n  # two 4-bit values per stored byte
-            total += n
-            trainable += n if p.requires_grad else 0
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        # 4-bit weights live in buffers; count them as the parameters they stand for (PEFT does too).
+        total += sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, NF4Linear))
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

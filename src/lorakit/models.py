@@ -85,12 +85,24 @@ def _gguf_to_hf_dir(gguf_path: str, cache_name: str) -> str:
     return target
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None = None):
-    """Load a causal LM by name or path (see module doc). `dtype` e.g. torch.bfloat16."""
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None = None, quantize: str | None = None):
+    """Load a causal LM by name or path (see module doc). `dtype` e.g. torch.bfloat16.
+
+    `quantize="nf4"` stores every Linear except the output head in 4-bit NF4 (double-quantized),
+    streaming the weights so peak memory stays near the quantized size; `dtype` is then the
+    compute dtype (default bf16).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     directory = resolve_model_dir(name_or_path)
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    if quantize == "nf4":
+        from .quant.load import load_nf4_model
+
+        model = load_nf4_model(directory, compute_dtype=dtype or torch.bfloat16)
+        return model.to(device) if device else model
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True)
     if device:
         model.to(device)

@@ -1,0 +1,77 @@
+"""Generation speed (greedy, KV cache) on SmolLM2-135M: base vs merged vs unmerged, lorakit and PEFT.
+
+    python bench/generate.py [--new-tokens 64] [--rounds 5] [--json out.json]
+
+Interleaved rounds; the table shows the median tokens/s of each setup.
+"""
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import peft
+import torch
+
+import lorakit
+from lorakit.models import load_model
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _randomize(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.01)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    base = load_model("smollm2-135m")
+    cfg = dict(r=16, lora_alpha=32, target_modules=TARGETS)
+    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    _randomize(ours)
+    result = theirs.load_state_dict({"base_model." + k: v for k, v in ours.state_dict().items() if "lora_" in k},
+                                    strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    ours_merged = copy.deepcopy(ours)
+    ours_merged.merge_adapter()
+    runs = {"base model": base, "lorakit merged": ours_merged, "lorakit unmerged": ours,
+            "PEFT unmerged": theirs.eval()}
+    prompt = torch.randint(0, base.config.vocab_size, (args.batch, 32))
+    rates = {name: [] for name in runs}
+    outputs = {}
+    for _ in range(args.rounds):
+        for name, model in runs.items():
+            with torch.inference_mode():
+                start = time.perf_counter()
+                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                     pad_token_id=0)
+                rates[name].append(args.batch * args.new_tokens / (time.perf_counter() - start))
+            outputs[name] = out
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    print(f"\ngreedy generation, batch {args.batch}, 32-token prompt + {args.new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"{'setup':<20}{'tokens/s':>10}{'vs base':>10}")
+    for name in runs:
+        print(f"{name:<20}{med[name]:>10.1f}{med[name] / med['base model']:>10.2f}")
+    print(f"lorakit unmerged / PEFT unmerged: {med['lorakit unmerged'] / med['PEFT unmerged']:.2f}; "
+          f"same tokens: {torch.equal(outputs['lorakit unmerged'], outputs['PEFT unmerged'])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"tokens_per_s": med}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

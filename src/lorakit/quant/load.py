@@ -1,0 +1,75 @@
+"""Load a transformers model with its Linear layers quantized to NF4, streaming tensor by tensor.
+
+The model is built on the meta device (no memory), its Linears are swapped for NF4Linear shells,
+only then is memory allocated, and each weight in the safetensors files is read, quantized and
+dropped before the next is read. Peak memory stays near the quantized model's size.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..inject import replace_module
+from .nf4 import NF4Linear, quantize_nf4
+
+SKIP = ("lm_head",)
+
+
+def _rebuild_meta_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (e.g. rotary inv_freq) are not in the files: rebuild their modules."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            try:
+                fresh = type(module)(config=model.config)
+            except TypeError:
+                raise ValueError(f"cannot stream-load {type(model).__name__}: module {name!r} "
+                                 f"({type(module).__name__}) has computed buffers; load it unquantized") from None
+            replace_module(model, name, fresh)
+
+
+def load_nf4_model(directory: str, compute_dtype: torch.dtype = torch.bfloat16):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    linears = {n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] not in SKIP}
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {directory}")
+    for name in linears:  # meta-device shells with the right buffer shapes
+        meta = model.get_submodule(name)
+        replace_module(model, name, NF4Linear(meta.in_features, meta.out_features, quantize_nf4(meta.weight),
+                                              meta.bias, compute_dtype))
+    model.to_empty(device="cpu")
+    _rebuild_meta_buffers(model)
+    loaded, params = set(), dict(model.named_parameters())
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                module_name, _, pname = key.rpartition(".")
+                if module_name in linears and pname == "weight":
+                    q = quantize_nf4(f.get_tensor(key))
+                    module = model.get_submodule(module_name)
+                    for buf, value in q.tensors().items():
+                        getattr(module, buf).copy_(value)
+                else:
+                    target = params.get(key)
+                    if target is None:
+                        continue  # e.g. a tied lm_head saved anyway
+                    with torch.no_grad():
+                        target.copy_(f.get_tensor(key))
+                loaded.add(key)
+    model.tie_weights()
+    missing = [k for k, _ in model.named_parameters() if k not in loaded
+               and not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    if missing:
+        raise ValueError(f"{directory}: weights missing from the files: {missing[:3]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

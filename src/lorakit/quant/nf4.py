@@ -1,0 +1,195 @@
+"""NF4 (4-bit NormalFloat) with double quantization, in plain PyTorch (CPU and GPU).
+
+As in the QLoRA paper (Dettmers et al., 2023):
+  - weights are split into blocks of 64; each block is scaled by its absmax into [-1, 1] and each
+    value is stored as the index (4 bits) of the nearest of the 16 NF4 code values; two indices
+    are packed per byte;
+  - double quantization: the fp32 absmax constants (one per 64 weights) are centred by their
+    mean and quantized to 8 bits in blocks of 256, each block keeping one fp32 scale.
+Storage: 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter (+ one fp32 mean per tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The 16 NF4 code values, as published in bitsandbytes (quantiles of N(0, 1) scaled to [-1, 1],
+# with an exact zero).
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])
+BLOCK = 64
+ABSMAX_BLOCK = 256
+
+
+@dataclass
+class NF4Tensor:
+    """A quantized tensor: packed 4-bit codes plus double-quantized block scales."""
+
+    packed: torch.Tensor          # uint8, two codes per byte, ceil(numel / 2)
+    absmax_q: torch.Tensor        # int8, one per block of 64 (centred absmax, quantized)
+    absmax_scale: torch.Tensor    # fp32, one per 256 absmax values
+    absmax_mean: torch.Tensor     # fp32 scalar
+    shape: torch.Size
+    numel: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.absmax_q, self.absmax_scale,
+                                                            self.absmax_mean))
+
+    def bits_per_parameter(self) -> float:
+        return 8 * self.nbytes() / self.numel
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"packed": self.packed, "absmax_q": self.absmax_q, "absmax_scale": self.absmax_scale,
+                "absmax_mean": self.absmax_mean}
+
+
+def nf4_code_from_quantiles(offset: float = 0.9677083) -> torch.Tensor:
+    """The paper's construction of the NF4 values: 8 positive and 7 negative N(0,1) quantiles + 0,
+    normalised to [-1, 1] (bitsandbytes' `create_normal_map`)."""
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (values / values.abs().max()).float()
+
+
+def _pad_to(flat: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = (-flat.numel()) % multiple
+    return F.pad(flat, (0, pad)) if pad else flat
+
+
+def quantize_nf4(weight: torch.Tensor) -> NF4Tensor:
+    """Block-wise NF4 with double-quantized absmax. Works on any device."""
+    flat = _pad_to(weight.detach().reshape(-1).float(), BLOCK).view(-1, BLOCK)
+    absmax = flat.abs().amax(dim=1).clamp_min(1e-12)
+    normalized = flat / absmax[:, None]
+    code = NF4_CODE.to(weight.device)
+    midpoints = (code[1:] + code[:-1]) / 2
+    idx = torch.bucketize(normalized, midpoints).to(torch.uint8).view(-1)
+    idx = _pad_to(idx, 2)
+    packed = (idx[0::2] << 4) | idx[1::2]
+    # Double quantization of the scales: centre, then symmetric int8 per block of 256.
+    mean = absmax.mean()
+    centred = _pad_to(absmax - mean, ABSMAX_BLOCK).view(-1, ABSMAX_BLOCK)
+    scale = centred.abs().amax(dim=1).clamp_min(1e-12) / 127
+    absmax_q = torch.round(centred / scale[:, None]).clamp(-127, 127).to(torch.int8).view(-1)[: absmax.numel()]
+    return NF4Tensor(packed, absmax_q, scale, mean.reshape(()), weight.shape, weight.numel())
+
+
+def dequantize_absmax(q: NF4Tensor) -> torch.Tensor:
+    q_blocks = _pad_to(q.absmax_q.float(), ABSMAX_BLOCK).view(-1, ABSMAX_BLOCK)
+    return (q_blocks * q.absmax_scale[:, None]).view(-1)[: q.absmax_q.numel()] + q.absmax_mean
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Back to a dense tensor of q.shape in `dtype`."""
+    codes = torch.stack([q.packed >> 4, q.packed & 0x0F], dim=1).view(-1).long()
+    values = NF4_CODE.to(q.packed.device)[codes][: _padded_numel(q.numel)].view(-1, BLOCK)
+    dense = (values * dequantize_absmax(q)[:, None]).view(-1)[: q.numel]
+    return dense.view(q.shape).to(dtype)
+
+
+def _padded_numel(n: int) -> int:
+    return n + (-n) % BLOCK
+
+
+class _NF4LinearFunction(torch.autograd.Function):
+    """y = x @ dequant(W)^T + b, saving the 4-bit weight (not a dense copy) for backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, module):
+        weight = module.dense_weight()
+        ctx.module = module
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_out @ ctx.module.dense_weight() if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+class NF4Linear(nn.Module):
+    """A frozen Linear whose weight is stored as NF4 and dequantized on the fly for each forward.
+
+    Gradients flow to the input (and so to LoRA adapters wrapped around it), never to the weight;
+    backward dequantizes again instead of keeping a dense weight alive.
+    """
+
+    def __init__(self, in_features: int, out_features: int, quantized: NF4Tensor, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        for name, tensor in quantized.tensors().items():
+            self.register_buffer(name, tensor)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> "NF4Linear":
+        return cls(linear.in_features, linear.out_features, quantize_nf4(linear.weight), linear.bias, compute_dtype)
+
+    def quantized(self) -> NF4Tensor:
+        return NF4Tensor(self.packed, self.absmax_q, self.absmax_scale, self.absmax_mean,
+                         torch.Size((self.out_features, self.in_features)), self.in_features * self.out_features)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_nf4(self.quantized(), dtype or self.compute_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (a fresh tensor; writing to it does not change the module)."""
+        return self.dense_weight()
+
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """A plain float nn.Linear with the dequantized weight."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.packed.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight(dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return _NF4LinearFunction.apply(x.to(self.compute_dtype), bias, self)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, compute={self.compute_dtype}"
+
+
+def quantize_model_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
+                       skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Replace every nn.Linear (except output heads) by an NF4Linear, one layer at a time, so the
+    peak memory stays near the quantized size plus one layer."""
+    from ..inject import replace_module
+
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] not in skip]
+    for name in names:
+        linear = model.get_submodule(name)
+        replace_module(model, name, NF4Linear.from_linear(linear, compute_dtype))
+        linear.weight = None  # drop the float weight now, not at the end
+    return model
+
+
+def requantize_linears(model: nn.Module, names: list[str]) -> float:
+    """Quantize the named (merged, float) Linears back to NF4; returns the mean relative L2 error
+    that this second quantization adds."""
+    from ..inject import replace_module
+
+    errors = []
+    for name in names:
+        linear = model.get_submodule(name)
+        q = NF4Linear.from_linear(linear, compute_dtype=linear.weight.dtype)
+        w = linear.weight.detach().float()
+        errors.append(((q.dense_weight(torch.float32) - w).norm() / w.norm()).item())
+        replace_module(model, name, q)
+    return sum(errors) / max(1, len(errors))

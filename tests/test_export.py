@@ -1,0 +1,112 @@
+"""Export: merged HF dirs, llama.cpp adapter GGUF and merged GGUF, each checked by reloading."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_adapters, tiny_gpt2, tiny_llama_for
+
+import lorakit
+from lorakit import export
+from lorakit.layers import LoraLayer
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _adapted(tokenizer, **kw):
+    model = lorakit.get_peft_model(tiny_llama_for(tokenizer), lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, **kw))
+    randomize_adapters(model)
+    return model
+
+
+def _ids():
+    torch.manual_seed(3)
+    return torch.randint(0, 300, (2, 10))
+
+
+def test_merged_hf_export_reloads_with_same_logits(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = _adapted(tiny_tokenizer)
+    with torch.no_grad():
+        expected = model(input_ids=_ids()).logits
+    export.export_hf(model, tiny_tokenizer, str(tmp_path / "merged"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+    with torch.no_grad():
+        assert (reloaded(input_ids=_ids()).logits - expected).abs().max() < 1e-4
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == tiny_tokenizer.chat_template
+    with pytest.raises(FileExistsError, match="force"):
+        export.export_hf(_adapted(tiny_tokenizer), tiny_tokenizer, str(tmp_path / "merged"))
+
+
+def _fields(reader):
+    out = {}
+    for name, field in reader.fields.items():
+        if field.types and field.types[0].name == "STRING":
+            out[name] = bytes(field.parts[field.data[0]]).decode()
+        elif field.data:
+            out[name] = field.parts[field.data[0]].tolist()
+    return out
+
+
+def test_gguf_adapter_metadata_tensors_and_reconstructed_delta(tmp_path, tiny_tokenizer):
+    import gguf
+
+    model = _adapted(tiny_tokenizer, rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3.0})
+    path = export.export_gguf_adapter(model, str(tmp_path / "adapter.gguf"))
+    reader = gguf.GGUFReader(path)
+    meta = _fields(reader)
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    alpha = meta["adapter.lora.alpha"][0]
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    layers = {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+    assert len(tensors) == 2 * len(layers) == 2 * 7 * 2
+    config = model.config
+    for hf_name, layer in layers.items():
+        block = hf_name.split(".")[2]
+        short = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                 "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[hf_name.rsplit(".", 1)[1]]
+        a = tensors[f"blk.{block}.{short}.weight.lora_a"]
+        b = tensors[f"blk.{block}.{short}.weight.lora_b"]
+        assert a.shape == tuple(layer.lora_A["default"].weight.shape)
+        assert np.array_equal(a, layer.lora_A["default"].weight.detach().numpy())
+        # llama.cpp's delta, mapped back to HF row order, equals the merged-weight difference
+        delta = torch.from_numpy(alpha / a.shape[0] * (b @ a))
+        if short in ("attn_q", "attn_k"):
+            heads = config.num_attention_heads if short == "attn_q" else config.num_key_value_heads
+            inverse = torch.argsort(export.permute_rotary(torch.arange(delta.shape[0]), heads))
+            delta = delta[inverse]
+        base = layer.base_layer.weight.detach().clone()
+        layer.merge(["default"])
+        merged_diff = layer.base_layer.weight.detach() - base
+        layer.unmerge()
+        assert (delta - merged_diff).abs().max() < 1e-5, hf_name
+
+
+@pytest.mark.parametrize("out_type,tolerance", [("f32", 1e-4), ("f16", 2e-2), ("bf16", 1e-1), ("q8_0", 2e-1)])
+def test_merged_gguf_reloads_in_transformers_with_same_logits(tmp_path, tiny_tokenizer, out_type, tolerance):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    model = _adapted(tiny_tokenizer)
+    with torch.no_grad():
+        expected = model(input_ids=_ids()).logits
+    path = export.export_gguf(model, tiny_tokenizer, str(tmp_path / f"model-{out_type}.gguf"), out_type)
+    reader = gguf.GGUFReader(path)
+    meta = _fields(reader)
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == [2]
+    assert meta["tokenizer.chat_template"] == tiny_tokenizer.chat_template
+    names = {t.name for t in reader.tensors}
+    assert {"token_embd.weight", "output_norm.weight", "blk.1.attn_q.weight", "blk.0.ffn_down.weight"} <= names
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=f"model-{out_type}.gguf").eval()
+    with torch.no_grad():
+        got = reloaded(input_ids=_ids()).logits.float()
+    assert (got - expected).abs().max() < tolerance * max(1.0, expected.abs().max().item())
+
+
+def test_gguf_export_rejects_other_architectures(tmp_path):
+    model = lorakit.get_peft_model(tiny_gpt2(), lorakit.LoraConfig(r=2, target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="Llama-family"):
+        export.export_gguf_adapter(model, str(tmp_path / "a.gguf"))
+    assert not (tmp_path / "a.gguf").exists()

@@ -1,0 +1,111 @@
+"""NF4 + double quantization against the published codebook and error figures; NF4Linear; QLoRA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_adapters, tiny_llama
+from torch import nn
+
+import lorakit
+from lorakit.quant.nf4 import (NF4_CODE, NF4Linear, dequantize_nf4, nf4_code_from_quantiles, quantize_model_nf4,
+                               quantize_nf4)
+
+# bitsandbytes' published NF4 table (functional.py), copied as a literal reference.
+PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                 0.7229568362236023, 1.0]
+
+
+def test_code_values_equal_published_table_and_the_papers_construction():
+    assert NF4_CODE.tolist() == torch.tensor(PUBLISHED_NF4).tolist()
+    assert torch.allclose(nf4_code_from_quantiles(), NF4_CODE, atol=1e-6)
+
+
+def test_roundtrip_error_on_normal_weights_within_published_bound():
+    # bitsandbytes' own test bound for NF4 at block size 64 on randn(1024, 1024):
+    # mean absolute error < 0.1 and mean relative error < 0.28.
+    torch.manual_seed(0)
+    w = torch.randn(1024, 1024)
+    back = dequantize_nf4(quantize_nf4(w))
+    err = (w - back).abs()
+    assert err.mean() < 0.1 and (err / (w.abs() + 1e-8)).mean() < 0.28
+    assert err.mean() > 0.05  # it really is 4-bit: not a lossless copy
+
+
+def test_double_quantization_memory_is_at_most_4_127_bits_per_parameter():
+    q = quantize_nf4(torch.randn(4096, 4096))
+    # packed codes + int8 absmax + fp32 scale per 256 absmax + one fp32 mean
+    assert q.bits_per_parameter() <= 4.127 + 1e-5
+    assert q.bits_per_parameter() > 4.12
+
+
+def test_codes_are_nearest_values_and_odd_sizes_roundtrip():
+    torch.manual_seed(1)
+    w = torch.randn(7, 13)  # 91 values: padding inside blocks and bytes
+    q = quantize_nf4(w)
+    back = dequantize_nf4(q)
+    assert back.shape == w.shape
+    absmax = F.pad(w.reshape(-1), (0, 64 * 2 - 91)).view(-1, 64).abs().amax(1)
+    # each value's code is the nearest NF4 value to w / absmax (up to the 8-bit absmax error)
+    scaled = back.reshape(-1) / absmax.repeat_interleave(64)[:91]
+    nearest = NF4_CODE[(w.reshape(-1, 1) / absmax.repeat_interleave(64)[:91, None] - NF4_CODE).abs().argmin(1)]
+    assert (scaled - nearest).abs().max() < 0.02
+
+
+def test_nf4_linear_forward_equals_linear_with_dequantized_weight_and_grads_only_to_input():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    q = NF4Linear.from_linear(linear, compute_dtype=torch.float32)
+    x = torch.randn(5, 64, requires_grad=True)
+    out = q(x)
+    ref = F.linear(x, dequantize_nf4(q.quantized()), linear.bias)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    assert x.grad is not None and all(not p.requires_grad for p in q.parameters())
+    x2 = x.detach().clone().requires_grad_()
+    ref = F.linear(x2, dequantize_nf4(q.quantized()), linear.bias)
+    ref.sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6)
+
+
+def test_lora_on_nf4_base_trains_only_adapters_and_merges_to_float():
+    model = quantize_model_nf4(tiny_llama(), compute_dtype=torch.float32)
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 14  # 7 per layer, lm_head kept
+    peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(peft_model)
+    ids = torch.randint(0, 128, (2, 9))
+    out = peft_model(input_ids=ids).logits
+    out.square().mean().backward()
+    grads = {n for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    counted = peft_model.get_nb_trainable_parameters()[1]
+    assert counted == sum(p.numel() for p in tiny_llama().parameters()) + sum(
+        p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        peft_model.merge_adapter()
+    plain = peft_model.merge_and_unload(requantize=False)
+    assert not any(isinstance(m, NF4Linear) for m in plain.modules())
+    with torch.no_grad():
+        assert (plain(input_ids=ids).logits - expected).abs().max() < 1e-4
+
+
+def test_requantize_after_merge_reports_extra_error():
+    model = quantize_model_nf4(tiny_llama(), compute_dtype=torch.float32)
+    peft_model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_adapters(peft_model)
+    plain = peft_model.merge_and_unload(requantize=True)
+    assert sum(isinstance(m, NF4Linear) for m in plain.modules()) == 14
+    assert 0.01 < plain.requantization_error < 0.2
+
+
+def test_streaming_nf4_load_matches_quantizing_a_loaded_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    streamed = lorakit.load_model(tiny_model_dir, quantize="nf4", dtype=torch.float32)
+    reference = quantize_model_nf4(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), torch.float32)
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(streamed(input_ids=ids).logits, reference(input_ids=ids).logits)
