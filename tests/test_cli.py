@@ -13,7 +13,7 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("command", ["train", "generate", "chat", "eval"])
+@pytest.mark.parametrize("command", ["train", "generate", "chat", "eval", "export", "calc"])
 def test_help_on_every_subcommand(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -51,10 +51,22 @@ def _case_args(tmp_path, tiny_model_dir, data_file):
                             "adapter directory"),
         "eval missing data": (["eval", f"--model={tiny_model_dir}", f"--data={tmp_path}/none.jsonl"],
                               "does not exist"),
+        "export existing output": (["export", f"--model={tiny_model_dir}", f"--adapter={_adapter_dir(tmp_path, tiny_model_dir)}",
+                                    "--format=hf", f"--out={tmp_path}"], "pass force=True (--force)"),
+        "calc without inputs": (["calc"], "give --shape, --arch or --suggest-rank"),
     }
 
 
-CASES = ["unknown setting", "unknown lora setting", "bad rank", "bad override syntax", "missing config",
+def _adapter_dir(tmp_path, model_dir):
+    import lorakit
+
+    out = tmp_path / "adapter"
+    model = lorakit.get_peft_model(lorakit.load_model(model_dir), lorakit.LoraConfig(target_modules=["q_proj"]))
+    model.save_pretrained(str(out))
+    return str(out)
+
+
+CASES = ["export existing output", "calc without inputs", "unknown setting", "unknown lora setting", "bad rank", "bad override syntax", "missing config",
          "invalid yaml", "missing data", "malformed row", "resume without checkpoint", "unknown model",
          "missing adapter", "eval missing data"]
 
@@ -80,3 +92,11 @@ def test_eval_and_generate_run_on_a_model_dir(capsys, tiny_model_dir, data_file)
     assert code == 0 and "perplexity" in out
     code, out, _ = _run(capsys, "generate", f"--model={tiny_model_dir}", "--max-new-tokens=3", "hi")
     assert code == 0
+
+
+def test_export_cli_writes_each_format(capsys, tmp_path, tiny_model_dir):
+    adapter = _adapter_dir(tmp_path, tiny_model_dir)
+    for fmt, out in (("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf"), ("gguf-adapter", tmp_path / "a.gguf")):
+        code, stdout, err = _run(capsys, "export", f"--model={tiny_model_dir}", f"--adapter={adapter}",
+                                 f"--format={fmt}", f"--out={out}", "--gguf-type=f32")
+        assert code == 0 and out.exists(), err

@@ -1,4 +1,4 @@
-"""`lorakit` command line: train, generate, chat, eval, calc.
+"""`lorakit` command line: train, generate, chat, eval, export, calc.
 
 Errors in user input print one line and exit with status 2 (`--debug` shows the traceback).
 """
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML file of training settings")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="QLoRA: frozen base in 4-bit NF4")
 
     p = sub.add_parser("generate", help="generate a completion for a prompt")
     _add_model_args(p, adapter_required=False)
@@ -48,6 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, adapter_required=False)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+    p = sub.add_parser("export", help="merged model (HF or GGUF) or a llama.cpp adapter GGUF",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.dedent("""\
+                           Formats:
+                             hf            merged transformers directory (safetensors, config, tokenizer)
+                             gguf          merged model as one GGUF file (tokenizer + chat template inside)
+                             gguf-adapter  llama.cpp LoRA adapter GGUF, for use beside the base GGUF"""))
+    _add_model_args(p, adapter_required=True)
+    p.add_argument("--format", required=True, choices=["hf", "gguf", "gguf-adapter"])
+    p.add_argument("--out", required=True, help="output directory (hf) or .gguf file")
+    p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default=None, help="hf: weight dtype (default: base's)")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="gguf: tensor type")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="base was trained in 4 bits: load it so")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
     p = sub.add_parser("calc", help="LoRA parameter counts, memory estimates, rank suggestions",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -75,14 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(model_name: str, adapter: str | None):
+def _load(model_name: str, adapter: str | None, quantize: str | None = None):
     from .model import PeftModel
     from .models import load_model, load_tokenizer
 
     if adapter and not os.path.isdir(adapter):
         raise FileNotFoundError(f"adapter directory {adapter} does not exist")
     tokenizer = load_tokenizer(model_name)
-    model = load_model(model_name)
+    model = load_model(model_name, quantize=quantize)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval(), tokenizer
@@ -92,7 +108,8 @@ def cmd_train(args, overrides: list[str]) -> int:
     from .train import train
     from .train_config import load_train_config
 
-    extra = overrides + (["--resume=true"] if args.resume else []) + (["--progress=false"] if args.quiet else [])
+    extra = overrides + (["--resume=true"] if args.resume else []) + (["--progress=false"] if args.quiet else []) \
+        + ([f"--quantize={args.quantize}"] if args.quantize else [])
     cfg = load_train_config(args.config, extra)
     result = train(cfg)
     if result["interrupted"]:
@@ -171,6 +188,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from . import export
+
+    model, tokenizer = _load(args.model, args.adapter, args.quantize)
+    if args.format == "hf":
+        dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}.get(args.dtype)
+        out = export.export_hf(model, tokenizer, args.out, dtype=dtype, force=args.force)
+    elif args.format == "gguf":
+        out = export.export_gguf(model, tokenizer, args.out, args.gguf_type, force=args.force)
+    else:
+        out = export.export_gguf_adapter(model, args.out, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_calc(args) -> int:
     import json as json_mod
 
@@ -220,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, unknown)
-        return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "calc": cmd_calc}[args.command](args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "calc": cmd_calc,
+                "export": cmd_export}[args.command](args)
+    except (ValueError, OSError) as e:  # FileNotFoundError / FileExistsError are OSErrors
         if args.debug:
             raise
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)

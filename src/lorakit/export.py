@@ -217,7 +217,7 @@ def export_gguf(peft_model, tokenizer, path: str, out_type: str = "f16", force: 
             if kind is None:
                 writer.add_tensor(name, data)
             else:
-                writer.add_tensor(name, data, raw_shape=tuple(tensor.shape), raw_dtype=kind)
+                writer.add_tensor(name, data, raw_dtype=kind)  # byte shape -> element shape inside gguf
 
     return _write_gguf(path, fill, force)
 

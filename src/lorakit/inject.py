@@ -57,7 +57,7 @@ def _in_layers(key: str, config: LoraConfig) -> bool:
 
 def all_linear_names(model: nn.Module, task_type: str | None = None) -> list[str]:
     """Every Linear/Conv1D module name except the output head (lm_head or a classifier head)."""
-    linear_types = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+    linear_types = (nn.Linear, NF4Linear) + ((Conv1D,) if Conv1D else ())
     heads = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None

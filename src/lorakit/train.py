@@ -113,7 +113,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     log(f"data: {stats.rows} rows from {cfg.data} ({stats.truncated} truncated to {cfg.max_length} tokens, "
         f"{stats.dropped_empty} dropped with no response tokens); {len(train_rows)} train / {len(val_rows)} val")
 
-    log(f"model: {cfg.model}; frozen weights in {'bf16' if cfg.bf16 else 'fp32'} (adapters fp32); processes: {env.world_size}; device: {env.device}")
+    log(f"model: {cfg.model}; frozen weights in {cfg.quantize or ('bf16' if cfg.bf16 else 'fp32')} "
+        f"(adapters fp32); processes: {env.world_size}; device: {env.device}")
     rows_per_micro = cfg.batch_size * env.world_size
     if len(train_rows) < rows_per_micro:
         raise ValueError(f"{len(train_rows)} training rows is fewer than one batch of {rows_per_micro} rows")
@@ -121,8 +122,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * micro_per_epoch / cfg.grad_accum))
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    base = model if model is not None else load_model(cfg.model, dtype=dtype)
-    base.to(device=env.device, dtype=dtype)
+    base = model if model is not None else load_model(cfg.model, dtype=dtype, quantize=cfg.quantize)
+    if cfg.quantize is None:
+        base.to(device=env.device, dtype=dtype)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = get_peft_model(base, cfg.lora_config())

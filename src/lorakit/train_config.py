@@ -43,6 +43,7 @@ class TrainConfig:
     clip_grad_norm: float = 1.0
     bf16: bool | str = "auto"             # frozen base weights + compute in bf16, adapters/optimizer fp32;
                                           # auto = where this CPU/GPU has fast bf16 (AVX512-BF16, AMX, CUDA)
+    quantize: str | None = None           # "nf4": frozen base in 4-bit NF4 (QLoRA)
     fused_loss: bool = True               # chunked lm_head + cross-entropy on labelled positions only
     gradient_checkpointing: bool = False
     packing: bool = False
@@ -74,6 +75,8 @@ class TrainConfig:
                              f"epochs={self.epochs}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.quantize not in (None, "nf4"):
+            raise ValueError(f"quantize must be null or 'nf4', got {self.quantize!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if self.bf16 not in (True, False, "auto"):

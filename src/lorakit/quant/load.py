@@ -20,16 +20,17 @@ from .nf4 import NF4Linear, quantize_nf4
 SKIP = ("lm_head",)
 
 
-def _rebuild_meta_buffers(model: nn.Module) -> None:
+def _rebuild_computed_buffers(model: nn.Module, names: list[str]) -> None:
     """Non-persistent buffers (e.g. rotary inv_freq) are not in the files: rebuild their modules."""
-    for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
+    for name in names:
+        module = model.get_submodule(name)
+        with torch.device("cpu"):
             try:
                 fresh = type(module)(config=model.config)
             except TypeError:
                 raise ValueError(f"cannot stream-load {type(model).__name__}: module {name!r} "
                                  f"({type(module).__name__}) has computed buffers; load it unquantized") from None
-            replace_module(model, name, fresh)
+        replace_module(model, name, fresh)
 
 
 def load_nf4_model(directory: str, compute_dtype: torch.dtype = torch.bfloat16):
@@ -46,8 +47,9 @@ def load_nf4_model(directory: str, compute_dtype: torch.dtype = torch.bfloat16):
         meta = model.get_submodule(name)
         replace_module(model, name, NF4Linear(meta.in_features, meta.out_features, quantize_nf4(meta.weight),
                                               meta.bias, compute_dtype))
+    computed = [n for n, m in model.named_modules() if getattr(m, "_non_persistent_buffers_set", None)]
     model.to_empty(device="cpu")
-    _rebuild_meta_buffers(model)
+    _rebuild_computed_buffers(model, computed)
     loaded, params = set(), dict(model.named_parameters())
     for path in files:
         with safe_open(path, framework="pt") as f:
