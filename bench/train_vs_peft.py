@@ -3,7 +3,7 @@
     python bench/train_vs_peft.py [--steps 50] [--json bench/train_vs_peft.json]
 
 SmolLM2-135M-Instruct, LoRA r=16 (alpha 32, dropout --dropout) on q,k,v,o,gate,up,down, AdamW
-(lr 1e-3, warmup 5 + cosine), batch 8 rows of ~256 tokens (3-turn conversations built from the
+(lr 2e-4, warmup 5 + cosine), batch 8 rows of ~256 tokens (3-turn conversations built from the
 bundled demo data), loss on assistant tokens. Both runs see the same rows in the same order for
 the same number of optimizer steps; each runs in its own subprocess so peak RSS is its own.
 tokens/s counts real (non-padding) tokens and excludes the first (warm-up) step.
@@ -22,22 +22,23 @@ import time
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = dict(r=16, lora_alpha=32, target_modules=TARGETS)  # lora_dropout from --dropout (PEFT default 0)
-LR, WARMUP, BATCH, MAX_LEN, TURNS = 1e-3, 5, 8, 320, 3
+LR, WARMUP, BATCH, MAX_LEN, TURNS = 2e-4, 5, 8, 320, 3
 
 
-def bench_rows(tokenizer):
-    """3-turn conversations from the demo rows: ~256 tokens each."""
+def write_bench_data(path: str) -> None:
+    """3-turn conversations from the demo rows (~200 tokens each), as a JSONL data file."""
     from lorakit import data as D
     from lorakit.train_config import DEMO_DATA
 
     rows = [r for _, r in D.read_rows(DEMO_DATA)]
-    convs = []
-    for i in range(0, len(rows) - TURNS + 1, TURNS):
-        convs.append({"messages": [m for r in rows[i:i + TURNS] for m in r["messages"]]})
-    return [D.encode(D.row_to_segments(c, tokenizer), tokenizer, MAX_LEN, False)[0] for c in convs]
+    with open(path, "w") as f:
+        for i in range(0, len(rows) - TURNS + 1, TURNS):
+            f.write(json.dumps({"messages": [m for r in rows[i:i + TURNS] for m in r["messages"]]}) + "\n")
 
 
-def worker(kind: str, steps: int, seed: int, dropout: float) -> dict:
+def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str) -> dict:
+    import tempfile
+
     import torch
 
     from lorakit import data as D
@@ -46,57 +47,56 @@ def worker(kind: str, steps: int, seed: int, dropout: float) -> dict:
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer("smollm2-135m")
-    rows = bench_rows(tokenizer)
-    if kind == "peft":
+    rows, _ = D.load_examples(data_path, tokenizer, MAX_LEN)
+    losses, times, tokens = [], [], []
+    if kind == "peft":  # what a PEFT user runs: fp32 model, labels= loss (mean over labelled tokens)
         import peft
 
         from lorakit.models import load_model
 
         model = peft.get_peft_model(load_model("smollm2-135m"), peft.LoraConfig(**LORA, lora_dropout=dropout))
         model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=LR)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, WARMUP, steps, 0.1))
+        for step in range(steps):
+            start = time.perf_counter()
+            idx = batch_order(len(rows), step, BATCH, seed)
+            loss = model(**D.collate([rows[i] for i in idx], tokenizer.pad_token_id)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            times.append(time.perf_counter() - start)
+            tokens.append(sum(len(rows[i]) for i in idx))
+            print(f"  peft step {step + 1}/{steps} loss {losses[-1]:.4f} ({times[-1]:.1f} s)", file=sys.stderr)
+    else:  # lorakit's default training path: the library's own loop, default settings
+        from lorakit.train import train
+        from lorakit.train_config import TrainConfig
 
-        def step_loss(batch):  # what a PEFT user runs: labels= loss, mean over labelled tokens
-            return model(**batch).loss, None
-    else:
-        from lorakit import LoraConfig, get_peft_model
-        from lorakit.hardware import resolve_bf16
-        from lorakit.loss import CausalLMLoss
-        from lorakit.models import load_model
+        last = [time.perf_counter()]
 
-        bf16 = resolve_bf16("auto")
-        model = get_peft_model(load_model("smollm2-135m", dtype=torch.bfloat16 if bf16 else torch.float32),
-                               LoraConfig(**LORA, lora_dropout=dropout))
-        model.train()
-        loss_module = CausalLMLoss(model)
+        def on_step(step, record):
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
+            losses.append(record["train_loss"])
+            tokens.append(sum(len(rows[i]) for i in batch_order(len(rows), step - 1, BATCH, seed)))
+            print(f"  lorakit step {step}/{steps} loss {losses[-1]:.4f} ({times[-1]:.1f} s)", file=sys.stderr)
 
-        def step_loss(batch):
-            total = loss_module(**batch)
-            n = int((batch["labels"][:, 1:] != D.IGNORE).sum())
-            return total / n, None
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, WARMUP, steps, 0.1))
-    losses, tokens, seconds = [], 0, 0.0
-    for step in range(steps):
-        idx = batch_order(len(rows), step, BATCH, seed)
-        batch = D.collate([rows[i] for i in idx], tokenizer.pad_token_id)
-        start = time.perf_counter()
-        loss, _ = step_loss(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        losses.append(loss.item())
-        if step > 0:
-            seconds += elapsed
-            tokens += sum(len(rows[i]) for i in idx)
-        print(f"  {kind} step {step + 1}/{steps} loss {losses[-1]:.4f} ({elapsed:.1f} s)", file=sys.stderr,
-              flush=True)
+        cfg = TrainConfig(data=data_path, prompts=None, output_dir=tempfile.mkdtemp(), max_length=MAX_LEN,
+                          batch_size=BATCH, max_steps=steps, lr=LR, warmup_steps=WARMUP, val_fraction=0.0,
+                          eval_every=10**6, save_every=10**6, seed=seed, progress=False,
+                          lora=dict(**LORA, lora_dropout=dropout))
+        # step 1's interval includes set-up; it is excluded from tokens/s for both runs anyway
+        train(cfg, on_step=on_step)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"kind": kind, "tokens_per_s": tokens / seconds, "peak_rss_gb": peak_kb / 2**20, "losses": losses,
-            "mean_tokens_per_row": sum(len(r) for r in rows) / len(rows), "threads": torch.get_num_threads()}
+    # tokens/s over steps 2.. (step 1 is warm-up for both)
+    return {"kind": kind, "tokens_per_s": sum(tokens[1:]) / sum(times[1:]), "peak_rss_gb": peak_kb / 2**20,
+            "losses": losses, "mean_tokens_per_row": sum(len(r) for r in rows) / len(rows),
+            "threads": torch.get_num_threads()}
 
 
 def matmul_peak_gflops() -> float:
@@ -119,14 +119,19 @@ def main():
     ap.add_argument("--dropout", type=float, default=0.0, help="lora_dropout for both (PEFT's default: 0)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "train_vs_peft.json"))
     ap.add_argument("--worker", choices=["peft", "lorakit"], help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.seed, args.dropout)))
+        print(json.dumps(worker(args.worker, args.steps, args.seed, args.dropout, args.data)))
         return
+    import tempfile
+
+    data_path = os.path.join(tempfile.mkdtemp(), "bench.jsonl")
+    write_bench_data(data_path)
     results = {}
     for kind in ("peft", "lorakit"):
         out = subprocess.run([sys.executable, __file__, "--worker", kind, f"--steps={args.steps}",
-                              f"--seed={args.seed}", f"--dropout={args.dropout}"], check=True, stdout=subprocess.PIPE, text=True)
+                              f"--seed={args.seed}", f"--dropout={args.dropout}", f"--data={data_path}"], check=True, stdout=subprocess.PIPE, text=True)
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     import torch
 

@@ -1,5 +1,7 @@
 """Fused kernels against their reference paths: values and gradients (gradcheck in float64)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,3 +119,28 @@ def test_dropout_mask_keep_rate_and_independence():
     m = mask.float().flatten()
     corr = torch.corrcoef(torch.stack([m[:-1], m[1:]]))[0, 1].item()
     assert abs(corr) < 0.01
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_fused_rms_norm_matches_llama_rms_norm(dtype, tol):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lorakit.kernels.rms_norm import FusedRMSNorm, rms_norm
+
+    torch.manual_seed(0)
+    ref_norm = LlamaRMSNorm(16, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ref_norm.weight.normal_()
+    fused = FusedRMSNorm(copy.deepcopy(ref_norm))  # own weight, so its gradient is its own
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    a, b = fused(x), ref_norm(x2)
+    assert (a.float() - b.float()).abs().max() <= tol
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    assert (x.grad.float() - x2.grad.float()).abs().max() <= tol * 10
+    assert (ref_norm.weight.grad.float() - fused.weight.grad.float()).abs().max() <= tol * 10
+    x64 = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-6), (x64, w64))

@@ -21,6 +21,7 @@ from . import checkpoint as ckpt
 from . import data as D
 from . import distributed as dist_utils
 from .hardware import resolve_bf16
+from .kernels.rms_norm import fuse_rms_norms
 from .loss import CausalLMLoss
 from .model import get_peft_model
 from .models import load_model, load_tokenizer
@@ -125,13 +126,15 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     base = model if model is not None else load_model(cfg.model, dtype=dtype, quantize=cfg.quantize)
     if cfg.quantize is None:
         base.to(device=env.device, dtype=dtype)
+    if cfg.fused_kernels:
+        fuse_rms_norms(base)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = get_peft_model(base, cfg.lora_config())
     prompts = _read_prompts(cfg.prompts) if is_main else []
     before = answer_prompts(peft_model, tokenizer, prompts, cfg.max_new_tokens, env.device) if prompts else []
     peft_model.train()
-    engine = dist_utils.wrap(CausalLMLoss(peft_model, fused=cfg.fused_loss), env, cfg.distributed)
+    engine = dist_utils.wrap(CausalLMLoss(peft_model, fused=cfg.fused_kernels), env, cfg.distributed)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -44,7 +44,7 @@ class TrainConfig:
     bf16: bool | str = "auto"             # frozen base weights + compute in bf16, adapters/optimizer fp32;
                                           # auto = where this CPU/GPU has fast bf16 (AVX512-BF16, AMX, CUDA)
     quantize: str | None = None           # "nf4": frozen base in 4-bit NF4 (QLoRA)
-    fused_loss: bool = True               # chunked lm_head + cross-entropy on labelled positions only
+    fused_kernels: bool = True            # chunked lm_head + cross-entropy on labelled rows, fused RMSNorm
     gradient_checkpointing: bool = False
     packing: bool = False
     train_on_prompt: bool = False
