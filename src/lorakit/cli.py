@@ -1,4 +1,4 @@
-"""`lorakit` command line: train, generate, chat, eval, export, calc.
+"""`lorakit` command line: train, generate, chat, eval, export, serve, calc.
 
 Errors in user input print one line and exit with status 2 (`--debug` shows the traceback).
 """
@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="gguf: tensor type")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="base was trained in 4 bits: load it so")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a base model and many adapters")
+    p.add_argument("--model", default="smollm2-135m", help="model name, transformers directory or .gguf file")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="adapter to load (repeatable)")
+    p.add_argument("--adapter-root", default=None, help="POST /v1/adapters may load only from under this directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill up")
+    p.add_argument("--max-tokens-cap", type=int, default=512, help="upper bound on max_tokens")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
 
     p = sub.add_parser("calc", help="LoRA parameter counts, memory estimates, rank suggestions",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -205,6 +217,29 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .serve import ServeConfig, serve
+    except ImportError:  # pragma: no cover
+        raise ValueError("lorakit serve needs fastapi and uvicorn: pip install 'lorakit[serve]'") from None
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter must look like NAME=DIR, got {item!r}")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"adapter directory {path} does not exist")
+        adapters[name] = path
+    for name in ("max_batch_size", "max_tokens_cap", "max_prompt_tokens", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    serve(ServeConfig(model=args.model, adapters=adapters, adapter_root=args.adapter_root,
+                      max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                      max_tokens_cap=args.max_tokens_cap, max_prompt_tokens=args.max_prompt_tokens,
+                      max_body_bytes=args.max_body_bytes), host=args.host, port=args.port)
+    return 0
+
+
 def cmd_calc(args) -> int:
     import json as json_mod
 
@@ -255,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return cmd_train(args, unknown)
         return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "calc": cmd_calc,
-                "export": cmd_export}[args.command](args)
+                "export": cmd_export, "serve": cmd_serve}[args.command](args)
     except (ValueError, OSError) as e:  # FileNotFoundError / FileExistsError are OSErrors
         if args.debug:
             raise

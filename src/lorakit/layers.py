@@ -16,6 +16,7 @@ from torch import nn
 
 from . import functional as LF
 from .kernels import fused_lora_linear
+from .multi import mixed_embedding_update, mixed_linear_update
 
 try:  # GPT-2 style layers: a Linear that stores its weight as (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -38,6 +39,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.active_adapters: list[str] = []
         self.disable_adapters = False
+        self.row_adapters: list[str | None] | None = None  # set by LoraModel for mixed-adapter batches
 
     # --- hooks each layer type implements ----------------------------------------------
     def _create_adapter(self, name: str, r: int) -> None:
@@ -115,6 +117,13 @@ class LoraLayer(nn.Module):
             return []
         return [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
 
+    def _mixed_forward(self, x, update_fn, *args, **kwargs):
+        if self.merged_adapters:
+            raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
+        result = self.base_layer(x, *args, **kwargs)
+        update = None if self.disable_adapters else update_fn(self, x, self.row_adapters)
+        return result if update is None else (result + update).to(result.dtype)
+
     # --- merging ------------------------------------------------------------------------------
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' ΔW into the base weight. Merging an adapter twice warns and does nothing."""
@@ -181,6 +190,8 @@ class LoraLinear(LoraLayer):
                 and x.dtype == base.weight.dtype and not torch.is_autocast_enabled(x.device.type))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return self._mixed_forward(x, mixed_linear_update, *args, **kwargs)
         names = self._unmerged_active()
         if names and self._fused_ok(x, names):
             name = names[0]
@@ -229,6 +240,8 @@ class LoraEmbedding(LoraLayer):
         return d.to(self.base_layer.weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return self._mixed_forward(x, mixed_embedding_update, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         base = self.base_layer
@@ -275,6 +288,8 @@ class LoraConv(LoraLayer):
         return d.to(self.base_layer.weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:
+            raise ValueError("mixed-adapter batches are not supported for convolution layers")
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         for name in self._unmerged_active():

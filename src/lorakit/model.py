@@ -6,6 +6,7 @@ as in PEFT, so code that reaches through those attributes keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from . import peft_io
 from .config import LoraConfig
 from .inject import adapter_layers, inject_adapter, unwrap
 from .layers import LoraLayer
+from .multi import row_adapters
 from .quant.nf4 import NF4Linear, requantize_linears
 
 DEFAULT_ADAPTER = "default"
@@ -54,11 +56,24 @@ class LoraModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.model
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
+        """The wrapped model's forward. `adapter_names` gives each batch row its own adapter (None = base)."""
+        with self._rows(adapter_names):
+            return self.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
+        """The wrapped model's generate; `adapter_names` as in forward (one entry per prompt row)."""
+        with self._rows(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    def _rows(self, adapter_names):
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        unknown = sorted({n for n in adapter_names if n is not None and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; loaded adapters: "
+                             f"{sorted(self.peft_config)} (None means the base model)")
+        return row_adapters(self._layers(), adapter_names)
 
     # --- adapters ----------------------------------------------------------------------------
     @property

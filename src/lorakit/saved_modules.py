@@ -20,6 +20,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disable_adapters = False
+        self.row_adapters: list[str | None] | None = None
 
     def add_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
@@ -58,5 +59,11 @@ class ModulesToSaveWrapper(nn.Module):
     def unwrapped(self, use_trained_copy: bool) -> nn.Module:
         return self._current() if use_trained_copy else self.original_module
 
-    def forward(self, *args, **kwargs):
-        return self._current()(*args, **kwargs)
+    def forward(self, x, *args, **kwargs):
+        if self.row_adapters is None or self.disable_adapters:
+            return self._current()(x, *args, **kwargs)
+        out = self.original_module(x, *args, **kwargs)  # mixed batch: each row through its adapter's copy
+        for name in sorted({n for n in self.row_adapters if n in self.modules_to_save}):
+            rows = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
+            out[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
+        return out

@@ -25,6 +25,7 @@ from .kernels.rms_norm import fuse_rms_norms
 from .loss import CausalLMLoss
 from .model import get_peft_model
 from .models import load_model, load_tokenizer
+from .quant.nf4 import quantize_model_nf4
 from .train_config import TrainConfig
 
 
@@ -126,6 +127,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     base = model if model is not None else load_model(cfg.model, dtype=dtype, quantize=cfg.quantize)
     if cfg.quantize is None:
         base.to(device=env.device, dtype=dtype)
+    elif model is not None:  # a model handed in unquantized
+        quantize_model_nf4(base.to(dtype), compute_dtype=dtype)
     if cfg.fused_kernels:
         fuse_rms_norms(base)
     if cfg.gradient_checkpointing:
