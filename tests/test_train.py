@@ -139,9 +139,10 @@ def test_transformers_trainer_accepts_a_lorakit_model(tmp_path, tiny_tokenizer):
 def test_qlora_training_on_nf4_base_tracks_the_float_run(tmp_path, tiny_tokenizer):
     from lorakit.quant.nf4 import NF4Linear
 
-    kwargs = dict(max_steps=15, lr=1e-2, lora=dict(r=4, lora_alpha=8, target_modules="all-linear"))
-    full = train(_cfg(tmp_path / "f", **kwargs), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
-    quant = train(_cfg(tmp_path / "q", quantize="nf4", **kwargs), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
+    kwargs = dict(max_steps=40, lr=2e-2, lora=dict(r=8, lora_alpha=16, target_modules="all-linear"))
+    model = lambda: tiny_llama_for(tiny_tokenizer, initializer_range=0.3)  # noqa: E731 (can express confidence)
+    full = train(_cfg(tmp_path / "f", **kwargs), model(), tiny_tokenizer)
+    quant = train(_cfg(tmp_path / "q", quantize="nf4", **kwargs), model(), tiny_tokenizer)
     assert any(isinstance(m, NF4Linear) for m in quant["model"].modules())
     f_loss, q_loss = full["history"][-1]["train_loss"], quant["history"][-1]["train_loss"]
     assert q_loss < 0.8 * quant["history"][1]["train_loss"]  # it learns
