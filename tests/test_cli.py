@@ -13,7 +13,7 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("command", ["train", "generate", "chat", "eval", "export", "calc"])
+@pytest.mark.parametrize("command", ["train", "generate", "chat", "eval", "export", "calc", "serve", "merge-adapters"])
 def test_help_on_every_subcommand(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -100,3 +100,16 @@ def test_export_cli_writes_each_format(capsys, tmp_path, tiny_model_dir):
         code, stdout, err = _run(capsys, "export", f"--model={tiny_model_dir}", f"--adapter={adapter}",
                                  f"--format={fmt}", f"--out={out}", "--gguf-type=f32")
         assert code == 0 and out.exists(), err
+
+
+def test_merge_adapters_cli(capsys, tmp_path, tiny_model_dir):
+    import lorakit
+
+    a = _adapter_dir(tmp_path, tiny_model_dir)
+    code, out, err = _run(capsys, "merge-adapters", f"--model={tiny_model_dir}", f"--adapter=a={a}",
+                          f"--adapter=b={a}", "--weights=0.5,0.5", "--type=cat", f"--out={tmp_path}/m")
+    assert code == 0, err
+    assert lorakit.LoraConfig.from_pretrained(f"{tmp_path}/m").r == 16  # cat of two r=8 adapters
+    code, _, err = _run(capsys, "merge-adapters", f"--model={tiny_model_dir}", f"--adapter=a={a}",
+                        "--weights=x", f"--out={tmp_path}/m2")
+    assert code == 2 and "--weights must be comma-separated numbers" in err

@@ -77,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
 
+    p = sub.add_parser("merge-adapters", help="combine adapters into one (linear, cat, svd, ties, dare, ...)")
+    p.add_argument("--model", default="smollm2-135m", help="base model the adapters were trained on")
+    p.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR", help="adapter (repeatable)")
+    p.add_argument("--weights", required=True, help="comma-separated weights, one per adapter")
+    p.add_argument("--type", default="svd", help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune, "
+                                                  "or their _svd forms")
+    p.add_argument("--density", type=float, default=None, help="for ties / dare / magnitude_prune")
+    p.add_argument("--rank", type=int, default=None, help="svd: rank of the result (default: largest input rank)")
+    p.add_argument("--out", required=True, help="directory for the combined adapter")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+
     p = sub.add_parser("calc", help="LoRA parameter counts, memory estimates, rank suggestions",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=textwrap.dedent("""\
@@ -240,6 +251,30 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_merge_adapters(args) -> int:
+    from .model import LoraModel
+    from .models import load_model
+
+    pairs = [a.partition("=") for a in args.adapter]
+    if any(not sep or not name or not path for name, sep, path in pairs):
+        raise ValueError("--adapter must look like NAME=DIR")
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise ValueError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
+    if os.path.exists(args.out) and not args.force:
+        raise FileExistsError(f"{args.out} exists; pass --force to overwrite")
+    (first, _, first_path), rest = pairs[0], pairs[1:]
+    model = LoraModel.from_pretrained(load_model(args.model), first_path, adapter_name=first)
+    for name, _, path in rest:
+        model.load_adapter(path, adapter_name=name)
+    model.add_weighted_adapter([n for n, _, _ in pairs], weights, "__merged__", args.type, svd_rank=args.rank,
+                               density=args.density)
+    model.save_adapter("__merged__", args.out)
+    print(f"wrote {args.out} (r={model.peft_config['__merged__'].r}, {args.type} of {[n for n, _, _ in pairs]})")
+    return 0
+
+
 def cmd_calc(args) -> int:
     import json as json_mod
 
@@ -290,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return cmd_train(args, unknown)
         return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "calc": cmd_calc,
-                "export": cmd_export, "serve": cmd_serve}[args.command](args)
+                "export": cmd_export, "serve": cmd_serve, "merge-adapters": cmd_merge_adapters}[args.command](args)
     except (ValueError, OSError) as e:  # FileNotFoundError / FileExistsError are OSErrors
         if args.debug:
             raise

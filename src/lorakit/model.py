@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import peft_io
+from . import merging, peft_io
 from .config import LoraConfig
 from .inject import adapter_layers, inject_adapter, unwrap
 from .layers import LoraLayer
@@ -189,6 +189,19 @@ class LoraModel(nn.Module):
         """Remove all adapters without merging and return the plain base model (merged adapters are undone)."""
         return unwrap(self.model, merge=False)
 
+    # --- adapter arithmetic ----------------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             density: float | None = None, majority_sign_method: str = "total",
+                             svd_clamp: float | None = None) -> None:
+        """A new adapter from a weighted combination of existing ones (PEFT's semantics; see lorakit.merging)."""
+        merging.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, density,
+                                     majority_sign_method, svd_clamp)
+
+    def resize_adapter(self, adapter_name: str, new_r: int) -> float:
+        """Truncated-SVD re-factoring at rank new_r; returns the fraction of ΔW energy kept."""
+        return merging.resize_adapter(self, adapter_name, new_r)
+
     # --- parameters ----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, counted as PEFT counts them."""
@@ -211,15 +224,19 @@ class LoraModel(nn.Module):
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
         for name in selected_adapters or list(self.peft_config):
-            self._check_known(name)
-            config = self.peft_config[name]
-            if config.base_model_name_or_path is None:
-                config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None)
             out_dir = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
-            if any(isinstance(l, LoraLayer) and name in l.merged_adapters for l in self._layers()):
-                warnings.warn(f"adapter {name!r} is merged into the base weights; saving its (unchanged) factors")
-            state = peft_io.adapter_state_dict(self.model, name, config.bias)
-            peft_io.write_adapter(out_dir, _saved_config(config), state)
+            self.save_adapter(name, out_dir)
+
+    def save_adapter(self, adapter_name: str, directory: str) -> None:
+        """Write one adapter in PEFT's format into exactly `directory`."""
+        self._check_known(adapter_name)
+        config = self.peft_config[adapter_name]
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        if any(isinstance(l, LoraLayer) and adapter_name in l.merged_adapters for l in self._layers()):
+            warnings.warn(f"adapter {adapter_name!r} is merged into the base weights; saving its (unchanged) factors")
+        state = peft_io.adapter_state_dict(self.model, adapter_name, config.bias)
+        peft_io.write_adapter(directory, _saved_config(config), state)
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      allow_pickle: bool = False) -> None:
