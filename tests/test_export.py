@@ -110,3 +110,22 @@ def test_gguf_export_rejects_other_architectures(tmp_path):
     with pytest.raises(ValueError, match="Llama-family"):
         export.export_gguf_adapter(model, str(tmp_path / "a.gguf"))
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_llama_cpp_runs_exported_base_plus_adapter_like_lorakit(tmp_path, tiny_tokenizer):
+    """Optional: only where llama-cpp-python is installed (it is not a dependency)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    base_path = export.export_gguf(tiny_llama_for(tiny_tokenizer), tiny_tokenizer, str(tmp_path / "base.gguf"), "f32")
+    model = _adapted(tiny_tokenizer)  # the same base weights (same seed), plus an adapter
+    adapter_path = export.export_gguf_adapter(model, str(tmp_path / "adapter.gguf"))
+    prompt = _ids()[0].tolist()
+    with torch.no_grad():
+        ours = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    llm = llama_cpp.Llama(model_path=base_path, lora_path=adapter_path, n_ctx=64, verbose=False)
+    theirs = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        theirs.append(token)
+        if len(theirs) == 8:
+            break
+    assert theirs == ours

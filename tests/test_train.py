@@ -147,3 +147,18 @@ def test_qlora_training_on_nf4_base_tracks_the_float_run(tmp_path, tiny_tokenize
     f_loss, q_loss = full["history"][-1]["train_loss"], quant["history"][-1]["train_loss"]
     assert q_loss < 0.8 * quant["history"][1]["train_loss"]  # it learns
     assert abs(q_loss - f_loss) / f_loss < 0.1  # stated margin: within 10 % of the fp32 run on a tiny model
+
+
+def test_two_process_fsdp_trains_and_writes_the_full_adapter(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    single = _write_yaml(tmp_path / "single.yaml", tiny_model_dir, tmp_path / "single", batch_size=4)
+    fsdp = _write_yaml(tmp_path / "fsdp.yaml", tiny_model_dir, tmp_path / "fsdp", batch_size=2, distributed="fsdp")
+    subprocess.run([sys.executable, "-m", "lorakit", "train", single], check=True, env=_env(), capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+                          "-m", "lorakit", "train", fsdp], env=_env(), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        assert a[key].shape == b[key].shape and (a[key] - b[key]).abs().max() < 1e-4, key

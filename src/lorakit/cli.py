@@ -137,6 +137,8 @@ def cmd_train(args, overrides: list[str]) -> int:
     result = train(cfg)
     if result["interrupted"]:
         return 130
+    if not result["is_main"]:
+        return 0
     history = result["history"]
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     print(f"\ntrained {result['steps']} steps in {result['seconds']:.0f} s; final train loss "
@@ -202,11 +204,13 @@ def cmd_chat(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import data as D
+    from .loss import CausalLMLoss
     from .train import evaluate
 
     model, tokenizer = _load(args.model, args.adapter)
     examples, stats = D.load_examples(args.data, tokenizer, args.max_length)
-    loss = evaluate(model, examples, args.batch_size, tokenizer.pad_token_id, next(model.parameters()).device)
+    loss = evaluate(CausalLMLoss(model), examples, args.batch_size, tokenizer.pad_token_id,
+                    next(model.parameters()).device)
     print(f"rows: {len(examples)} ({stats.truncated} truncated)   loss: {loss:.4f}   perplexity: {math.exp(loss):.2f}")
     return 0
 

@@ -45,10 +45,11 @@ def wrap(model: torch.nn.Module, env: Env, kind: str) -> torch.nn.Module:
     if env.world_size == 1:
         return model
     if kind == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        # FSDP2 (per-parameter sharding) works on CPU with gloo too, and mixes frozen base weights
+        # with trainable adapters without flattening them together.
+        from torch.distributed.fsdp import fully_shard
 
-        # use_orig_params lets frozen base weights and trainable adapters share flat parameters.
-        return FSDP(model, use_orig_params=True, device_id=env.device if env.device.type == "cuda" else None)
+        return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)

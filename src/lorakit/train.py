@@ -50,17 +50,17 @@ def batch_order(n_rows: int, micro_index: int, rows_per_micro: int, seed: int) -
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size: int, pad_id: int, device) -> float:
-    """Mean token loss (nats) over `examples` for a LoraModel (or any causal LM)."""
-    loss_module = CausalLMLoss(model)
-    was_training = model.training
-    model.eval()
+def evaluate(loss_module, examples, batch_size: int, pad_id: int, device) -> float:
+    """Mean token loss (nats) over `examples`. `loss_module(**batch)` returns a loss sum: a
+    CausalLMLoss, or the DDP/FSDP engine wrapping one (so sharded parameters are gathered)."""
+    was_training = loss_module.training
+    loss_module.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in D.collate(examples[i:i + batch_size], pad_id).items()}
         total += loss_module(**batch).item()
         count += count_targets(batch)
-    model.train(was_training)
+    loss_module.train(was_training)
     return total / max(1, count)
 
 
@@ -144,6 +144,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
         optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
 
     step, history = 0, []
+    # FSDP shards optimizer states too; mid-run checkpoints are written for single-process and DDP runs.
+    checkpoints = not (env.world_size > 1 and cfg.distributed == "fsdp")
+    if cfg.resume and not checkpoints:
+        raise ValueError("--resume is not supported with distributed=fsdp; use ddp for resumable runs")
     if cfg.resume:
         step, history = ckpt.load(cfg.output_dir, peft_model, optimizer, scheduler)
         log(f"resumed from step {step}")
@@ -153,7 +157,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     pad_id = tokenizer.pad_token_id
 
     if step == 0 and val_rows:  # held-out loss of the untrained adapter (= the base model)
-        history.append({"step": 0, "eval_loss": evaluate(peft_model, val_rows, cfg.batch_size, pad_id, env.device)})
+        history.append({"step": 0, "eval_loss": evaluate(engine, val_rows, cfg.batch_size, pad_id, env.device)})
         if is_main:
             with open(metrics_path, "w") as f:
                 f.write(json.dumps(history[-1]) + "\n")
@@ -186,26 +190,31 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
             record = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen * env.world_size / elapsed}
             if val_rows and (step % cfg.eval_every == 0 or step == total_steps):
-                record["eval_loss"] = evaluate(peft_model, val_rows, cfg.batch_size, pad_id, env.device)
+                record["eval_loss"] = evaluate(engine, val_rows, cfg.batch_size, pad_id, env.device)
             history.append(record)
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 progress.update(1)
-            if step % cfg.save_every == 0 and step < total_steps:
+            if checkpoints and step % cfg.save_every == 0 and step < total_steps:
                 ckpt.save(cfg.output_dir, peft_model, optimizer, scheduler, step, history, is_main)
             if on_step is not None:
                 on_step(step, record)
     except KeyboardInterrupt:
         interrupted = True
-        ckpt.save(cfg.output_dir, peft_model, optimizer, scheduler, step, history, is_main)
-        log(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
+        if checkpoints:
+            ckpt.save(cfg.output_dir, peft_model, optimizer, scheduler, step, history, is_main)
+            log(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
+        else:
+            log(f"\ninterrupted at step {step} (no checkpoint under FSDP)")
     finally:
         progress.close()
 
+    if hasattr(engine, "unshard"):  # FSDP2: every rank gathers the full parameters before rank 0 saves
+        engine.unshard()
     adapter_dir = os.path.join(cfg.output_dir, "adapter")
-    summary = {"steps": step, "total_steps": total_steps, "interrupted": interrupted, "history": history,
+    summary = {"is_main": is_main, "steps": step, "total_steps": total_steps, "interrupted": interrupted, "history": history,
                "adapter_dir": adapter_dir, "seconds": time.perf_counter() - started, "before": before}
     if not interrupted:
         if is_main:
