@@ -162,3 +162,10 @@ def test_two_process_fsdp_trains_and_writes_the_full_adapter(tmp_path, tiny_mode
     b = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
     for key in a:
         assert a[key].shape == b[key].shape and (a[key] - b[key]).abs().max() < 1e-4, key
+
+
+def test_trim_memory_changes_nothing_but_memory(tmp_path, tiny_tokenizer):
+    plain = _adapter(train(_cfg(tmp_path / "a", max_steps=3), tiny_llama_for(tiny_tokenizer), tiny_tokenizer))
+    trimmed = _adapter(train(_cfg(tmp_path / "b", max_steps=3, trim_memory=True), tiny_llama_for(tiny_tokenizer),
+                             tiny_tokenizer))
+    assert all(torch.equal(plain[k], trimmed[k]) for k in plain)

@@ -33,3 +33,22 @@ def resolve_bf16(setting: bool | str, device: torch.device | str = "cpu") -> boo
     if isinstance(setting, bool):
         return setting
     raise ValueError(f"bf16 must be true, false or 'auto', got {setting!r}")
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by the last step back to the OS (glibc keeps it, fragmenting, otherwise)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -85,7 +85,8 @@ def _gguf_to_hf_dir(gguf_path: str, cache_name: str) -> str:
     return target
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None = None, quantize: str | None = None):
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None = None, quantize: str | None = None,
+               attn_implementation: str | None = None):
     """Load a causal LM by name or path (see module doc). `dtype` e.g. torch.bfloat16.
 
     `quantize="nf4"` stores every Linear except the output head in 4-bit NF4 (double-quantized),
@@ -103,7 +104,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None
 
         model = load_nf4_model(directory, compute_dtype=dtype or torch.bfloat16)
         return model.to(device) if device else model
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True,
+                                                 **extra)
     if device:
         model.to(device)
     model.eval()

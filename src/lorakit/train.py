@@ -20,7 +20,7 @@ import torch
 from . import checkpoint as ckpt
 from . import data as D
 from . import distributed as dist_utils
-from .hardware import resolve_bf16
+from .hardware import release_freed_memory, resolve_bf16
 from .kernels.rms_norm import fuse_rms_norms
 from .loss import CausalLMLoss
 from .model import get_peft_model
@@ -124,7 +124,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * micro_per_epoch / cfg.grad_accum))
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    base = model if model is not None else load_model(cfg.model, dtype=dtype, quantize=cfg.quantize)
+    base = model if model is not None else load_model(cfg.model, dtype=dtype, quantize=cfg.quantize,
+                                                      attn_implementation=cfg.attn_implementation)
     if cfg.quantize is None:
         base.to(device=env.device, dtype=dtype)
     elif model is not None:  # a model handed in unquantized
@@ -184,6 +185,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if cfg.trim_memory:
+                release_freed_memory()
             step += 1
             train_loss = dist_utils.all_reduce_sum(loss_sum, env) / n_targets
             elapsed = time.perf_counter() - started
