@@ -27,6 +27,7 @@ from .model import get_peft_model
 from .models import load_model, load_tokenizer
 from .quant.nf4 import quantize_model_nf4
 from .train_config import TrainConfig
+from .variants import create_loraplus_optimizer
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -140,7 +141,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     peft_model.train()
     engine = dist_utils.wrap(CausalLMLoss(peft_model, fused=cfg.fused_kernels), env, cfg.distributed)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.loraplus_lr_ratio:
+        optimizer = create_loraplus_optimizer(peft_model, cfg.lr, cfg.loraplus_lr_ratio,
+                                              weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
 

@@ -18,7 +18,7 @@ DEMO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "min_lr_ratio", "clip_grad_norm", "val_fraction")
+FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "min_lr_ratio", "clip_grad_norm", "val_fraction")  # + optional ones
 
 
 @dataclass
@@ -38,6 +38,7 @@ class TrainConfig:
     max_steps: int = 0                    # > 0 overrides epochs
     lr: float = 1e-3
     weight_decay: float = 0.0
+    loraplus_lr_ratio: float | None = None  # LoRA+: B matrices at lr * ratio (e.g. 16); None = plain AdamW
     warmup_steps: int = 5
     min_lr_ratio: float = 0.1             # cosine decays to lr * min_lr_ratio
     clip_grad_norm: float = 1.0
@@ -78,6 +79,9 @@ class TrainConfig:
                              f"epochs={self.epochs}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.loraplus_lr_ratio is not None and not (isinstance(self.loraplus_lr_ratio, (int, float))
+                                                       and self.loraplus_lr_ratio > 0):
+            raise ValueError(f"loraplus_lr_ratio must be a number > 0 or null, got {self.loraplus_lr_ratio!r}")
         if self.quantize not in (None, "nf4"):
             raise ValueError(f"quantize must be null or 'nf4', got {self.quantize!r}")
         if self.distributed not in ("ddp", "fsdp"):
