@@ -171,6 +171,9 @@ class LoraLinear(LoraLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
 
     def _init_adapter(self, name, init_lora_weights):
+        if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} (PiSSA/OLoRA) is not implemented yet; "
+                             "use True, 'gaussian' or False")
         if init_lora_weights is False:
             return  # both matrices keep nn.Linear's random init: the adapter is not a no-op
         if init_lora_weights == "gaussian":
