@@ -16,16 +16,10 @@ import peft
 import torch
 
 import lorakit
+from common import copy_lora_weights, randomize_lora_B
 from lorakit.models import load_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _randomize(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.01)
 
 
 def main():
@@ -40,10 +34,8 @@ def main():
     cfg = dict(r=16, lora_alpha=32, target_modules=TARGETS)
     ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**cfg))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
-    _randomize(ours)
-    result = theirs.load_state_dict({"base_model." + k: v for k, v in ours.state_dict().items() if "lora_" in k},
-                                    strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
+    randomize_lora_B(ours, std=0.01)
+    copy_lora_weights(ours, theirs)
     ours_merged = copy.deepcopy(ours)
     ours_merged.merge_adapter()
     runs = {"base model": base, "lorakit merged": ours_merged, "lorakit unmerged": ours,

@@ -19,6 +19,7 @@ import peft
 import torch
 
 import lorakit
+from common import copy_lora_weights, randomize_lora_B
 from lorakit.models import load_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,13 +41,8 @@ def main():
     for name in names[1:]:
         ours.add_adapter(name, lorakit.LoraConfig(**cfg))
         theirs.add_adapter(name, peft.LoraConfig(**cfg))
-    with torch.no_grad():
-        for n, p in ours.named_parameters():
-            if "lora_" in n:
-                p.normal_(std=0.02)
-    result = theirs.load_state_dict({"base_model." + k: v for k, v in ours.state_dict().items() if "lora_" in k},
-                                    strict=False)
-    assert not result.unexpected_keys
+    randomize_lora_B(ours, std=0.02)
+    copy_lora_weights(ours, theirs)
     ours.eval()
     theirs.eval()
     prompts = torch.randint(0, base.config.vocab_size, (len(names), 24))

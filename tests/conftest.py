@@ -74,13 +74,20 @@ def clone(model):
     return copy.deepcopy(model)
 
 
-def randomize_adapters(model, seed=123):
+def randomize_adapters(model, seed=123, scale=0.1):
     """Give every adapter parameter non-trivial values (B starts at zero, which would hide bugs)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def copy_adapters_to_peft(ours, theirs):
+    """Load a lorakit model's adapter weights into a PEFT model with the same adapters."""
+    result = theirs.load_state_dict({"base_model." + k: v for k, v in ours.state_dict().items() if "lora_" in k},
+                                    strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

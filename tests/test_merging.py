@@ -5,7 +5,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import copy_adapters_to_peft, randomize_adapters, tiny_llama
 
 import lorakit
 from lorakit import LoraConfig, get_peft_model
@@ -20,12 +20,8 @@ def _pair():
     ours.add_adapter("y", LoraConfig(**cfg2))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg), "x")
     theirs.add_adapter("y", peft.LoraConfig(**cfg2))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in ours.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    theirs.load_state_dict({"base_model." + k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
+    randomize_adapters(ours, seed=0, scale=0.3)
+    copy_adapters_to_peft(ours, theirs)
     return ours, theirs
 
 

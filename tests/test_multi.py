@@ -5,7 +5,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import copy_adapters_to_peft, randomize_adapters, tiny_llama
 
 import lorakit
 from lorakit import LoraConfig, get_peft_model
@@ -18,11 +18,7 @@ def _four_adapters():
     model.add_adapter("b", LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     model.add_adapter("c", LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"], use_rslora=True))
     model.add_adapter("d", LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "embed_tokens"]))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomize_adapters(model, seed=0, scale=0.3)
     return model.eval()
 
 
@@ -66,12 +62,8 @@ def test_mixed_batch_equals_peft_adapter_names():
     ours.add_adapter("y", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"]))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "x")
     theirs.add_adapter("y", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"]))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    theirs.load_state_dict({"base_model." + k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
+    randomize_adapters(ours, seed=0, scale=0.3)
+    copy_adapters_to_peft(ours, theirs)
     ids = torch.randint(0, 128, (4, 7))
     names = ["x", "__base__", "y", "x"]
     with torch.no_grad():
