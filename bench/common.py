@@ -1,6 +1,21 @@
-"""Shared set-up for the benchmarks: the same adapter weights in lorakit and PEFT."""
+"""Shared set-up for the benchmarks: SmolLM2 with the same LoRA config in lorakit and PEFT."""
 
+import copy
+
+import peft
 import torch
+
+import lorakit
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA = dict(r=16, lora_alpha=32, target_modules=TARGETS)  # the configuration every benchmark uses
+
+
+def paired_models(base, adapter_name="default"):
+    """(lorakit model, PEFT model), each on its own copy of `base`, with the LORA config."""
+    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**LORA), adapter_name)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**LORA), adapter_name)
+    return ours, theirs
 
 
 def randomize_lora_B(model, std):

@@ -13,13 +13,10 @@ import platform
 import statistics
 import time
 
-import peft
 import torch
+from common import paired_models
 
-import lorakit
 from lorakit.models import load_model
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _timed(fn, x, reps):
@@ -42,9 +39,7 @@ def main():
 
     torch.manual_seed(0)
     base = load_model("smollm2-135m")
-    cfg = dict(r=16, lora_alpha=32, target_modules=TARGETS)
-    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**cfg))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    ours, theirs = paired_models(base)
     ours_merged = copy.deepcopy(ours)
     ours_merged.merge_adapter()
     theirs_merged = copy.deepcopy(theirs)

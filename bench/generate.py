@@ -12,14 +12,9 @@ import platform
 import statistics
 import time
 
-import peft
 import torch
-
-import lorakit
-from common import copy_lora_weights, randomize_lora_B
+from common import copy_lora_weights, paired_models, randomize_lora_B
 from lorakit.models import load_model
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main():
@@ -31,9 +26,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     base = load_model("smollm2-135m")
-    cfg = dict(r=16, lora_alpha=32, target_modules=TARGETS)
-    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**cfg))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    ours, theirs = paired_models(base)
     randomize_lora_B(ours, std=0.01)
     copy_lora_weights(ours, theirs)
     ours_merged = copy.deepcopy(ours)

@@ -9,7 +9,6 @@ produce the same tokens.
 """
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -19,10 +18,8 @@ import peft
 import torch
 
 import lorakit
-from common import copy_lora_weights, randomize_lora_B
+from common import LORA, copy_lora_weights, paired_models, randomize_lora_B
 from lorakit.models import load_model
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main():
@@ -35,12 +32,10 @@ def main():
     torch.manual_seed(0)
     base = load_model("smollm2-135m")
     names = [f"a{i}" for i in range(args.adapters)]
-    cfg = dict(r=16, lora_alpha=32, target_modules=TARGETS)
-    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**cfg), names[0])
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg), names[0])
+    ours, theirs = paired_models(base, names[0])
     for name in names[1:]:
-        ours.add_adapter(name, lorakit.LoraConfig(**cfg))
-        theirs.add_adapter(name, peft.LoraConfig(**cfg))
+        ours.add_adapter(name, lorakit.LoraConfig(**LORA))
+        theirs.add_adapter(name, peft.LoraConfig(**LORA))
     randomize_lora_B(ours, std=0.02)
     copy_lora_weights(ours, theirs)
     ours.eval()

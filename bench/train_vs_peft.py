@@ -20,8 +20,7 @@ import subprocess
 import sys
 import time
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LORA = dict(r=16, lora_alpha=32, target_modules=TARGETS)  # lora_dropout from --dropout (PEFT default 0)
+from common import LORA  # noqa: E402  (lora_dropout comes from --dropout; PEFT default 0)
 LR, WARMUP, BATCH, MAX_LEN, TURNS = 2e-4, 5, 8, 320, 3
 
 
