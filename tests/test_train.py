@@ -83,17 +83,23 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def test_two_process_ddp_equals_single_process_with_same_global_batch(tmp_path, tiny_model_dir):
+def _single_and_two_process_adapters(tmp_path, model_dir, port, **distributed_kw):
+    """Train the same config in one process (batch 4) and under torchrun with 2 processes (batch 2 each);
+    return both adapters' tensors."""
     from safetensors.torch import load_file
 
-    single = _write_yaml(tmp_path / "single.yaml", tiny_model_dir, tmp_path / "single", batch_size=4)
-    ddp = _write_yaml(tmp_path / "ddp.yaml", tiny_model_dir, tmp_path / "ddp", batch_size=2)
+    single = _write_yaml(tmp_path / "single.yaml", model_dir, tmp_path / "single", batch_size=4)
+    multi = _write_yaml(tmp_path / "multi.yaml", model_dir, tmp_path / "multi", batch_size=2, **distributed_kw)
     subprocess.run([sys.executable, "-m", "lorakit", "train", single], check=True, env=_env(), capture_output=True)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          "-m", "lorakit", "train", ddp], env=_env(), capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "-m", "lorakit", "train", multi], env=_env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    a = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    return (load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors"),
+            load_file(tmp_path / "multi" / "adapter" / "adapter_model.safetensors"))
+
+
+def test_two_process_ddp_equals_single_process_with_same_global_batch(tmp_path, tiny_model_dir):
+    a, b = _single_and_two_process_adapters(tmp_path, tiny_model_dir, 29533)
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max() < 1e-5, key
@@ -150,16 +156,7 @@ def test_qlora_training_on_nf4_base_tracks_the_float_run(tmp_path, tiny_tokenize
 
 
 def test_two_process_fsdp_trains_and_writes_the_full_adapter(tmp_path, tiny_model_dir):
-    from safetensors.torch import load_file
-
-    single = _write_yaml(tmp_path / "single.yaml", tiny_model_dir, tmp_path / "single", batch_size=4)
-    fsdp = _write_yaml(tmp_path / "fsdp.yaml", tiny_model_dir, tmp_path / "fsdp", batch_size=2, distributed="fsdp")
-    subprocess.run([sys.executable, "-m", "lorakit", "train", single], check=True, env=_env(), capture_output=True)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
-                          "-m", "lorakit", "train", fsdp], env=_env(), capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    a = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
+    a, b = _single_and_two_process_adapters(tmp_path, tiny_model_dir, 29534, distributed="fsdp")
     for key in a:
         assert a[key].shape == b[key].shape and (a[key] - b[key]).abs().max() < 1e-4, key
 
