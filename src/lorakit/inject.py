@@ -122,14 +122,10 @@ def _check_names_exist(spec: str | list[str], modules: dict[str, nn.Module]) -> 
                              f"{names[:3]} and end in one of {suffixes[:20]}")
         return
     for target in spec:
-        if not _suffix_match_any(target, names):
+        if not any(_suffix_match(n, [target]) for n in names):
             close = difflib.get_close_matches(target, suffixes + names, n=5, cutoff=0.5)
             hint = f"closest module names: {close}" if close else f"module names end in one of {suffixes[:20]}"
             raise ValueError(f"target module {target!r} not found in the model; {hint}")
-
-
-def _suffix_match_any(target: str, names: list[str]) -> bool:
-    return any(n == target or n.endswith(f".{target}") for n in names)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -12,6 +12,7 @@ The new adapter has lora_alpha = r, so its scaling is 1.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -147,15 +148,14 @@ def _combine_layer(layer, present, kind, new_rank, density, sign_method, clamp, 
 
 
 def svd_factors(delta: torch.Tensor, rank: int, clamp: float | None = None):
-    """(A, B, kept energy) with B @ A the best rank-`rank` approximation of delta."""
+    """(A, B, all singular values of delta) with B @ A the best rank-`rank` approximation of delta."""
     U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
     B = U[:, :rank] @ torch.diag(S[:rank])
     A = Vh[:rank]
     if clamp is not None:
         hi = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
         A, B = A.clamp(-hi, hi), B.clamp(-hi, hi)
-    energy = (S[:rank].square().sum() / S.square().sum().clamp_min(1e-30)).item()
-    return A, B, energy
+    return A, B, S
 
 
 def resize_adapter(model, name: str, new_r: int) -> float:
@@ -175,13 +175,10 @@ def resize_adapter(model, name: str, new_r: int) -> float:
         if new_r > min(B.shape[0], A.shape[1]):
             raise ValueError(f"new_r {new_r} exceeds the dimensions of {layer_name} ({B.shape[0]}x{A.shape[1]})")
         delta = layer.scaling[name] * (B.detach().float() @ A.detach().float())
-        A2, B2, _ = svd_factors(delta, new_r)
-        s = torch.linalg.svdvals(delta)
+        A2, B2, s = svd_factors(delta, new_r)
         kept += s[:new_r].square().sum().item()
         total += s.square().sum().item()
         new[layer_name] = (A2, B2)
-    import dataclasses
-
     active = model.active_adapter
     model.delete_adapter(name)
     model.add_adapter(name, dataclasses.replace(config, r=new_r, lora_alpha=new_r, rank_pattern={}, alpha_pattern={},

@@ -7,6 +7,7 @@ as in PEFT, so code that reaches through those attributes keeps working.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from contextlib import contextmanager
@@ -267,8 +268,6 @@ class LoraModel(nn.Module):
 
 
 def _saved_config(config: LoraConfig) -> LoraConfig:
-    import dataclasses
-
     # A saved adapter is an inference artefact by default, as in PEFT.
     return dataclasses.replace(config, inference_mode=True)
 

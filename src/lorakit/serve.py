@@ -216,12 +216,13 @@ def create_app(engine: Engine):
         return error(e)
 
     async def read_json(request: Request) -> dict:
-        length = request.headers.get("content-length")
-        if length and int(length) > engine.config.max_body_bytes:
-            raise APIError(413, f"request body exceeds {engine.config.max_body_bytes} bytes", "body_too_large")
+        limit = engine.config.max_body_bytes
+        too_large = APIError(413, f"request body exceeds {limit} bytes", "body_too_large")
+        if int(request.headers.get("content-length") or 0) > limit:  # refuse before reading it
+            raise too_large
         raw = await request.body()
-        if len(raw) > engine.config.max_body_bytes:
-            raise APIError(413, f"request body exceeds {engine.config.max_body_bytes} bytes", "body_too_large")
+        if len(raw) > limit:  # no or false Content-Length
+            raise too_large
         try:
             body = json.loads(raw or b"{}")
         except json.JSONDecodeError as e:

@@ -8,6 +8,8 @@ gradient. Adapter weights stay fp32 (for the optimizer) and are cast to x's dtyp
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -22,9 +24,7 @@ def dropout_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
     bernoulli_). Here one 64-bit draw gives four 15-bit uniforms; p is rounded to a multiple of
     2^-15 and the returned keep probability is the exact one, so scaling by it stays unbiased.
     """
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     threshold = round(p * 2**MASK_BITS)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
     lanes = words.view(torch.int16)[:n].view(shape)
