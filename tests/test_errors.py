@@ -139,9 +139,3 @@ def test_unknown_config_fields_are_kept_with_a_warning(tmp_path):
         model = lorakit.PeftModel.from_pretrained(tiny_llama(), str(path))
     model.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["future_option"] == 3
-
-
-@pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_4"])
-def test_unimplemented_svd_inits_fail_loudly_instead_of_silently(init):
-    with pytest.raises(ValueError, match="not implemented yet"):
-        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], init_lora_weights=init))

@@ -1,6 +1,6 @@
 """lorakit: LoRA fine-tuning and serving, with PEFT's API and file format."""
 
-from .config import LoraConfig
+from .config import AdaLoraConfig, LoraConfig, VeraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from .model import LoraModel, PeftModel, get_peft_model
 from .models import load_model, load_tokenizer
@@ -8,6 +8,7 @@ from .models import load_model, load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig", "VeraConfig",
     "LoraConfig", "LoraModel", "PeftModel", "get_peft_model", "LoraLayer", "LoraLinear", "LoraEmbedding",
     "LoraConv", "load_model", "load_tokenizer", "__version__",
 ]

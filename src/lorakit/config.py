@@ -56,6 +56,9 @@ class LoraConfig:
     # Fields we do not interpret, kept from a loaded file so saving preserves them.
     extra_fields: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    PEFT_TYPE = "LORA"
+    adapter_kind = "lora"  # which adapter form the layers build (see lorakit.layers)
+
     def __post_init__(self):
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
@@ -86,8 +89,8 @@ class LoraConfig:
             raise ValueError(
                 f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa_niter_K', got {init!r}"
             )
-        if self.peft_type != "LORA":
-            raise ValueError(f"peft_type must be 'LORA' for a LoraConfig, got {self.peft_type!r}")
+        if self.peft_type != self.PEFT_TYPE:
+            raise ValueError(f"peft_type must be {self.PEFT_TYPE!r} for a {type(self).__name__}, got {self.peft_type!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is only used with layers_to_transform; set layers_to_transform too")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -97,9 +100,24 @@ class LoraConfig:
             if value is not None and not isinstance(value, (str, list)):
                 raise ValueError(f"{name} must be a list of names or a regex string, got {value!r}")
 
+    def layer_kwargs(self, module_name: str) -> dict[str, Any]:
+        """Arguments for LoraLayer.add_adapter on the module `module_name`."""
+        return dict(r=self.rank_for(module_name), lora_alpha=self.alpha_for(module_name),
+                    lora_dropout=self.lora_dropout, init_lora_weights=self.init_lora_weights,
+                    use_rslora=self.use_rslora, use_dora=self.use_dora)
+
+    @property
+    def svd_init(self) -> bool:
+        """True for PiSSA / OLoRA initialisation (the base weight is changed at init)."""
+        init = self.init_lora_weights
+        return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+
     # --- serialisation -------------------------------------------------------------------
+    def _saved_fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if f.name != "extra_fields"]
+
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra_fields"}
+        out = {name: getattr(self, name) for name in self._saved_fields()}
         out = {**self.extra_fields, **out}
         return json.loads(json.dumps(out))  # deep copy, JSON types only
 
@@ -125,9 +143,10 @@ class LoraConfig:
                 data = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if data.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"{path}: peft_type {data.get('peft_type')!r} is not supported here, expected 'LORA'")
-        return cls.from_dict(data)
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type not in CONFIG_TYPES:
+            raise ValueError(f"{path}: peft_type {peft_type!r} is not supported; lorakit reads {sorted(CONFIG_TYPES)}")
+        return CONFIG_TYPES[peft_type].from_dict(data)
 
     def rank_for(self, module_name: str) -> int:
         key = _pattern_key(self.rank_pattern, module_name)
@@ -154,3 +173,123 @@ def _check_rank(name: str, value: Any) -> None:
 def _check_alpha(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+@dataclass
+class VeraConfig(LoraConfig):
+    """VeRA (Kopiczko et al. 2024): frozen random A/B shared by all layers, trainable vectors λ_d (r) and λ_b
+    (d_out) per layer. PEFT's VeraConfig fields; A and B are regenerated from `projection_prng_key`, and
+    written into the file too when `save_projection`. Targets of different shapes share one projection
+    sized to the largest, sliced per layer (as in PEFT).
+
+    >>> VeraConfig(r=256, target_modules=["q_proj", "v_proj"]).peft_type
+    'VERA'
+    """
+
+    r: int = 256
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    init_weights: bool = True
+    peft_type: str = "VERA"
+
+    PEFT_TYPE = "VERA"
+    adapter_kind = "vera"
+    SAVED = ("r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
+             "fan_in_fan_out", "bias", "modules_to_save", "init_weights", "layers_to_transform", "layers_pattern",
+             "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_type")
+
+    def __post_init__(self):
+        self.lora_dropout = self.vera_dropout
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.use_dora or self.use_rslora or self.rank_pattern or self.alpha_pattern or self.svd_init:
+            raise ValueError("VeRA has one shared rank and no alpha: use_dora, use_rslora, rank_pattern, "
+                             "alpha_pattern and PiSSA/OLoRA init do not apply to a VeraConfig")
+        if not isinstance(self.d_initial, (int, float)) or self.d_initial <= 0:
+            raise ValueError(f"d_initial must be a number > 0, got {self.d_initial!r}")
+
+    def layer_kwargs(self, module_name: str) -> dict[str, Any]:
+        return dict(kind="vera", r=self.r, lora_alpha=1.0, lora_dropout=self.vera_dropout,
+                    init_lora_weights=self.init_weights, d_initial=self.d_initial)
+
+    def _saved_fields(self) -> list[str]:
+        return list(self.SAVED)
+
+
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    """AdaLoRA (Zhang et al. 2023): ΔW = B diag(E) A in SVD form, ranks pruned from init_r to an average of
+    target_r by importance while training. PEFT's AdaLoraConfig fields. Schedule: `tinit` warm-up steps at
+    full rank, budget shrinks cubically until `total_step - tfinal`, then ranks are fixed. `rank_pattern`
+    (written by training) maps '<module>.lora_E' to the kept singular values (list of bools).
+    """
+
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    rank_pattern: dict[str, list[bool]] | None = None
+    peft_type: str = "ADALORA"
+
+    PEFT_TYPE = "ADALORA"
+    adapter_kind = "adalora"
+
+    def validate(self) -> None:
+        patterns, self.rank_pattern = self.rank_pattern, {}
+        try:
+            super().validate()
+        finally:
+            self.rank_pattern = patterns or None
+        if self.use_dora or self.svd_init or self.alpha_pattern:
+            raise ValueError("AdaLoRA has its own SVD form: use_dora, PiSSA/OLoRA init and alpha_pattern "
+                             "do not apply to an AdaLoraConfig")
+        _check_rank("init_r", self.init_r)
+        _check_rank("target_r", self.target_r)
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must be <= init_r ({self.init_r})")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
+        if self.orth_reg_weight < 0:
+            raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+        if self.total_step is not None:
+            if not isinstance(self.total_step, int) or self.total_step <= 0:
+                raise ValueError(f"total_step must be an integer > 0, got {self.total_step!r}")
+            if self.tinit >= self.total_step - self.tfinal:
+                raise ValueError(f"tinit={self.tinit} and tfinal={self.tfinal} leave no budgeting phase in "
+                                 f"total_step={self.total_step}: need tinit < total_step - tfinal")
+        if self.deltaT < 1:
+            raise ValueError(f"deltaT must be >= 1, got {self.deltaT!r}")
+
+    def __post_init__(self):
+        rank_pattern = self.rank_pattern
+        super().__post_init__()
+        self.rank_pattern = {k: list(v) for k, v in rank_pattern.items()} if rank_pattern else None
+
+    def rank_for(self, module_name: str) -> int:
+        mask = (self.rank_pattern or {}).get(f"{module_name}.lora_E")
+        return self.init_r if mask is None else int(sum(mask))
+
+    def layer_kwargs(self, module_name: str) -> dict[str, Any]:
+        return dict(kind="adalora", r=self.rank_for(module_name), lora_alpha=self.lora_alpha,
+                    lora_dropout=self.lora_dropout, init_lora_weights=self.init_lora_weights, init_r=self.init_r)
+
+
+CONFIG_TYPES: dict[str, type[LoraConfig]] = {c.PEFT_TYPE: c for c in (LoraConfig, VeraConfig, AdaLoraConfig)}
+
+
+def config_from_dict(data: dict[str, Any]) -> LoraConfig:
+    """A LoraConfig / VeraConfig / AdaLoraConfig from a dict, chosen by its `peft_type` (default LORA)."""
+    peft_type = data.get("peft_type", "LORA")
+    if peft_type not in CONFIG_TYPES:
+        raise ValueError(f"peft_type must be one of {sorted(CONFIG_TYPES)}, got {peft_type!r}")
+    return CONFIG_TYPES[peft_type](**data)

@@ -19,6 +19,7 @@ from .config import LoraConfig
 from .layers import Conv1D, LoraLayer, lora_layer_class
 from .quant.nf4 import NF4Linear
 from .saved_modules import ModulesToSaveWrapper
+from .variants.vera import VeraProjections
 
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -137,14 +138,20 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Add adapter `adapter_name` to every targeted module (wrapping it on first use). Returns the names."""
     targets = find_targets(model, config)
+    check_variant_targets(model, targets, config)
+    shared = {}
+    if config.adapter_kind == "vera":
+        shapes = [_in_out(_base(model.get_submodule(n))) for n in targets]
+        shared["projections"] = VeraProjections.generate(config.r, max(i for i, _ in shapes),
+                                                         max(o for _, o in shapes), config.projection_prng_key)
+    if config.adapter_kind == "adalora" and config.total_step is None and not config.inference_mode:
+        raise ValueError("AdaLoRA needs total_step (the number of optimizer steps) to schedule its rank budget")
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             module = lora_layer_class(module)(module)
             replace_module(model, name, module)
-        module.add_adapter(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
-                           lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
-                           use_rslora=config.use_rslora)
+        module.add_adapter(adapter_name, **config.layer_kwargs(name), **shared)
     for name in find_modules_to_save(model, config):
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSaveWrapper):
@@ -152,6 +159,33 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             replace_module(model, name, module)
         module.add_adapter(adapter_name)
     return targets
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLayer) else module
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if Conv1D and isinstance(module, Conv1D):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
+def check_variant_targets(model: nn.Module, targets: list[str], config: LoraConfig) -> None:
+    """Refuse variant/layer combinations that are not defined, before any module is touched."""
+    for name in targets:
+        base = _base(model.get_submodule(name))
+        layer_cls = lora_layer_class(base)
+        kind = type(base).__name__
+        if config.adapter_kind not in layer_cls.supported_kinds:
+            raise ValueError(f"{config.PEFT_TYPE} adapters support Linear / Conv1D layers only; target {name!r} is "
+                             f"{kind}; narrow target_modules")
+        if config.use_dora and not layer_cls.supports_dora:
+            raise ValueError(f"use_dora=True: DoRA supports Linear, Conv1D and Conv1d/2d/3d layers; target {name!r} "
+                             f"is {kind}; exclude it or set use_dora=False")
+        if config.svd_init and not (type(base) is nn.Linear or (Conv1D and type(base) is Conv1D)):
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} needs float Linear / Conv1D targets "
+                             f"(it rewrites the base weight); target {name!r} is {kind}")
 
 
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:

@@ -3,6 +3,11 @@
 Parameter names are PEFT's (`base_layer`, `lora_A`, `lora_B`, `lora_embedding_A`,
 `lora_embedding_B`) so a state dict maps one to one onto PEFT's adapter files.
 Merging is an explicit, idempotent call; nothing happens as a side effect of train()/eval().
+
+Variants are per-adapter choices on the same layers (`kind` and `use_dora`), not subclasses:
+  lora     ΔW = s·B A                         (+ DoRA's magnitude vector when use_dora)
+  adalora  ΔW = s·B diag(E) A, s = alpha / init_r   (PEFT's SVD form; E is masked by the rank allocator)
+  vera     ΔW = diag(λ_b) B_shared diag(λ_d) A_shared, A/B frozen random projections shared by all layers
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from torch import nn
 
 from . import functional as LF
 from .kernels import fused_lora_linear
+from .variants import dora
+from .variants.svd_init import olora_factors, parse_init, pissa_factors
 from .multi import mixed_embedding_update, mixed_linear_update
 
 try:  # GPT-2 style layers: a Linear that stores its weight as (d_in, d_out)
@@ -40,16 +47,19 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.disable_adapters = False
         self.row_adapters: list[str | None] | None = None  # set by LoraModel for mixed-adapter batches
+        self.kind: dict[str, str] = {}        # "lora" | "adalora" | "vera"
+        self.use_dora: dict[str, bool] = {}
+        self._dora_merge_norm: dict[str, torch.Tensor] = {}  # weight norm at merge time, needed to unmerge
 
     # --- hooks each layer type implements ----------------------------------------------
-    def _create_adapter(self, name: str, r: int) -> None:
+    def _create_adapter(self, name: str, r: int, **variant) -> None:
         raise NotImplementedError
 
-    def _init_adapter(self, name: str, init_lora_weights: bool | str) -> None:
+    def _init_adapter(self, name: str, init_lora_weights: bool | str, **variant) -> None:
         raise NotImplementedError
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """ΔW of adapter `name`, shaped like the base weight."""
+    def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """ΔW of adapter `name`, shaped like the base weight, in `dtype` (default: the base weight's)."""
         raise NotImplementedError
 
     # --- adapter lifecycle ------------------------------------------------------------------
@@ -67,22 +77,60 @@ class LoraLayer(nn.Module):
         return bool(self.merged_adapters)
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    init_lora_weights: bool | str = True, use_rslora: bool = False) -> None:
+                    init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
+                    kind: str = "lora", **variant) -> None:
+        """Create adapter `name`. `kind` picks the variant; `variant` holds its extras
+        (adalora: init_r; vera: projections, d_initial)."""
         if name in self.r:
             raise ValueError(f"adapter {name!r} already exists on this layer")
+        if kind not in self.supported_kinds or (use_dora and not self.supports_dora):
+            what = "DoRA" if use_dora and kind == "lora" else kind
+            raise ValueError(f"{what} is not supported on {type(self.base_layer).__name__} layers")
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
-        self.scaling[name] = LF.lora_scaling(lora_alpha, r, use_rslora)
+        self.kind[name] = kind
+        self.use_dora[name] = use_dora
+        if kind == "adalora":  # PEFT: scaling = alpha, divided by ranknum (= init_r) + 1e-5 in forward
+            self.scaling[name] = lora_alpha / (variant.get("init_r", r) + 1e-5)
+        else:
+            self.scaling[name] = 1.0 if kind == "vera" else LF.lora_scaling(lora_alpha, r, use_rslora)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self._create_adapter(name, r)
-        self._init_adapter(name, init_lora_weights)
-        # Adapters live on the base layer's device, in fp32 (stable optimisation for bf16/fp16 bases).
-        device = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()])).device
-        for layer_name in self.adapter_layer_names:
-            getattr(self, layer_name)[name].to(device=device, dtype=torch.float32)
+        self._create_adapter(name, r, **variant)
+        self._init_adapter(name, init_lora_weights, **variant)
+        self._to_base_device(name)
+        if use_dora:  # magnitude starts at ||W + ΔW|| so the adapter starts as a no-op (PEFT's init)
+            with torch.no_grad():
+                weight = self._oriented_weight()
+                norm = dora.weight_norm(weight, self._oriented_delta(name)).view(dora.magnitude_shape(weight))
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(weight.device))
         if not self.active_adapters:
             self.active_adapters = [name]
         self.train(self.base_layer.training)  # new dropout modules follow the model's train/eval mode
+
+    supported_kinds: tuple[str, ...] = ("lora",)
+    supports_dora = False
+
+    def _to_base_device(self, name: str) -> None:
+        # Adapters live on the base layer's device, in fp32 (stable optimisation for bf16/fp16 bases).
+        device = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()])).device
+        for layer_name in self.adapter_layer_names:
+            container = getattr(self, layer_name)
+            if name not in container:
+                continue
+            item = container[name]
+            if isinstance(item, nn.Parameter):
+                container[name] = nn.Parameter(item.detach().to(device=device, dtype=torch.float32))
+            else:
+                item.to(device=device, dtype=torch.float32)
+
+    def _oriented_weight(self) -> torch.Tensor:
+        """The base weight as (d_out, d_in, *kernel), whatever the layer's storage convention."""
+        weight = self.base_layer.weight
+        return weight.T if getattr(self, "fan_in_fan_out", False) else weight
+
+    def _oriented_delta(self, name: str) -> torch.Tensor:
+        delta = self.delta_weight(name, dtype=torch.float32)
+        return delta.T if getattr(self, "fan_in_fan_out", False) else delta
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -91,7 +139,7 @@ class LoraLayer(nn.Module):
             container = getattr(self, layer_name)
             if name in container:
                 del container[name]
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, self.kind, self.use_dora, self._dora_merge_norm):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
@@ -110,6 +158,8 @@ class LoraLayer(nn.Module):
                 out[layer_name] = item
             else:
                 out.update({f"{layer_name}.{k}": p for k, p in item.named_parameters()})
+        if self.kind.get(name) == "adalora":  # PEFT's AdaLoRA stores bare matrices: `lora_A`, not `lora_A.weight`
+            out = {k.removesuffix(".weight"): p for k, p in out.items()}
         return out
 
     def _unmerged_active(self) -> list[str]:
@@ -139,7 +189,13 @@ class LoraLayer(nn.Module):
                 warnings.warn(f"adapter {name!r} is already merged; merging it again is a no-op")
                 continue
             with torch.no_grad():
-                weight.copy_(LF.merge(weight, self.delta_weight(name)))
+                if self.use_dora.get(name):
+                    merged, norm = dora.merged_weight(self._oriented_weight(), self._oriented_delta(name),
+                                                      self.lora_magnitude_vector[name])
+                    self._dora_merge_norm[name] = norm
+                    weight.copy_(self._stored_orientation(merged))
+                else:
+                    weight.copy_(LF.merge(weight, self.delta_weight(name)))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -148,13 +204,42 @@ class LoraLayer(nn.Module):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                weight.copy_(LF.unmerge(weight, self.delta_weight(name)))
+                if self.use_dora.get(name):
+                    base = dora.unmerged_weight(self._oriented_weight(), self._oriented_delta(name),
+                                                self.lora_magnitude_vector[name], self._dora_merge_norm.pop(name))
+                    weight.copy_(self._stored_orientation(base))
+                else:
+                    weight.copy_(LF.unmerge(weight, self.delta_weight(name)))
+
+    def _stored_orientation(self, oriented: torch.Tensor) -> torch.Tensor:
+        return oriented.T if getattr(self, "fan_in_fan_out", False) else oriented
+
+    def _dora_update(self, name: str, x: torch.Tensor, result: torch.Tensor, lora_out_fn, base_fn) -> torch.Tensor:
+        """DoRA's addition to `result` = base(x): (m/n - 1)·W x + (m/n)·s·BA x with n = ||W + s·BA|| detached.
+
+        Without active dropout W x is `result` minus the bias; with it, W is applied to the dropped-out x."""
+        drop = self.lora_dropout[name]
+        h = drop(x.to(torch.float32))
+        weight = self._oriented_weight().to(torch.float32)
+        norm = dora.weight_norm(weight, self._oriented_delta(name).detach())
+        channel_dims = 0 if isinstance(self, LoraLinear) else x.dim() - 2
+        scale = dora.magnitude_scale(self.lora_magnitude_vector[name], norm, channel_dims)
+        bias = getattr(self.base_layer, "bias", None)
+        if isinstance(drop, nn.Identity) or not self.training:
+            base_out = result.to(torch.float32)
+            if bias is not None:
+                base_out = base_out - (bias.float() if channel_dims == 0 else bias.float().view(1, -1, *[1] * channel_dims))
+        else:
+            base_out = base_fn(h, weight)
+        return result + dora.dora_update(base_out, lora_out_fn(h), scale, self.scaling[name])
 
 
 class LoraLinear(LoraLayer):
-    """nn.Linear (or transformers' Conv1D with fan_in_fan_out) + low-rank update."""
+    """nn.Linear (or transformers' Conv1D with fan_in_fan_out) + low-rank update (LoRA, DoRA, AdaLoRA, VeRA)."""
 
-    adapter_layer_names = ("lora_A", "lora_B")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_E", "lora_magnitude_vector", "vera_lambda_b", "vera_lambda_d")
+    supported_kinds = ("lora", "adalora", "vera")
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -165,31 +250,79 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_E = nn.ParameterDict()                 # AdaLoRA singular values, (r, 1)
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA magnitudes, (d_out,)
+        self.vera_lambda_b = nn.ParameterDict()          # VeRA scaling vectors, (d_out,) and (r,)
+        self.vera_lambda_d = nn.ParameterDict()
+        self.vera_projections: dict[str, object] = {}    # name -> shared VeraProjections (not owned here)
 
-    def _create_adapter(self, name, r):
+    def _create_adapter(self, name, r, projections=None, **_):
+        if self.kind[name] == "vera":
+            projections.check_fits(self.in_features, self.out_features, r)
+            self.vera_projections[name] = projections
+            self.vera_lambda_b[name] = nn.Parameter(torch.ones(self.out_features))
+            self.vera_lambda_d[name] = nn.Parameter(torch.randn(r))
+            return
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+        if self.kind[name] == "adalora":
+            self.lora_E[name] = nn.Parameter(torch.randn(r, 1))
 
-    def _init_adapter(self, name, init_lora_weights):
-        if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
-            raise ValueError(f"init_lora_weights={init_lora_weights!r} (PiSSA/OLoRA) is not implemented yet; "
-                             "use True, 'gaussian' or False")
+    def _init_adapter(self, name, init_lora_weights, d_initial=0.1, **_):
+        kind = self.kind[name]
         if init_lora_weights is False:
-            return  # both matrices keep nn.Linear's random init: the adapter is not a no-op
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A[name].weight, std=1 / self.r[name])
+            return  # random values everywhere: the adapter is not a no-op (for tests)
+        if kind == "vera":
+            nn.init.constant_(self.vera_lambda_d[name], d_initial)
+            nn.init.zeros_(self.vera_lambda_b[name])
+        elif kind == "adalora":
+            nn.init.zeros_(self.lora_E[name])
+            nn.init.normal_(self.lora_A[name].weight, std=0.02)
+            nn.init.normal_(self.lora_B[name].weight, std=0.02)
+        elif isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
+            self._init_from_weight(name, init_lora_weights)
         else:
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+            _init_lora_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, self.r[name])
 
-    def delta_weight(self, name):
-        d = LF.linear_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-                            self.fan_in_fan_out)
-        return d.to(self.base_layer.weight.dtype)
+    def _init_from_weight(self, name, init):
+        """PiSSA / OLoRA: the adapter takes W's principal part; the base keeps the residual."""
+        base = self.base_layer
+        if not isinstance(base.weight, nn.Parameter) or not base.weight.is_floating_point():
+            raise ValueError(f"init_lora_weights={init!r} needs a float base weight, not {type(base).__name__}; "
+                             "initialise before quantizing")
+        method, niter = parse_init(init)
+        weight = self._oriented_weight().detach()
+        if method == "pissa":
+            A, B, residual = pissa_factors(weight, self.r[name], self.scaling[name], niter)
+        else:
+            A, B, residual = olora_factors(weight, self.r[name], self.scaling[name])
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(A)
+            self.lora_B[name].weight.copy_(B)
+            base.weight.copy_(self._stored_orientation(residual).to(base.weight.dtype))
+
+    def effective_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A', B', s) with ΔW = s · B' A' (oriented (d_out, d_in)), for every adapter kind."""
+        kind = self.kind[name]
+        if kind == "vera":
+            proj = self.vera_projections[name]
+            A = self.vera_lambda_d[name][:, None] * proj.A[:, : self.in_features]
+            B = self.vera_lambda_b[name][:, None] * proj.B[: self.out_features]
+            return A, B, 1.0
+        A = self.lora_A[name].weight
+        if kind == "adalora":
+            A = A * self.lora_E[name]
+        return A, self.lora_B[name].weight, self.scaling[name]
+
+    def delta_weight(self, name, dtype=None):
+        A, B, s = self.effective_factors(name)
+        d = LF.linear_delta(A, B, s, self.fan_in_fan_out)
+        return d.to(dtype or self.base_layer.weight.dtype)
 
     def _fused_ok(self, x: torch.Tensor, names: list[str]) -> bool:
         base = self.base_layer
-        return (len(names) == 1 and type(base) is nn.Linear and torch.is_grad_enabled()
+        return (len(names) == 1 and self.kind[names[0]] == "lora" and not self.use_dora[names[0]]
+                and type(base) is nn.Linear and torch.is_grad_enabled()
                 and x.dtype == base.weight.dtype and not torch.is_autocast_enabled(x.device.type))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -205,6 +338,15 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         for name in names:
+            if self.use_dora[name]:
+                lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+                result = self._dora_update(name, x, result, lambda h: lora_B(lora_A(h)), F.linear)
+                continue
+            if self.kind[name] != "lora":
+                A, B, s = self.effective_factors(name)
+                h = self.lora_dropout[name](x.to(A.dtype))
+                result = result + F.linear(F.linear(h, A), B) * s
+                continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
             after_A = lora_A(h)
@@ -217,6 +359,16 @@ class LoraLinear(LoraLayer):
                 result = result + lora_B(after_A) * self.scaling[name]
         return result.to(out_dtype)
 
+
+def _init_lora_pair(lora_A: torch.Tensor, lora_B: torch.Tensor, init_lora_weights, r: int) -> None:
+    """PEFT's default: A Kaiming-uniform (or N(0, 1/r) for 'gaussian'), B zero, so ΔW starts at 0."""
+    if init_lora_weights == "gaussian":
+        nn.init.normal_(lora_A, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    nn.init.zeros_(lora_B)
+
+
 class LoraEmbedding(LoraLayer):
     """nn.Embedding + low-rank update (A is a lookup table, as in PEFT and loralib)."""
 
@@ -228,19 +380,21 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def _create_adapter(self, name, r):
+    def _create_adapter(self, name, r, **_):
         self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, self.in_features))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r))
 
-    def _init_adapter(self, name, init_lora_weights):
+    def _init_adapter(self, name, init_lora_weights, **_):
         if init_lora_weights is False:
             return
+        if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} is supported on Linear layers only")
         nn.init.zeros_(self.lora_embedding_A[name])
         nn.init.normal_(self.lora_embedding_B[name])
 
-    def delta_weight(self, name):
+    def delta_weight(self, name, dtype=None):
         d = LF.embedding_delta(self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name])
-        return d.to(self.base_layer.weight.dtype)
+        return d.to(dtype or self.base_layer.weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.row_adapters is not None:
@@ -263,7 +417,8 @@ class LoraEmbedding(LoraLayer):
 class LoraConv(LoraLayer):
     """nn.Conv1d / Conv2d / Conv3d + low-rank update: A is a conv with the base kernel, B a 1x1 conv."""
 
-    adapter_layer_names = ("lora_A", "lora_B")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    supports_dora = True
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd):
         if base_layer.groups != 1:
@@ -275,8 +430,9 @@ class LoraConv(LoraLayer):
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
 
-    def _create_adapter(self, name, r):
+    def _create_adapter(self, name, r, **_):
         base = self.base_layer
         conv = type(base)
         ones = (1,) * len(base.kernel_size)
@@ -284,11 +440,16 @@ class LoraConv(LoraLayer):
                                  dilation=base.dilation, bias=False)
         self.lora_B[name] = conv(r, self.out_features, ones, ones, bias=False)
 
-    _init_adapter = LoraLinear._init_adapter
+    def _init_adapter(self, name, init_lora_weights, **_):
+        if init_lora_weights is False:
+            return
+        if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} is supported on Linear layers only")
+        _init_lora_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, self.r[name])
 
-    def delta_weight(self, name):
+    def delta_weight(self, name, dtype=None):
         d = LF.conv_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
-        return d.to(self.base_layer.weight.dtype)
+        return d.to(dtype or self.base_layer.weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.row_adapters is not None:
@@ -297,6 +458,10 @@ class LoraConv(LoraLayer):
         out_dtype = result.dtype
         for name in self._unmerged_active():
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            if self.use_dora[name]:
+                conv = lambda h, w: self.base_layer._conv_forward(h, w, None)  # noqa: E731
+                result = self._dora_update(name, x, result, lambda h: lora_B(lora_A(h)), conv)
+                continue
             h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
             result = result + lora_B(lora_A(h)) * self.scaling[name]
         return result.to(out_dtype)

@@ -21,6 +21,8 @@ from .inject import adapter_layers, inject_adapter, unwrap
 from .layers import LoraLayer
 from .multi import row_adapters
 from .quant.nf4 import NF4Linear, requantize_linears
+from .variants.adalora import orthogonal_regularization
+from .variants.svd_init import to_plain_lora
 
 DEFAULT_ADAPTER = "default"
 
@@ -58,9 +60,24 @@ class LoraModel(nn.Module):
         return self.model
 
     def forward(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
-        """The wrapped model's forward. `adapter_names` gives each batch row its own adapter (None = base)."""
+        """The wrapped model's forward. `adapter_names` gives each batch row its own adapter (None = base).
+
+        With an active AdaLoRA adapter, a returned `loss` includes orth_reg_weight x the orthogonality
+        regulariser (as PEFT does, so transformers' Trainer trains AdaLoRA correctly)."""
         with self._rows(adapter_names):
-            return self.model(*args, **kwargs)
+            outputs = self.model(*args, **kwargs)
+        config = self.peft_config.get(self.active_adapter)
+        if (config is not None and config.adapter_kind == "adalora" and config.orth_reg_weight > 0
+                and isinstance(getattr(outputs, "loss", None), torch.Tensor)):
+            outputs.loss = outputs.loss + config.orth_reg_weight * self.regularization_loss()
+        return outputs
+
+    def regularization_loss(self) -> torch.Tensor:
+        """AdaLoRA's orthogonality regulariser of the active adapter (0 for other adapter kinds)."""
+        config = self.peft_config.get(self.active_adapter)
+        if config is None or config.adapter_kind != "adalora":
+            return torch.zeros(())
+        return orthogonal_regularization(self, self.active_adapter)
 
     def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
         """The wrapped model's generate; `adapter_names` as in forward (one entry per prompt row)."""
@@ -220,24 +237,33 @@ class LoraModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     # --- files ---------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **_) -> None:
-        """Write each adapter in PEFT's format: 'default' in `save_directory`, others in a subfolder."""
+    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
+                        path_initial_model_for_weight_conversion: str | None = None, **_) -> None:
+        """Write each adapter in PEFT's format: 'default' in `save_directory`, others in a subfolder.
+
+        `path_initial_model_for_weight_conversion`: the directory where a PiSSA/OLoRA adapter was saved
+        right after initialisation. The adapter is then written as a plain LoRA of rank 2r relative to the
+        original base weights (ΔW = s·(BA - B0A0)), portable to any copy of the original model (PEFT's option).
+        """
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
         for name in selected_adapters or list(self.peft_config):
             out_dir = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
-            self.save_adapter(name, out_dir)
+            self.save_adapter(name, out_dir, path_initial_model_for_weight_conversion)
 
-    def save_adapter(self, adapter_name: str, directory: str) -> None:
-        """Write one adapter in PEFT's format into exactly `directory`."""
+    def save_adapter(self, adapter_name: str, directory: str, initial_adapter_dir: str | None = None) -> None:
+        """Write one adapter in PEFT's format into exactly `directory` (see save_pretrained for the conversion)."""
         self._check_known(adapter_name)
         config = self.peft_config[adapter_name]
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None)
         if any(isinstance(l, LoraLayer) and adapter_name in l.merged_adapters for l in self._layers()):
             warnings.warn(f"adapter {adapter_name!r} is merged into the base weights; saving its (unchanged) factors")
-        state = peft_io.adapter_state_dict(self.model, adapter_name, config.bias)
-        peft_io.write_adapter(directory, _saved_config(config), state)
+        state = peft_io.adapter_state_dict(self.model, adapter_name, config)
+        saved = _saved_config(config)
+        if initial_adapter_dir is not None:
+            saved, state = _converted_to_plain_lora(saved, state, initial_adapter_dir)
+        peft_io.write_adapter(directory, saved, state)
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      allow_pickle: bool = False) -> None:
@@ -265,6 +291,25 @@ class LoraModel(nn.Module):
             peft_model.unload()
             raise
         return peft_model
+
+
+def _converted_to_plain_lora(config: LoraConfig, state, initial_adapter_dir: str):
+    """PiSSA/OLoRA -> LoRA on the original base: rank and alpha double (alpha·sqrt2 under rsLoRA), same scaling."""
+    if config.adapter_kind != "lora" or config.use_dora:
+        raise ValueError("path_initial_model_for_weight_conversion converts PiSSA/OLoRA LoRA adapters only")
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError("PiSSA conversion with use_rslora and rank_pattern/alpha_pattern is not supported")
+    _, initial = peft_io.read_adapter(initial_adapter_dir)
+    missing = sorted(set(state) - set(initial))
+    if missing:
+        raise ValueError(f"{initial_adapter_dir} does not hold the initial factors of this adapter "
+                         f"(missing e.g. {missing[:2]})")
+    factor = 2 ** 0.5 if config.use_rslora else 2
+    converted = dataclasses.replace(
+        config, init_lora_weights=True, r=2 * config.r, lora_alpha=config.lora_alpha * factor,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()})
+    return converted, to_plain_lora(state, initial)
 
 
 def _saved_config(config: LoraConfig) -> LoraConfig:

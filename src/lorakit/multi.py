@@ -19,21 +19,23 @@ BASE = None  # a row that uses no adapter
 def stacked_factors(layer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(A_stack (n+1, r_max, d_in), B_stack (n+1, d_out, r_max)) with slot 0 all zeros (= base)."""
     # Tensor._version counts in-place writes (optimizer steps, loads), so a stale stack is never used.
-    key = tuple((n, layer.lora_A[n].weight._version, layer.lora_B[n].weight._version, layer.scaling[n])
+    dora = [n for n in names if layer.use_dora.get(n)]
+    if dora:
+        raise ValueError(f"mixed-adapter batches do not support DoRA adapters ({dora}); merge or serve them alone")
+    key = tuple((n, tuple(p._version for p in layer.adapter_parameters(n).values()), layer.scaling[n])
                 for n in names)
     cache = layer.__dict__.setdefault("_stack_cache", {})
     if key not in cache:
         cache.clear()
-        a_list = [layer.lora_A[n].weight for n in names]
-        r_max = max(a.shape[0] for a in a_list)
-        ref = a_list[0]
+        r_max = max(layer.r[n] for n in names)
+        ref = layer.effective_factors(names[0])[0]
         A = ref.new_zeros(len(names) + 1, r_max, layer.in_features)
         B = ref.new_zeros(len(names) + 1, layer.out_features, r_max)
         with torch.no_grad():
             for i, n in enumerate(names, start=1):
-                r = layer.r[n]
-                A[i, :r] = layer.lora_A[n].weight
-                B[i, :, :r] = layer.lora_B[n].weight * layer.scaling[n]
+                A_n, B_n, s = layer.effective_factors(n)  # any kind: LoRA, AdaLoRA (E folded), VeRA
+                A[i, : A_n.shape[0]] = A_n
+                B[i, :, : B_n.shape[1]] = B_n * s
         cache[key] = (A, B)
     return cache[key]
 

@@ -49,8 +49,23 @@ def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Par
     return out
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, torch.Tensor]:
-    """The tensors `save_pretrained` writes for one adapter, under PEFT's keys."""
+VERA_KEYS = ("base_model.vera_A", "base_model.vera_B")
+
+
+def vera_projections(model: nn.Module, adapter_name: str):
+    """The shared VeraProjections of a VeRA adapter (None for other kinds)."""
+    for _, module in adapter_layers(model):
+        if adapter_name in getattr(module, "vera_projections", {}):
+            return module.vera_projections[adapter_name]
+    return None
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str, config: LoraConfig | None = None) -> dict[str, torch.Tensor]:
+    """The tensors `save_pretrained` writes for one adapter, under PEFT's keys.
+
+    VeRA adds its projections (`base_model.vera_A/B`) when `save_projection`; AdaLoRA keeps only the
+    singular triplets its `rank_pattern` kept (PEFT's truncated layout)."""
+    bias = config.bias if config is not None else "none"
     params = _adapter_parameters(model, adapter_name)
     if bias == "all":
         params.update({f"{KEY_PREFIX}{k}": p for k, p in model.named_parameters() if k.endswith(".bias")
@@ -59,7 +74,26 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") 
         for name, module in adapter_layers(model):
             if isinstance(module, LoraLayer) and getattr(module.base_layer, "bias", None) is not None:
                 params[f"{KEY_PREFIX}{name}.base_layer.bias"] = module.base_layer.bias
-    return {k: p.detach() for k, p in params.items()}
+    state = {k: p.detach() for k, p in params.items()}
+    if config is not None and config.adapter_kind == "vera" and config.save_projection:
+        proj = vera_projections(model, adapter_name)
+        state.update(zip(VERA_KEYS, (proj.A, proj.B)))
+    if config is not None and config.adapter_kind == "adalora" and config.rank_pattern:
+        state = _truncate_by_rank_pattern(state, config.rank_pattern)
+    return state
+
+
+def _truncate_by_rank_pattern(state: dict[str, torch.Tensor], rank_pattern: dict[str, list[bool]]):
+    """Keep only the kept singular triplets: rows of lora_A / lora_E, columns of lora_B."""
+    out = dict(state)
+    for key, mask in rank_pattern.items():
+        module = key.removesuffix(".lora_E")
+        keep = torch.tensor(mask, dtype=torch.bool)
+        for part in ("lora_A", "lora_E", "lora_B"):
+            full = f"{KEY_PREFIX}{module}.{part}"
+            if full in out and out[full].shape[0 if part != "lora_B" else 1] == len(mask):
+                out[full] = out[full][:, keep] if part == "lora_B" else out[full][keep]
+    return out
 
 
 def write_adapter(directory: str, config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> None:
@@ -98,6 +132,13 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, state_dict: dict[s
     """Copy file tensors into adapter `adapter_name`'s parameters, checking every key and shape."""
     targets = _adapter_parameters(model, adapter_name)
     base_params = dict(model.named_parameters())
+    state_dict = dict(state_dict)
+    stored = [state_dict.pop(k) for k in VERA_KEYS if k in state_dict]
+    if stored:
+        proj = vera_projections(model, adapter_name)
+        if proj is None or len(stored) != 2:
+            raise ValueError(f"{source}: has VeRA projections but the adapter is not a complete VeRA adapter")
+        proj.load(*stored, source=source)
     unexpected = []
     for key, tensor in state_dict.items():
         param = targets.get(key)
