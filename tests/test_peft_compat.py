@@ -43,7 +43,7 @@ def _pair(case):
     ours = lorakit.get_peft_model(clone(base), lorakit.LoraConfig(**kwargs))
     randomize_adapters(ours)
     theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
-    state = adapter_state_dict(ours.model, "default", kwargs.get("bias", "none"))
+    state = adapter_state_dict(ours.model, "default", ours.peft_config["default"])
     result = peft.set_peft_model_state_dict(theirs, state)
     assert not result.unexpected_keys, result.unexpected_keys
     missing = [k for k in result.missing_keys if "lora_" in k]
