@@ -28,6 +28,7 @@ from .models import load_model, load_tokenizer
 from .quant.nf4 import quantize_model_nf4
 from .train_config import TrainConfig
 from .variants import create_loraplus_optimizer
+from .variants.adalora import RankAllocator
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -135,7 +136,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
         fuse_rms_norms(base)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model = get_peft_model(base, cfg.lora_config())
+    adapter_config = cfg.lora_config(total_steps)
+    peft_model = get_peft_model(base, adapter_config)
+    allocator = RankAllocator(peft_model, "default") if adapter_config.adapter_kind == "adalora" else None
     prompts = _read_prompts(cfg.prompts) if is_main else []
     before = answer_prompts(peft_model, tokenizer, prompts, cfg.max_new_tokens, env.device) if prompts else []
     peft_model.train()
@@ -152,6 +155,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     step, history = 0, []
     # FSDP shards optimizer states too; mid-run checkpoints are written for single-process and DDP runs.
     checkpoints = not (env.world_size > 1 and cfg.distributed == "fsdp")
+    if cfg.resume and allocator is not None:
+        raise ValueError("--resume is not supported for AdaLoRA runs (its importance scores are not checkpointed)")
+    initial_dir = os.path.join(cfg.output_dir, "adapter_init")
+    if adapter_config.svd_init and is_main and not cfg.resume:
+        peft_model.save_pretrained(initial_dir)  # PiSSA/OLoRA factors at step 0: needed to convert to plain LoRA
     if cfg.resume and not checkpoints:
         raise ValueError("--resume is not supported with distributed=fsdp; use ddp for resumable runs")
     if cfg.resume:
@@ -184,11 +192,17 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
             for i, batch in enumerate(micro_batches):
                 with dist_utils.no_sync_unless_last(engine, i == len(micro_batches) - 1):
                     loss = engine(**batch)
-                    (loss * env.world_size / n_targets).backward()
+                    objective = loss * env.world_size / n_targets
+                    if allocator is not None:  # AdaLoRA's orthogonality regulariser, once per optimizer step
+                        objective = objective + (adapter_config.orth_reg_weight / len(micro_batches)
+                                                 * peft_model.regularization_loss())
+                    objective.backward()
                 loss_sum += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
             optimizer.step()
             scheduler.step()
+            if allocator is not None:  # AdaLoRA: importance scores and rank budget, before grads are cleared
+                allocator.update_and_allocate(peft_model, step)
             optimizer.zero_grad(set_to_none=True)
             if cfg.trim_memory:
                 release_freed_memory()
@@ -225,8 +239,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     summary = {"is_main": is_main, "steps": step, "total_steps": total_steps, "interrupted": interrupted, "history": history,
                "adapter_dir": adapter_dir, "seconds": time.perf_counter() - started, "before": before}
     if not interrupted:
-        if is_main:
-            peft_model.save_pretrained(adapter_dir)
+        if is_main:  # PiSSA/OLoRA are saved as a plain LoRA on the original base (portable)
+            peft_model.save_pretrained(adapter_dir, path_initial_model_for_weight_conversion=initial_dir
+                                       if adapter_config.svd_init else None)
             from .plot import plot_losses
 
             plot_losses(history, os.path.join(cfg.output_dir, "loss.png"))

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .config import LoraConfig
+from .config import CONFIG_TYPES, LoraConfig, config_from_dict
 
 PACKAGE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEMO_DATA = os.path.join(PACKAGE_DATA, "demo_train.jsonl")
@@ -90,8 +90,13 @@ class TrainConfig:
             raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
         self.lora_config()  # validates the adapter settings now, not after the model loads
 
-    def lora_config(self) -> LoraConfig:
-        return LoraConfig(task_type="CAUSAL_LM", **self.lora)
+    def lora_config(self, total_steps: int | None = None) -> LoraConfig:
+        """The adapter config; `lora.peft_type` picks LORA (default), VERA or ADALORA. AdaLoRA's
+        total_step defaults to the run's number of optimizer steps."""
+        config = config_from_dict({"task_type": "CAUSAL_LM", **self.lora})
+        if config.adapter_kind == "adalora" and config.total_step is None and total_steps:
+            config = dataclasses.replace(config, total_step=total_steps)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,7 +148,7 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
         raise ValueError(f"unknown setting(s) {unknown}; known settings: {sorted(known)}")
     lora = dict(DEMO_LORA)
     lora.update(data.pop("lora", None) or {})
-    lora_known = {f.name for f in dataclasses.fields(LoraConfig)}
+    lora_known = {f.name for cls in CONFIG_TYPES.values() for f in dataclasses.fields(cls)}
     bad = sorted(set(lora) - lora_known)
     if bad:
         raise ValueError(f"unknown lora setting(s) {bad}; known: {sorted(lora_known - {'extra_fields'})}")
