@@ -106,6 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-size", type=float, default=None, help="parameters, e.g. 7e9 (for --suggest-rank)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser("suggest-ranks", help="per-layer ranks for a parameter budget, from an importance probe",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.dedent("""                           Spend a LoRA parameter budget across layers: a short AdaLoRA-style probe on your
+                           data scores every rank-1 direction of every target, the budget goes to the best.
+                           Prints the ranks and writes a `rank_pattern` usable in a training config, e.g.
+                             lorakit suggest-ranks --budget 1000000 --out ranks.yaml
+                             lorakit train --lora.rank_pattern="$(cat ranks.yaml)" ..."""))
+    p.add_argument("--model", default="smollm2-135m", help="model name, local transformers directory, or .gguf")
+    p.add_argument("--budget", type=int, required=True, help="total LoRA parameters to spend")
+    p.add_argument("--data", default=None, help="probe data (any training format; default: the demo data)")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated module names")
+    p.add_argument("--max-rank", type=int, default=32, help="largest rank the probe considers per matrix")
+    p.add_argument("--steps", type=int, default=8, help="probe optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--out", default=None, help="write the rank_pattern here (YAML flow mapping)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("eval", help="loss and perplexity of a model/adapter on a data file")
     _add_model_args(p, adapter_required=False)
     p.add_argument("--data", required=True, help="data file (any training format)")
@@ -314,6 +333,44 @@ def cmd_calc(args) -> int:
     return 0
 
 
+def cmd_suggest_ranks(args) -> int:
+    import json as json_mod
+
+    import yaml
+
+    from . import data as D
+    from .models import load_model, load_tokenizer
+    from .peft_io import atomic_path
+    from .train_config import DEMO_DATA
+    from .variants.rank_probe import suggest_rank_pattern
+
+    for name in ("budget", "max_rank", "steps", "batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    tokenizer = load_tokenizer(args.model)
+    examples, _ = D.load_examples(args.data or DEMO_DATA, tokenizer, args.max_length)
+    batches = [D.collate(examples[i:i + args.batch_size], tokenizer.pad_token_id)
+               for i in range(0, min(len(examples), args.steps * args.batch_size), args.batch_size)]
+    model = load_model(args.model)
+    targets = [t for t in args.targets.split(",") if t]
+    ranks = suggest_rank_pattern(model, args.budget, batches, targets, max_rank=args.max_rank,
+                                 probe_steps=args.steps)
+    sizes = {n: m.in_features + m.out_features for n, m in model.named_modules() if n in ranks}
+    spent = sum(r * sizes[n] for n, r in ranks.items())
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            with open(tmp, "w") as f:
+                f.write(yaml.safe_dump(ranks, default_flow_style=True, width=10**6))
+    if args.json:
+        print(json_mod.dumps({"rank_pattern": ranks, "parameters": spent, "budget": args.budget}, indent=2))
+        return 0
+    for name, rank in ranks.items():
+        print(f"{rank:4d}  {name}")
+    print(f"{spent:,} LoRA parameters of a {args.budget:,} budget over {len(ranks)} matrices"
+          + (f"; rank_pattern written to {args.out}" if args.out else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -329,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return cmd_train(args, unknown)
         return {"generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "calc": cmd_calc,
-                "export": cmd_export, "serve": cmd_serve, "merge-adapters": cmd_merge_adapters}[args.command](args)
+                "export": cmd_export, "serve": cmd_serve, "merge-adapters": cmd_merge_adapters,
+                "suggest-ranks": cmd_suggest_ranks}[args.command](args)
     except (ValueError, OSError) as e:  # FileNotFoundError / FileExistsError are OSErrors
         if args.debug:
             raise
