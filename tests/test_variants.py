@@ -297,3 +297,38 @@ def test_failed_variant_injection_leaves_the_model_untouched():
         get_peft_model(model, LoraConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True))
     assert not any("lora" in type(m).__name__.lower() for m in model.modules())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_adapter_arithmetic_and_gguf_export_refuse_or_handle_variants(tmp_path, ids):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        model.resize_adapter("default", 2)
+    with pytest.raises(ValueError, match="DoRA"):
+        lorakit.export.export_gguf_adapter(model, str(tmp_path / "a.gguf"))
+    model.add_adapter("v", VeraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="VERA"):
+        model.add_weighted_adapter(["v"], [1.0], "w", combination_type="linear")
+
+
+@pytest.mark.parametrize("config", [VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                                    AdaLoraConfig(**ada_config(target_modules=["q_proj", "v_proj"]))],
+                         ids=["vera", "adalora"])
+def test_mixed_batches_serve_vera_and_adalora_rows(ids, config):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("x", config)
+    perturb_adapters(model, seed=1)
+    model.set_adapter("x")
+    perturb_adapters(model, seed=2)
+    model.eval()
+    rows = ["x", None, "default", "x"]
+    batch = ids.repeat(2, 1)
+    with torch.no_grad():
+        mixed = model(input_ids=batch, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            if name is None:
+                with model.disable_adapter():
+                    alone = model(input_ids=batch[i:i + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=batch[i:i + 1]).logits
+            torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-5)

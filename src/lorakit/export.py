@@ -137,9 +137,13 @@ def export_gguf_adapter(peft_model, path: str, adapter_name: str | None = None, 
     bad = [n for n, m in layers if type(m).__name__ != "LoraLinear" or m.fan_in_fan_out]
     if bad:
         raise ValueError(f"GGUF adapters support Linear layers only; cannot map {bad[:3]}")
+    if any(m.use_dora[name] for _, m in layers):
+        raise ValueError("llama.cpp adapters have no DoRA magnitudes; export the merged model instead "
+                         "(lorakit export --format gguf)")
+    # AdaLoRA / VeRA adapters export as their effective low-rank factors (ΔW = s·B'A').
     # One alpha for the file: alpha/r reproduces the first layer's scaling; others fold the ratio into B.
     first = layers[0][1]
-    alpha = first.scaling[name] * first.r[name]
+    alpha = first.effective_factors(name)[2] * first.r[name]
 
     def fill(writer):
         writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
@@ -148,8 +152,8 @@ def export_gguf_adapter(peft_model, path: str, adapter_name: str | None = None, 
         writer.add_name(f"lorakit adapter {name}")
         for hf_name, layer in layers:
             base = _gguf_base_name(hf_name, name_map)
-            A = layer.lora_A[name].weight.detach().float()
-            B = layer.lora_B[name].weight.detach().float() * (layer.scaling[name] * layer.r[name] / alpha)
+            A, B, s = (t.detach().float() if torch.is_tensor(t) else t for t in layer.effective_factors(name))
+            B = B * (s * layer.r[name] / alpha)
             heads = _rotary_heads(base, config)
             if heads:
                 B = permute_rotary(B, heads)

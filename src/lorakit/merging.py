@@ -78,6 +78,13 @@ def _factors(layer, name):
     return None
 
 
+def _require_plain_lora(model, name: str) -> None:
+    config = model.peft_config[name]
+    if config.adapter_kind != "lora" or config.use_dora:
+        kind = "DoRA" if config.use_dora else config.PEFT_TYPE
+        raise ValueError(f"adapter {name!r} is a {kind} adapter; adapter arithmetic works on plain LoRA adapters")
+
+
 def _lora_layers(model):
     from .layers import LoraConv, LoraLayer
 
@@ -93,6 +100,7 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
 
     for name in adapters:
         model._check_known(name)
+        _require_plain_lora(model, name)
     if adapter_name in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists")
     if combination_type not in TYPES:
@@ -162,6 +170,7 @@ def resize_adapter(model, name: str, new_r: int) -> float:
     """Re-factor adapter `name` at rank `new_r` by truncated SVD of each ΔW; returns the fraction of
     ΔW's energy (sum of squared singular values, over all layers) that is kept."""
     model._check_known(name)
+    _require_plain_lora(model, name)
     if isinstance(new_r, bool) or not isinstance(new_r, int) or new_r < 1:
         raise ValueError(f"new_r must be an integer >= 1, got {new_r!r}")
     config = model.peft_config[name]
