@@ -5,10 +5,13 @@
 8 LoRA adapters (r=16 on q,k,v,o,gate,up,down, random weights), one batch of 8 prompts with a
 different adapter per row, greedy decoding with the KV cache. Both libraries hold the same
 weights; the table shows generated tokens/s (median of interleaved rounds) and whether both
-produce the same tokens.
+produce the same tokens. Rows: fp32 (how a PEFT user runs it) and a bf16 base (weights and
+mixed-batch update in bf16) for both libraries, plus the base model alone with no adapters —
+the ceiling for any LoRA implementation on the same weights.
 """
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -40,11 +43,16 @@ def main():
     copy_lora_weights(ours, theirs)
     ours.eval()
     theirs.eval()
+    ours16, theirs16 = (copy.deepcopy(m).to(torch.bfloat16) for m in (ours, theirs))
+    base = base.eval()
     prompts = torch.randint(0, base.config.vocab_size, (len(names), 24))
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
               attention_mask=torch.ones_like(prompts))
     runs = {"lorakit": lambda: ours.generate(input_ids=prompts, adapter_names=names, **kw),
-            "PEFT": lambda: theirs.generate(input_ids=prompts, adapter_names=names, **kw)}
+            "PEFT": lambda: theirs.generate(input_ids=prompts, adapter_names=names, **kw),
+            "lorakit bf16": lambda: ours16.generate(input_ids=prompts, adapter_names=names, **kw),
+            "PEFT bf16": lambda: theirs16.generate(input_ids=prompts, adapter_names=names, **kw),
+            "base alone": lambda: base.generate(input_ids=prompts, **kw)}
     rates, outs = {k: [] for k in runs}, {}
     for _ in range(args.rounds):
         for name, fn in runs.items():
@@ -56,13 +64,18 @@ def main():
     print(f"\nmixed batch: {len(names)} rows, {len(names)} adapters (r=16, 7 modules), 24-token prompts + "
           f"{args.new_tokens} new tokens, greedy; {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
-    print(f"{'':<10}{'tokens/s':>10}")
+    print(f"| {'':<13} | tokens/s | x PEFT fp32 |\n|---|---:|---:|")
     for k in runs:
-        print(f"{k:<10}{med[k]:>10.1f}")
-    print(f"lorakit / PEFT: {med['lorakit'] / med['PEFT']:.2f}x; same tokens: {torch.equal(outs['lorakit'], outs['PEFT'])}")
+        print(f"| {k:<13} | {med[k]:8.1f} | {med[k] / med['PEFT']:10.2f} |")
+    same = {"fp32": torch.equal(outs["lorakit"], outs["PEFT"]),
+            "bf16": torch.equal(outs["lorakit bf16"], outs["PEFT bf16"])}
+    print(f"same tokens as PEFT: fp32 {same['fp32']}, bf16 {same['bf16']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"tokens_per_s": med, "ratio": med["lorakit"] / med["PEFT"]}, f, indent=2)
+            json.dump({"tokens_per_s": med, "ratio": med["lorakit"] / med["PEFT"],
+                       "ratio_bf16_vs_peft_fp32": med["lorakit bf16"] / med["PEFT"],
+                       "ratio_bf16_vs_peft_bf16": med["lorakit bf16"] / med["PEFT bf16"], "same_tokens": same},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

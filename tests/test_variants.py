@@ -11,6 +11,7 @@ from torch import nn
 
 import lorakit
 from lorakit import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model
+from lorakit.export import export_gguf_adapter
 from lorakit.variants.adalora import RankAllocator
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
@@ -304,7 +305,7 @@ def test_adapter_arithmetic_and_gguf_export_refuse_or_handle_variants(tmp_path, 
     with pytest.raises(ValueError, match="DoRA"):
         model.resize_adapter("default", 2)
     with pytest.raises(ValueError, match="DoRA"):
-        lorakit.export.export_gguf_adapter(model, str(tmp_path / "a.gguf"))
+        export_gguf_adapter(model, str(tmp_path / "a.gguf"))
     model.add_adapter("v", VeraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="VERA"):
         model.add_weighted_adapter(["v"], [1.0], "w", combination_type="linear")
