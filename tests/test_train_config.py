@@ -44,3 +44,17 @@ def test_dotted_overrides_parse_yaml_values():
 def test_bad_values_are_rejected_before_loading_anything(override, message):
     with pytest.raises(ValueError, match=message):
         load_train_config(None, [override])
+
+
+def test_variant_settings_load_from_overrides():
+    from lorakit import AdaLoraConfig, VeraConfig
+
+    ada = load_train_config(None, ["--lora.peft_type=ADALORA", "--lora.init_r=8", "--lora.target_r=4"])
+    config = ada.lora_config(total_steps=100)
+    assert isinstance(config, AdaLoraConfig) and config.total_step == 100 and config.init_r == 8
+    vera = load_train_config(None, ["--lora.peft_type=VERA", "--lora.r=64", "--lora.d_initial=0.2"]).lora_config()
+    assert isinstance(vera, VeraConfig) and vera.r == 64 and vera.d_initial == 0.2
+    with pytest.raises(ValueError, match="peft_type must be one of"):
+        load_train_config(None, ["--lora.peft_type=IA3"])
+    with pytest.raises(ValueError, match="target_r"):
+        load_train_config(None, ["--lora.peft_type=ADALORA", "--lora.init_r=4", "--lora.target_r=8"])
