@@ -68,6 +68,13 @@ def server(tmp_path_factory, serve_model_dir):
     else:
         proc.kill()
         raise RuntimeError(proc.stderr.read())
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    dora = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                  lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    dora.save_pretrained(os.path.join(os.path.dirname(no), "dora"))  # under the adapter root
     yield base, os.path.basename(tiny_model_dir)
     proc.terminate()
     proc.wait(10)
@@ -122,6 +129,8 @@ def test_error_cases_are_openai_style_and_server_keeps_serving(server):
     escape = httpx.post(f"{base}/v1/adapters", json={"name": "evil", "path": "../../etc"})
     assert escape.status_code == 403 and escape.json()["error"]["code"] == "path_outside_root"
     assert httpx.post(f"{base}/v1/adapters", json={"name": "x", "path": "missing"}).status_code == 404
+    dora = httpx.post(f"{base}/v1/adapters", json={"name": "d", "path": "dora"})  # cannot join mixed batches
+    assert dora.status_code == 400 and dora.json()["error"]["code"] == "unsupported_adapter"
     assert httpx.delete(f"{base}/v1/adapters/nope").status_code == 404
     capped = _chat(client, "yes", max_tokens=1000)  # clipped to --max-tokens-cap, not an error
     assert capped.usage.completion_tokens <= 16

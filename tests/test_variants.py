@@ -333,3 +333,24 @@ def test_mixed_batches_serve_vera_and_adalora_rows(ids, config):
                 model.set_adapter(name)
                 alone = model(input_ids=batch[i:i + 1]).logits
             torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [
+    VeraConfig(r=4, target_modules=["q_proj", "down_proj"]),
+    AdaLoraConfig(**ada_config()),
+    LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights="olora"),
+    LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True, use_rslora=True),
+], ids=["vera", "adalora", "olora", "dora-rslora"])
+def test_merged_equals_unmerged_for_every_variant(ids, config):
+    model = get_peft_model(tiny_llama(), config)
+    perturb_adapters(model)
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        model.merge_adapter()
+        torch.testing.assert_close(model(input_ids=ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(input_ids=ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+        plain = model.merge_and_unload()
+        assert not any(isinstance(m, lorakit.LoraLayer) for m in plain.modules())
+        torch.testing.assert_close(plain(ids).logits, unmerged, atol=1e-5, rtol=1e-5)

@@ -73,6 +73,7 @@ class Engine:
         return sorted(getattr(self.model, "peft_config", {}))
 
     def load_adapter(self, name: str, path: str, check_root: bool = True) -> None:
+        from .config import LoraConfig
         from .model import LoraModel
 
         if not name or name == self.base_name or "/" in name:
@@ -83,6 +84,13 @@ class Engine:
             path = self._under_root(path)
         if not os.path.isdir(path):
             raise APIError(404, f"adapter directory {path!r} not found", "adapter_not_found")
+        try:
+            dora = LoraConfig.from_pretrained(path).use_dora
+        except (ValueError, OSError) as e:
+            raise APIError(400, f"cannot load adapter {name!r}: {e}", "bad_adapter") from None
+        if dora:  # its weight norm is per adapter: it cannot share a batch with other rows
+            raise APIError(400, f"adapter {name!r} is a DoRA adapter, which cannot join mixed-adapter batches; "
+                           "serve its merged model instead (lorakit export --format hf)", "unsupported_adapter")
         with self.lock:
             try:
                 if isinstance(self.model, LoraModel):
