@@ -138,6 +138,12 @@ def main():
 
     peak = matmul_peak_gflops()
     p, k = results["peft"], results["lorakit"]
+    # Step 1 runs the untrained adapter (B = 0, the base model) on the first batch in both workers:
+    # the losses differ only by bf16 rounding. A larger gap means the workers saw different batches.
+    step1_gap = abs(k["losses"][0] - p["losses"][0]) / p["losses"][0]
+    if step1_gap > 0.01:
+        raise SystemExit(f"step-1 losses differ by {100 * step1_gap:.1f} % (PEFT {p['losses'][0]:.4f}, lorakit "
+                         f"{k['losses'][0]:.4f}): the two runs did not see the same batches")
     final = {kind: sum(r["losses"][-5:]) / 5 for kind, r in results.items()}
     # LoRA training FLOPs ~ 4 x (base parameters) per token: forward + activation gradients.
     flops_per_token = 4 * 134.5e6
@@ -149,7 +155,7 @@ def main():
         "peft_fp32": {"tokens_per_s": p["tokens_per_s"], "peak_rss_gb": p["peak_rss_gb"], "final_loss": final["peft"]},
         "lorakit": {"tokens_per_s": k["tokens_per_s"], "peak_rss_gb": k["peak_rss_gb"], "final_loss": final["lorakit"]},
         "speedup": k["tokens_per_s"] / p["tokens_per_s"], "memory_ratio": k["peak_rss_gb"] / p["peak_rss_gb"],
-        "final_loss_rel_diff": abs(final["lorakit"] - final["peft"]) / final["peft"],
+        "final_loss_rel_diff": abs(final["lorakit"] - final["peft"]) / final["peft"], "step1_loss_rel_diff": step1_gap,
         "bf16_matmul_peak_gflops": peak, "lorakit_fraction_of_bf16_peak": fraction,
         "loss_curves": {kind: r["losses"] for kind, r in results.items()},
     }

@@ -94,6 +94,8 @@ def test_split_is_deterministic_and_disjoint():
     train2, val2 = D.split(examples, 0.1, seed=3)
     assert [e.input_ids for e in val] == [e.input_ids for e in val2] and len(val) == 2 and len(train) == 18
     assert not {e.input_ids[0] for e in val} & {e.input_ids[0] for e in train}
+    everything, none = D.split(examples, 0.0, seed=3)  # nothing held out: file order kept
+    assert [e.input_ids for e in everything] == [e.input_ids for e in examples] and none == []
 
 
 def test_packed_rows_do_not_attend_across_examples(tiny_tokenizer):

@@ -176,9 +176,12 @@ def load_examples(path: str, tokenizer, max_length: int, train_on_prompt: bool =
 
 
 def split(examples: list[Example], val_fraction: float, seed: int):
-    """Deterministic train/validation split."""
+    """Deterministic train/validation split. With val_fraction 0 the rows keep their file order
+    (batches are shuffled per epoch by the training loop either way)."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0:
+        return list(examples), []
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_val = int(round(len(examples) * val_fraction))
