@@ -35,7 +35,7 @@ def write_bench_data(path: str) -> None:
             f.write(json.dumps({"messages": [m for r in rows[i:i + TURNS] for m in r["messages"]]}) + "\n")
 
 
-def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str) -> dict:
+def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, settings: dict | None = None) -> dict:
     import tempfile
 
     import torch
@@ -88,7 +88,7 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str) -> 
         cfg = TrainConfig(data=data_path, prompts=None, output_dir=tempfile.mkdtemp(), max_length=MAX_LEN,
                           batch_size=BATCH, max_steps=steps, lr=LR, warmup_steps=WARMUP, val_fraction=0.0,
                           eval_every=10**6, save_every=10**6, seed=seed, progress=False,
-                          lora=dict(**LORA, lora_dropout=dropout))
+                          lora=dict(**LORA, lora_dropout=dropout), **(settings or {}))
         # step 1's interval includes set-up; it is excluded from tokens/s for both runs anyway
         train(cfg, on_step=on_step)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -117,11 +117,16 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dropout", type=float, default=0.0, help="lora_dropout for both (PEFT's default: 0)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "train_vs_peft.json"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra lorakit TrainConfig setting (YAML value), e.g. --set trim_memory=10")
     ap.add_argument("--worker", choices=["peft", "lorakit"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.seed, args.dropout, args.data)))
+        import yaml
+
+        settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+        print(json.dumps(worker(args.worker, args.steps, args.seed, args.dropout, args.data, settings)))
         return
     import tempfile
 
@@ -130,7 +135,8 @@ def main():
     results = {}
     for kind in ("peft", "lorakit"):
         out = subprocess.run([sys.executable, __file__, "--worker", kind, f"--steps={args.steps}",
-                              f"--seed={args.seed}", f"--dropout={args.dropout}", f"--data={data_path}"], check=True, stdout=subprocess.PIPE, text=True)
+                              f"--seed={args.seed}", f"--dropout={args.dropout}", f"--data={data_path}",
+                              *(f"--set={item}" for item in args.set)], check=True, stdout=subprocess.PIPE, text=True)
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     import torch
 

@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
             if allocator is not None:  # AdaLoRA: importance scores and rank budget, before grads are cleared
                 allocator.update_and_allocate(peft_model, step)
             optimizer.zero_grad(set_to_none=True)
-            if cfg.trim_memory:
+            if cfg.trim_memory and (step + 1) % int(cfg.trim_memory) == 0:
                 release_freed_memory()
             step += 1
             train_loss = dist_utils.all_reduce_sum(loss_sum, env) / n_targets
