@@ -144,3 +144,34 @@ def test_fused_rms_norm_matches_llama_rms_norm(dtype, tol):
     x64 = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
     w64 = torch.randn(8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-6), (x64, w64))
+
+
+def test_right_padded_batches_drop_their_mask_without_changing_loss_or_grads():
+    from conftest import tiny_llama
+
+    import lorakit
+    from lorakit.loss import CausalLMLoss, is_right_padded
+
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    torch.manual_seed(0)
+    ids = torch.randint(1, 128, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # right padding, as data.collate makes it
+    mask[2, 10:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100
+    assert is_right_padded(mask) and not is_right_padded(mask.flip(1))
+    # Reference: transformers with the padding mask, summed over labelled positions.
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss * (labels[:, 1:] != -100).sum()
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    loss = CausalLMLoss(model)(ids, labels, attention_mask=mask)  # runs mask-free
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 1e-4
+    for n, g in ref_grads.items():
+        assert (model.get_parameter(n).grad - g).abs().max() < 1e-5, n

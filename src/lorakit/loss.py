@@ -5,6 +5,10 @@ compute lm_head + cross-entropy in chunks (`kernels.linear_cross_entropy_sum`): 
 (tokens x vocab) logits, and no lm_head work for prompt or padding positions. It applies when the
 output head is a plain frozen Linear without bias and the model applies nothing after it
 (no logit soft-capping/scaling); otherwise the reference path (full logits) runs.
+
+Right-padded batches run without their padding mask: under causal attention a real token only
+sees earlier positions, which are all real when padding is at the end, so every labelled
+position's output is unchanged, and attention takes its mask-free causal kernel.
 """
 
 from __future__ import annotations
@@ -17,6 +21,12 @@ from .data import IGNORE
 from .kernels import linear_cross_entropy_sum
 
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is 1s then 0s (padding only at the end); pad positions must carry no labels."""
+    mask = attention_mask.bool()
+    return bool(torch.all(mask[:, :-1] | ~mask[:, 1:]))
 
 
 def fused_head_supported(model: nn.Module) -> bool:
@@ -40,6 +50,8 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
         model = self.peft_model
+        if attention_mask is not None and position_ids is None and is_right_padded(attention_mask):
+            attention_mask = None
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         targets = labels[:, 1:]
