@@ -113,15 +113,18 @@ class LoraLayer(nn.Module):
     def _to_base_device(self, name: str) -> None:
         # Adapters live on the base layer's device, in fp32 (stable optimisation for bf16/fp16 bases).
         device = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()])).device
-        for layer_name in self.adapter_layer_names:
-            container = getattr(self, layer_name)
-            if name not in container:
-                continue
-            item = container[name]
+        for _, container, item in self._adapter_items(name):
             if isinstance(item, nn.Parameter):
                 container[name] = nn.Parameter(item.detach().to(device=device, dtype=torch.float32))
             else:
                 item.to(device=device, dtype=torch.float32)
+
+    def _adapter_items(self, name: str, extra: tuple[str, ...] = ()):
+        """(container name, container, entry) for every container holding adapter `name`."""
+        for layer_name in (*self.adapter_layer_names, *extra):
+            container = getattr(self, layer_name)
+            if name in container:
+                yield layer_name, container, container[name]
 
     def _oriented_weight(self) -> torch.Tensor:
         """The base weight as (d_out, d_in, *kernel), whatever the layer's storage convention."""
@@ -135,10 +138,8 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting")
-        for layer_name in (*self.adapter_layer_names, "lora_dropout"):
-            container = getattr(self, layer_name)
-            if name in container:
-                del container[name]
+        for _, container, _ in self._adapter_items(name, extra=("lora_dropout",)):
+            del container[name]
         for table in (self.r, self.lora_alpha, self.scaling, self.kind, self.use_dora, self._dora_merge_norm):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -149,11 +150,7 @@ class LoraLayer(nn.Module):
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """{'lora_A.weight': p, ...}: the adapter's parameters under their file-format names."""
         out = {}
-        for layer_name in self.adapter_layer_names:
-            container = getattr(self, layer_name)
-            if name not in container:
-                continue
-            item = container[name]
+        for layer_name, _, item in self._adapter_items(name):
             if isinstance(item, nn.Parameter):
                 out[layer_name] = item
             else:
