@@ -44,13 +44,13 @@ def gathered_factors(layer, names: tuple[str, ...], row_adapters: list[str | Non
     """Each row's (Aᵀ (batch, d_in, r), Bᵀ (batch, r, d_out)) from the stacks. Cached for the current row assignment, which stays the same
     for every decoding step of a generate() call, so the gather happens once per call, not per token."""
     A, B = stacked_factors(layer, names, dtype)
-    key = (id(A), tuple(row_adapters))
+    rows = tuple(row_adapters)
     cached = layer.__dict__.get("_gather_cache")
-    if cached is None or cached[0] != key or cached[1] is not A:
+    if cached is None or cached[0] != rows or cached[1] is not A:  # the cache holds A, so `is` suffices
         slot = {n: i for i, n in enumerate(names, start=1)}
         index = torch.tensor([slot.get(n, 0) for n in row_adapters], device=A.device)
         # Stored transposed and contiguous: bmm on transposed views copies them on every call (bf16 on CPU).
-        cached = (key, A, A[index].transpose(1, 2).contiguous(), B[index].transpose(1, 2).contiguous())
+        cached = (rows, A, A[index].transpose(1, 2).contiguous(), B[index].transpose(1, 2).contiguous())
         layer.__dict__["_gather_cache"] = cached
     return cached[2], cached[3]
 

@@ -46,9 +46,9 @@ def to_plain_lora(trained: dict[str, torch.Tensor], initial: dict[str, torch.Ten
     """Concatenate trained and initial factors: A' = [A ; A0], B' = [B | -B0] (rank doubles)."""
     out = {}
     for key, tensor in trained.items():
-        if ".lora_A." in key or key.endswith(".lora_A.weight"):
+        if ".lora_A." in key:
             out[key] = torch.cat([tensor, initial[key].to(tensor.dtype)], dim=0)
-        elif ".lora_B." in key or key.endswith(".lora_B.weight"):
+        elif ".lora_B." in key:
             out[key] = torch.cat([tensor, -initial[key].to(tensor.dtype)], dim=1)
         else:
             out[key] = tensor
