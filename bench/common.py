@@ -1,6 +1,8 @@
 """Shared set-up for the benchmarks: SmolLM2 with the same LoRA config in lorakit and PEFT."""
 
 import copy
+import statistics
+import time
 
 import peft
 import torch
@@ -31,3 +33,16 @@ def copy_lora_weights(ours, theirs):
     result = theirs.load_state_dict({"base_model." + k: v for k, v in ours.state_dict().items() if "lora_" in k},
                                     strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
+
+
+def median_rates(runs: dict, rounds: int, tokens: int):
+    """Run each zero-argument fn in `runs` once per round, interleaved (so drift hits all alike), under
+    inference_mode. Returns ({name: median tokens/s}, {name: last output}) with `tokens` generated per call."""
+    rates, outputs = {name: [] for name in runs}, {}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            with torch.inference_mode():
+                start = time.perf_counter()
+                outputs[name] = fn()
+                rates[name].append(tokens / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}, outputs

@@ -9,11 +9,9 @@ import argparse
 import copy
 import json
 import platform
-import statistics
-import time
 
 import torch
-from common import copy_lora_weights, paired_models, randomize_lora_B
+from common import copy_lora_weights, median_rates, paired_models, randomize_lora_B
 from lorakit.models import load_model
 
 
@@ -31,21 +29,13 @@ def main():
     copy_lora_weights(ours, theirs)
     ours_merged = copy.deepcopy(ours)
     ours_merged.merge_adapter()
-    runs = {"base model": base, "lorakit merged": ours_merged, "lorakit unmerged": ours,
-            "PEFT unmerged": theirs.eval()}
+    models = {"base model": base, "lorakit merged": ours_merged, "lorakit unmerged": ours,
+              "PEFT unmerged": theirs.eval()}
     prompt = torch.randint(0, base.config.vocab_size, (args.batch, 32))
-    rates = {name: [] for name in runs}
-    outputs = {}
-    for _ in range(args.rounds):
-        for name, model in runs.items():
-            with torch.inference_mode():
-                start = time.perf_counter()
-                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                     pad_token_id=0)
-                rates[name].append(args.batch * args.new_tokens / (time.perf_counter() - start))
-            outputs[name] = out
-    med = {name: statistics.median(r) for name, r in rates.items()}
+    kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=args.new_tokens,
+              min_new_tokens=args.new_tokens, pad_token_id=0)
+    runs = {name: (lambda m=model: m.generate(input_ids=prompt, **kw)) for name, model in models.items()}
+    med, outputs = median_rates(runs, args.rounds, args.batch * args.new_tokens)
     print(f"\ngreedy generation, batch {args.batch}, 32-token prompt + {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"{'setup':<20}{'tokens/s':>10}{'vs base':>10}")

@@ -14,14 +14,12 @@ import argparse
 import copy
 import json
 import platform
-import statistics
-import time
 
 import peft
 import torch
 
 import lorakit
-from common import LORA, copy_lora_weights, paired_models, randomize_lora_B
+from common import LORA, copy_lora_weights, median_rates, paired_models, randomize_lora_B
 from lorakit.models import load_model
 
 
@@ -53,14 +51,7 @@ def main():
             "lorakit bf16": lambda: ours16.generate(input_ids=prompts, adapter_names=names, **kw),
             "PEFT bf16": lambda: theirs16.generate(input_ids=prompts, adapter_names=names, **kw),
             "base alone": lambda: base.generate(input_ids=prompts, **kw)}
-    rates, outs = {k: [] for k in runs}, {}
-    for _ in range(args.rounds):
-        for name, fn in runs.items():
-            with torch.inference_mode():
-                start = time.perf_counter()
-                outs[name] = fn()
-                rates[name].append(len(names) * args.new_tokens / (time.perf_counter() - start))
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    med, outs = median_rates(runs, args.rounds, len(names) * args.new_tokens)
     print(f"\nmixed batch: {len(names)} rows, {len(names)} adapters (r=16, 7 modules), 24-token prompts + "
           f"{args.new_tokens} new tokens, greedy; {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
