@@ -98,11 +98,11 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
             "threads": torch.get_num_threads()}
 
 
-def matmul_peak_gflops() -> float:
-    """Measured bf16 matmul throughput of this machine (the physical limit for the fraction)."""
+def matmul_peak_gflops(dtype) -> float:
+    """Measured matmul throughput of this machine in `dtype` (the physical limit for the fraction)."""
     import torch
 
-    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     for _ in range(2):
         a @ b
     start, n = time.perf_counter(), 10
@@ -142,7 +142,9 @@ def main():
 
     from lorakit.hardware import fast_bf16
 
-    peak = matmul_peak_gflops()
+    # lorakit computes in bf16 where the CPU has fast bf16, else in fp32 (hardware.resolve_bf16)
+    compute = "bf16" if fast_bf16() else "fp32"
+    peak = matmul_peak_gflops(torch.bfloat16 if compute == "bf16" else torch.float32)
     p, k = results["peft"], results["lorakit"]
     # Step 1 runs the untrained adapter (B = 0, the base model) on the first batch in both workers:
     # the losses differ only by bf16 rounding. A larger gap means the workers saw different batches.
@@ -162,7 +164,9 @@ def main():
         "lorakit": {"tokens_per_s": k["tokens_per_s"], "peak_rss_gb": k["peak_rss_gb"], "final_loss": final["lorakit"]},
         "speedup": k["tokens_per_s"] / p["tokens_per_s"], "memory_ratio": k["peak_rss_gb"] / p["peak_rss_gb"],
         "final_loss_rel_diff": abs(final["lorakit"] - final["peft"]) / final["peft"], "step1_loss_rel_diff": step1_gap,
-        "bf16_matmul_peak_gflops": peak, "lorakit_fraction_of_bf16_peak": fraction,
+        "lorakit_compute_dtype": compute, "matmul_peak_gflops": peak, "lorakit_fraction_of_matmul_peak": fraction,
+        # at 100 % of the peak, lorakit's 4 x params FLOPs per token would run at this multiple of PEFT's tokens/s
+        "speedup_ceiling_at_peak": peak * 1e9 / flops_per_token / p["tokens_per_s"],
         "loss_curves": {kind: r["losses"] for kind, r in results.items()},
     }
     print(f"\n{table['machine']}; {args.steps} steps of {BATCH} rows x ~{table['mean_tokens_per_row']:.0f} tokens, "
@@ -173,8 +177,8 @@ def main():
         print(f"{name:<16}{r['tokens_per_s']:>10.0f}{r['peak_rss_gb']:>13.2f}{r['final_loss']:>12.4f}")
     print(f"{'lorakit / PEFT':<16}{table['speedup']:>9.2f}x{table['memory_ratio']:>12.2f}x"
           f"{100 * table['final_loss_rel_diff']:>10.1f} %")
-    print(f"bf16 matmul peak {peak:.0f} GFLOP/s; lorakit reaches {100 * fraction:.1f} % of it "
-          f"(4 x 134.5 M FLOPs per token)")
+    print(f"{compute} matmul peak {peak:.0f} GFLOP/s; lorakit reaches {100 * fraction:.1f} % of it "
+          f"(4 x 134.5 M FLOPs per token); at 100 % it would be {table['speedup_ceiling_at_peak']:.2f}x PEFT")
     with open(args.json, "w") as f:
         json.dump(table, f, indent=2)
 

@@ -175,3 +175,66 @@ def test_right_padded_batches_drop_their_mask_without_changing_loss_or_grads():
     assert abs(loss.item() - ref.item()) < 1e-4
     for n, g in ref_grads.items():
         assert (model.get_parameter(n).grad - g).abs().max() < 1e-5, n
+
+
+def _adapter_grads_with(stored_as, counts=None, min_numel=1):
+    """Fused training loss and adapter gradients of a tiny fp32 Llama, activations kept as `stored_as`."""
+    from conftest import tiny_llama
+
+    import lorakit
+    from lorakit.kernels.saved_activations import compressed_activations
+    from lorakit.loss import CausalLMLoss
+
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(n)))
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    with compressed_activations(stored_as, min_numel=min_numel, counts=counts):
+        loss = CausalLMLoss(model)(ids, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_bf16_saved_activations_halve_saved_bytes_and_keep_grads_within_1e_2():
+    from lorakit.kernels.saved_activations import SavedBytes
+
+    ref_loss, ref = _adapter_grads_with(torch.float32)
+    counts = SavedBytes()
+    loss, grads = _adapter_grads_with(torch.bfloat16, counts)
+    assert torch.equal(loss, ref_loss)  # the forward is untouched: only what backward reads is rounded
+    # every saved float activation is stored at half its size (integer indices are kept as they are)
+    assert 0.45 * counts.original < counts.stored < 0.55 * counts.original
+    worst = max(((grads[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref)
+    assert 1e-6 < worst < 1e-2  # rounded (so not identical), and within the stated tolerance
+
+
+def test_fp32_saved_activations_are_the_exact_reference_and_parameters_are_never_copied():
+    from lorakit.kernels.saved_activations import SavedBytes, compressed_activations
+
+    _, plain = _adapter_grads_with(torch.float32)
+    counts = SavedBytes()
+    _, kept = _adapter_grads_with(torch.float32, counts)
+    assert all(torch.equal(plain[n], kept[n]) for n in plain) and counts.stored == counts.original
+    weight = torch.nn.Parameter(torch.randn(64, 64))
+    x = torch.randn(8, 64, requires_grad=True)
+    counts = SavedBytes()
+    with compressed_activations(torch.bfloat16, min_numel=1, counts=counts):
+        y = (x @ weight).sum()  # saves x and weight
+    y.backward()
+    assert counts.original == x.numel() * 4 and counts.stored == x.numel() * 2
+    assert torch.allclose(weight.grad, x.detach().bfloat16().float().T @ torch.ones(8, 64))
+
+
+def test_saved_activations_setting_is_validated():
+    from lorakit.kernels.saved_activations import resolve_saved_activations
+    from lorakit.train_config import TrainConfig
+
+    assert resolve_saved_activations("auto", torch.float32) == torch.bfloat16
+    assert resolve_saved_activations("auto", torch.bfloat16) == torch.bfloat16
+    assert resolve_saved_activations("fp32", torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="saved_activations must be 'auto', 'bf16' or 'fp32', got 'fp16'"):
+        TrainConfig(saved_activations="fp16")

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from . import data as D
 from . import distributed as dist_utils
 from .hardware import release_freed_memory, resolve_bf16
 from .kernels.rms_norm import fuse_rms_norms
+from .kernels.saved_activations import compressed_activations, resolve_saved_activations
 from .loss import CausalLMLoss
 from .model import get_peft_model
 from .models import load_model, load_tokenizer
@@ -117,15 +119,16 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     log(f"data: {stats.rows} rows from {cfg.data} ({stats.truncated} truncated to {cfg.max_length} tokens, "
         f"{stats.dropped_empty} dropped with no response tokens); {len(train_rows)} train / {len(val_rows)} val")
 
-    log(f"model: {cfg.model}; frozen weights in {cfg.quantize or ('bf16' if cfg.bf16 else 'fp32')} "
-        f"(adapters fp32); processes: {env.world_size}; device: {env.device}")
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    stored_as = resolve_saved_activations(cfg.saved_activations, dtype)
+    log(f"model: {cfg.model}; frozen weights in {cfg.quantize or ('bf16' if cfg.bf16 else 'fp32')} (adapters fp32; "
+        f"saved activations {str(stored_as).removeprefix('torch.')}); processes: {env.world_size}; device: {env.device}")
     rows_per_micro = cfg.batch_size * env.world_size
     if len(train_rows) < rows_per_micro:
         raise ValueError(f"{len(train_rows)} training rows is fewer than one batch of {rows_per_micro} rows")
     micro_per_epoch = len(train_rows) // rows_per_micro
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * micro_per_epoch / cfg.grad_accum))
 
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     base = model if model is not None else load_model(cfg.model, dtype=dtype, quantize=cfg.quantize,
                                                       attn_implementation=cfg.attn_implementation)
     if cfg.quantize is None:
@@ -143,6 +146,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     before = answer_prompts(peft_model, tokenizer, prompts, cfg.max_new_tokens, env.device) if prompts else []
     peft_model.train()
     engine = dist_utils.wrap(CausalLMLoss(peft_model, fused=cfg.fused_kernels), env, cfg.distributed)
+    keep_activations = (lambda: compressed_activations(stored_as)) if stored_as != dtype else nullcontext
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if cfg.loraplus_lr_ratio:
         optimizer = create_loraplus_optimizer(peft_model, cfg.lr, cfg.loraplus_lr_ratio,
@@ -191,7 +195,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
             loss_sum = 0.0
             for i, batch in enumerate(micro_batches):
                 with dist_utils.no_sync_unless_last(engine, i == len(micro_batches) - 1):
-                    loss = engine(**batch)
+                    with keep_activations():
+                        loss = engine(**batch)
                     objective = loss * env.world_size / n_targets
                     if allocator is not None:  # AdaLoRA's orthogonality regulariser, once per optimizer step
                         objective = objective + (adapter_config.orth_reg_weight / len(micro_batches)

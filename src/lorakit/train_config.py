@@ -48,6 +48,8 @@ class TrainConfig:
                                             # CPU at ~200 tokens but +0.6 GB peak in bench/train_vs_peft.py)
     trim_memory: bool | int = 10          # glibc malloc_trim every N steps (true = 1, false = never): returns
                                           # fragmented free heap to the OS; bench: peak RSS 3.5 -> 3.3 GB at N=10
+    saved_activations: str = "auto"       # dtype of activations kept for backward: auto = bf16 when computing
+                                          # in fp32 (no fast bf16 here), else the compute dtype; bf16 | fp32
     quantize: str | None = None           # "nf4": frozen base in 4-bit NF4 (QLoRA)
     fused_kernels: bool = True            # chunked lm_head + cross-entropy on labelled rows, fused RMSNorm
     gradient_checkpointing: bool = False
@@ -89,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if not (isinstance(self.trim_memory, int) and self.trim_memory >= 0):
             raise ValueError(f"trim_memory must be true, false or a step interval >= 1, got {self.trim_memory!r}")
+        if self.saved_activations not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"saved_activations must be 'auto', 'bf16' or 'fp32', got {self.saved_activations!r}")
         if self.bf16 not in (True, False, "auto"):
             raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
         self.lora_config()  # validates the adapter settings now, not after the model loads
