@@ -159,14 +159,6 @@ class LoraLayer(nn.Module):
             out = {k.removesuffix(".weight"): p for k, p in out.items()}
         return out
 
-    def _versions(self, name: str) -> tuple[int, ...]:
-        """Identity and in-place write counter of each tensor adapter `name` computes with (a changed
-        tuple means changed weights). Kept cheap: it runs per layer on every mixed-batch forward."""
-        return tuple(v for t in self._factor_tensors(name) for v in (id(t), t._version))
-
-    def _factor_tensors(self, name: str) -> list[torch.Tensor]:
-        return [p for p in self.adapter_parameters(name).values()]
-
     def _unmerged_active(self) -> list[str]:
         if self.disable_adapters:
             return []
@@ -306,7 +298,12 @@ class LoraLinear(LoraLayer):
             self.lora_B[name].weight.copy_(B)
             base.weight.copy_(self._stored_orientation(residual).to(base.weight.dtype))
 
-    def _factor_tensors(self, name):
+    def _versions(self, name: str) -> tuple[int, ...]:
+        """Identity and in-place write counter of each tensor adapter `name` computes with (a changed
+        tuple means changed weights). Kept cheap: it runs per layer on every mixed-batch forward."""
+        return tuple(v for t in self._factor_tensors(name) for v in (id(t), t._version))
+
+    def _factor_tensors(self, name: str) -> list[torch.Tensor]:
         kind = self.kind[name]
         if kind == "vera":
             proj = self.vera_projections[name]

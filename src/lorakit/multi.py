@@ -17,20 +17,21 @@ import torch.nn.functional as F
 BASE = None  # a row that uses no adapter
 
 
-def stacked_factors(layer, names: tuple[str, ...], dtype: torch.dtype = torch.float32):
-    """(A_stack (n+1, r_max, d_in), B_stack (n+1, d_out, r_max)) in `dtype`, slot 0 all zeros (= base)."""
+def stacked_factors(layer, names: tuple[str, ...]):
+    """(A_stack (n+1, r_max, d_in), B_stack (n+1, d_out, r_max)) in the adapters' dtype (fp32), slot 0 all
+    zeros (= base)."""
     # Tensor._version counts in-place writes (optimizer steps, loads), so a stale stack is never used.
     dora = [n for n in names if layer.use_dora.get(n)]
     if dora:
         raise ValueError(f"mixed-adapter batches do not support DoRA adapters ({dora}); merge or serve them alone")
-    key = (dtype, *((n, layer._versions(n), layer.scaling[n]) for n in names))
+    key = tuple((n, layer._versions(n), layer.scaling[n]) for n in names)
     cache = layer.__dict__.setdefault("_stack_cache", {})
     if key not in cache:
         cache.clear()
         r_max = max(layer.r[n] for n in names)
         ref = layer.effective_factors(names[0])[0]
-        A = ref.new_zeros(len(names) + 1, r_max, layer.in_features, dtype=dtype)
-        B = ref.new_zeros(len(names) + 1, layer.out_features, r_max, dtype=dtype)
+        A = ref.new_zeros(len(names) + 1, r_max, layer.in_features)
+        B = ref.new_zeros(len(names) + 1, layer.out_features, r_max)
         with torch.no_grad():
             for i, n in enumerate(names, start=1):
                 A_n, B_n, s = layer.effective_factors(n)  # any kind: LoRA, AdaLoRA (E folded), VeRA
@@ -40,10 +41,10 @@ def stacked_factors(layer, names: tuple[str, ...], dtype: torch.dtype = torch.fl
     return cache[key]
 
 
-def gathered_factors(layer, names: tuple[str, ...], row_adapters: list[str | None], dtype: torch.dtype):
+def gathered_factors(layer, names: tuple[str, ...], row_adapters: list[str | None]):
     """Each row's (Aᵀ (batch, d_in, r), Bᵀ (batch, r, d_out)) from the stacks. Cached for the current row assignment, which stays the same
     for every decoding step of a generate() call, so the gather happens once per call, not per token."""
-    A, B = stacked_factors(layer, names, dtype)
+    A, B = stacked_factors(layer, names)
     rows = tuple(row_adapters)
     cached = layer.__dict__.get("_gather_cache")
     if cached is None or cached[0] != rows or cached[1] is not A:  # the cache holds A, so `is` suffices
@@ -63,10 +64,9 @@ def mixed_linear_update(layer, x: torch.Tensor, row_adapters: list[str | None]) 
     names = tuple(sorted({n for n in row_adapters if n is not BASE and n in layer.r}))
     if not names:
         return None
-    # The update runs in fp32 even on a bf16 base: CPU bf16 bmm converts its operands on every call
-    # (measured 3x slower than fp32 bmm at decode shapes); x is cast up, the sum cast back.
-    dtype = torch.float32
-    A_rows_t, B_rows_t = gathered_factors(layer, names, row_adapters, dtype)
+    # The update runs in the adapters' fp32 even on a bf16 base: CPU bf16 bmm converts its operands on
+    # every call (measured 3x slower than fp32 bmm at decode shapes); x is cast up, the sum cast back.
+    A_rows_t, B_rows_t = gathered_factors(layer, names, row_adapters)
     rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(A_rows_t.dtype)  # (batch, tokens, d_in)
     after_A = torch.bmm(rows, A_rows_t)                                 # (batch, tokens, r_max)
     update = torch.bmm(after_A, B_rows_t)                               # (batch, tokens, d_out)
