@@ -5,8 +5,8 @@
 8 LoRA adapters (r=16 on q,k,v,o,gate,up,down, random weights), one batch of 8 prompts with a
 different adapter per row, greedy decoding with the KV cache. Both libraries hold the same
 weights; the table shows generated tokens/s (median of interleaved rounds) and whether both
-produce the same tokens. Rows: fp32 (how a PEFT user runs it) and a bf16 base (weights and
-mixed-batch update in bf16) for both libraries, plus the base model alone with no adapters —
+produce the same tokens. Rows: fp32 (how a PEFT user runs it) and a bf16 base for both libraries
+(lorakit computes its mixed-batch update in fp32 there, PEFT in bf16), plus the base model alone with no adapters —
 the ceiling for any LoRA implementation on the same weights.
 """
 

@@ -1,17 +1,29 @@
-"""loss.png: train and eval loss against step."""
+"""Loss plots: a run's loss.png (train and eval loss against step) and one PNG comparing runs."""
 
 from __future__ import annotations
 
 from .peft_io import atomic_path
 
 
-def plot_losses(history: list[dict], path: str) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    return plt
+
+
+def _save_png(fig, path: str) -> None:
+    """Lay out, write atomically (temp file, then rename) and free the figure."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+
+
+def plot_losses(history: list[dict], path: str) -> None:
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
     trains = [r for r in history if "train_loss" in r]
     ax.plot([r["step"] for r in trains], [r["train_loss"] for r in trains], label="train")
     evals = [r for r in history if "eval_loss" in r]
@@ -21,20 +33,12 @@ def plot_losses(history: list[dict], path: str) -> None:
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def plot_curves(histories: dict[str, list[dict]], path: str, title: str = "") -> None:
     """One PNG comparing runs: train loss (lines) and held-out loss (markers), one colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, (ax_train, ax_eval) = _pyplot().subplots(1, 2, figsize=(11, 4), sharey=True)
     for i, (name, history) in enumerate(histories.items()):
         colour = f"C{i}"
         trains = [r for r in history if "train_loss" in r]
@@ -49,7 +53,4 @@ def plot_curves(histories: dict[str, list[dict]], path: str, title: str = "") ->
     ax_eval.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save_png(fig, path)

@@ -122,7 +122,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     stored_as = resolve_saved_activations(cfg.saved_activations, dtype)
     log(f"model: {cfg.model}; frozen weights in {cfg.quantize or ('bf16' if cfg.bf16 else 'fp32')} (adapters fp32; "
-        f"saved activations {str(stored_as).removeprefix('torch.')}); processes: {env.world_size}; device: {env.device}")
+        f"saved activations {'bf16' if stored_as == torch.bfloat16 else 'fp32'}); processes: {env.world_size}; "
+        f"device: {env.device}")
     rows_per_micro = cfg.batch_size * env.world_size
     if len(train_rows) < rows_per_micro:
         raise ValueError(f"{len(train_rows)} training rows is fewer than one batch of {rows_per_micro} rows")

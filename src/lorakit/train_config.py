@@ -7,9 +7,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
 
 from .config import CONFIG_TYPES, LoraConfig, config_from_dict
+from .kernels.saved_activations import resolve_saved_activations
 
 PACKAGE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEMO_DATA = os.path.join(PACKAGE_DATA, "demo_train.jsonl")
@@ -91,8 +93,7 @@ class TrainConfig:
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if not (isinstance(self.trim_memory, int) and self.trim_memory >= 0):
             raise ValueError(f"trim_memory must be true, false or a step interval >= 1, got {self.trim_memory!r}")
-        if self.saved_activations not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"saved_activations must be 'auto', 'bf16' or 'fp32', got {self.saved_activations!r}")
+        resolve_saved_activations(self.saved_activations, torch.float32)  # raises on a bad setting
         if self.bf16 not in (True, False, "auto"):
             raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
         self.lora_config()  # validates the adapter settings now, not after the model loads

@@ -44,7 +44,6 @@ class compressed_activations(torch.autograd.graph.saved_tensors_hooks):
                  counts: SavedBytes | None = None):
         if stored_as not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"stored_as must be torch.bfloat16, torch.float16 or torch.float32, got {stored_as}")
-        self.counts = counts
 
         def pack(t: torch.Tensor):
             if isinstance(t, nn.Parameter):  # kept by the model anyway: no copy, not counted
