@@ -44,5 +44,7 @@ def median_rates(runs: dict, rounds: int, tokens: int):
             with torch.inference_mode():
                 start = time.perf_counter()
                 outputs[name] = fn()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # GPU work is asynchronous: time it to completion
                 rates[name].append(tokens / (time.perf_counter() - start))
     return {name: statistics.median(r) for name, r in rates.items()}, outputs

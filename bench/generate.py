@@ -1,6 +1,6 @@
 """Generation speed (greedy, KV cache) on SmolLM2-135M: base vs merged vs unmerged, lorakit and PEFT.
 
-    python bench/generate.py [--new-tokens 64] [--rounds 5] [--json out.json]
+    python bench/generate.py [--new-tokens 64] [--rounds 5] [--json out.json] [--device cpu|cuda]
 
 Interleaved rounds; the table shows the median tokens/s of each setup.
 """
@@ -21,9 +21,10 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
     torch.manual_seed(0)
-    base = load_model("smollm2-135m")
+    base = load_model("smollm2-135m", device=args.device)
     ours, theirs = paired_models(base)
     randomize_lora_B(ours, std=0.01)
     copy_lora_weights(ours, theirs)
@@ -31,13 +32,14 @@ def main():
     ours_merged.merge_adapter()
     models = {"base model": base, "lorakit merged": ours_merged, "lorakit unmerged": ours,
               "PEFT unmerged": theirs.eval()}
-    prompt = torch.randint(0, base.config.vocab_size, (args.batch, 32))
+    prompt = torch.randint(0, base.config.vocab_size, (args.batch, 32)).to(args.device)
     kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=args.new_tokens,
               min_new_tokens=args.new_tokens, pad_token_id=0)
     runs = {name: (lambda m=model: m.generate(input_ids=prompt, **kw)) for name, model in models.items()}
     med, outputs = median_rates(runs, args.rounds, args.batch * args.new_tokens)
-    print(f"\ngreedy generation, batch {args.batch}, 32-token prompt + {args.new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else \
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    print(f"\ngreedy generation, batch {args.batch}, 32-token prompt + {args.new_tokens} new tokens, fp32, {where}")
     print(f"{'setup':<20}{'tokens/s':>10}{'vs base':>10}")
     for name in runs:
         print(f"{name:<20}{med[name]:>10.1f}{med[name] / med['base model']:>10.2f}")

@@ -1,6 +1,6 @@
 """Mixed-adapter batch generation on SmolLM2-135M: lorakit vs PEFT's `adapter_names`, one run.
 
-    python bench/multi_adapter.py [--adapters 8] [--new-tokens 32] [--rounds 3] [--json out.json]
+    python bench/multi_adapter.py [--adapters 8] [--new-tokens 32] [--rounds 3] [--json out.json] [--device cpu|cuda]
 
 8 LoRA adapters (r=16 on q,k,v,o,gate,up,down, random weights), one batch of 8 prompts with a
 different adapter per row, greedy decoding with the KV cache. Both libraries hold the same
@@ -29,9 +29,10 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
     torch.manual_seed(0)
-    base = load_model("smollm2-135m")
+    base = load_model("smollm2-135m", device=args.device)
     names = [f"a{i}" for i in range(args.adapters)]
     ours, theirs = paired_models(base, names[0])
     for name in names[1:]:
@@ -43,7 +44,7 @@ def main():
     theirs.eval()
     ours16, theirs16 = (copy.deepcopy(m).to(torch.bfloat16) for m in (ours, theirs))
     base = base.eval()
-    prompts = torch.randint(0, base.config.vocab_size, (len(names), 24))
+    prompts = torch.randint(0, base.config.vocab_size, (len(names), 24)).to(args.device)
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
               attention_mask=torch.ones_like(prompts))
     runs = {"lorakit": lambda: ours.generate(input_ids=prompts, adapter_names=names, **kw),
@@ -53,8 +54,8 @@ def main():
             "base alone": lambda: base.generate(input_ids=prompts, **kw)}
     med, outs = median_rates(runs, args.rounds, len(names) * args.new_tokens)
     print(f"\nmixed batch: {len(names)} rows, {len(names)} adapters (r=16, 7 modules), 24-token prompts + "
-          f"{args.new_tokens} new tokens, greedy; {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+          f"{args.new_tokens} new tokens, greedy; " + (torch.cuda.get_device_name() if args.device == "cuda" else
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"))
     print(f"| {'':<13} | tokens/s | x PEFT fp32 |\n|---|---:|---:|")
     for k in runs:
         print(f"| {k:<13} | {med[k]:8.1f} | {med[k] / med['PEFT']:10.2f} |")

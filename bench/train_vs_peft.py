@@ -1,12 +1,17 @@
 """LoRA training speed and memory: lorakit's default path vs PEFT + transformers (fp32), same run.
 
-    python bench/train_vs_peft.py [--steps 50] [--json bench/train_vs_peft.json]
+    python bench/train_vs_peft.py [--steps 50] [--json bench/train_vs_peft.json] [--device cpu|cuda]
 
 SmolLM2-135M-Instruct, LoRA r=16 (alpha 32, dropout --dropout) on q,k,v,o,gate,up,down, AdamW
 (lr 2e-4, warmup 5 + cosine), batch 8 rows of ~256 tokens (3-turn conversations built from the
 bundled demo data), loss on assistant tokens. Both runs see the same rows in the same order for
 the same number of optimizer steps; each runs in its own subprocess so peak RSS is its own.
 tokens/s counts real (non-padding) tokens and excludes the first (warm-up) step.
+
+--device cuda runs all workers on the GPU, adds PEFT on a bf16 base (what GPU users of PEFT
+run) as a second peer, and compares peak GPU memory (torch.cuda.max_memory_allocated) instead
+of peak RSS. On the CPU the workers see no GPU (CUDA_VISIBLE_DEVICES=""), and lorakit runs its
+default CPU path.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ def write_bench_data(path: str) -> None:
             f.write(json.dumps({"messages": [m for r in rows[i:i + TURNS] for m in r["messages"]]}) + "\n")
 
 
+PEERS = {"cpu": ("peft",), "cuda": ("peft", "peft_bf16")}  # PEFT workers per device (fp32 base; bf16 base)
+PEER_NAMES = {"peft": "PEFT fp32", "peft_bf16": "PEFT bf16"}
+
+
 def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, settings: dict | None = None) -> dict:
     import tempfile
 
@@ -47,13 +56,15 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
     torch.manual_seed(seed)
     tokenizer = load_tokenizer("smollm2-135m")
     rows, _ = D.load_examples(data_path, tokenizer, MAX_LEN)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     losses, times, tokens = [], [], []
-    if kind == "peft":  # what a PEFT user runs: fp32 model, labels= loss (mean over labelled tokens)
+    if kind.startswith("peft"):  # what a PEFT user runs: fp32 (or bf16) model, labels= loss (mean over labelled tokens)
         import peft
 
         from lorakit.models import load_model
 
-        model = peft.get_peft_model(load_model("smollm2-135m"), peft.LoraConfig(**LORA, lora_dropout=dropout))
+        base = load_model("smollm2-135m", dtype=torch.bfloat16 if kind == "peft_bf16" else torch.float32, device=device)
+        model = peft.get_peft_model(base, peft.LoraConfig(**LORA, lora_dropout=dropout))  # adapters in fp32
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=LR)
@@ -61,7 +72,8 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
         for step in range(steps):
             start = time.perf_counter()
             idx = batch_order(len(rows), step, BATCH, seed)
-            loss = model(**D.collate([rows[i] for i in idx], tokenizer.pad_token_id)).loss
+            batch = D.collate([rows[i] for i in idx], tokenizer.pad_token_id)
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -70,7 +82,7 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
             losses.append(loss.item())
             times.append(time.perf_counter() - start)
             tokens.append(sum(len(rows[i]) for i in idx))
-            print(f"  peft step {step + 1}/{steps} loss {losses[-1]:.4f} ({times[-1]:.1f} s)", file=sys.stderr)
+            print(f"  {kind} step {step + 1}/{steps} loss {losses[-1]:.4f} ({times[-1]:.1f} s)", file=sys.stderr)
     else:  # lorakit's default training path: the library's own loop, default settings
         from lorakit.train import train
         from lorakit.train_config import TrainConfig
@@ -90,25 +102,43 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
                           eval_every=10**6, save_every=10**6, seed=seed, progress=False,
                           lora=dict(**LORA, lora_dropout=dropout), **(settings or {}))
         # step 1's interval includes set-up; it is excluded from tokens/s for both runs anyway
-        train(cfg, on_step=on_step)
+        train(cfg, on_step=on_step)  # picks the GPU when one is visible (distributed.setup)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # tokens/s over steps 2.. (step 1 is warm-up for both)
-    return {"kind": kind, "tokens_per_s": sum(tokens[1:]) / sum(times[1:]), "peak_rss_gb": peak_kb / 2**20,
-            "losses": losses, "mean_tokens_per_row": sum(len(r) for r in rows) / len(rows),
-            "threads": torch.get_num_threads()}
+    # tokens/s over steps 2.. (step 1 is warm-up for all); each step ends in loss.item(), a device sync
+    result = {"kind": kind, "tokens_per_s": sum(tokens[1:]) / sum(times[1:]), "peak_rss_gb": peak_kb / 2**20,
+              "losses": losses, "mean_tokens_per_row": sum(len(r) for r in rows) / len(rows),
+              "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
 
 
-def matmul_peak_gflops(dtype) -> float:
+def matmul_peak_gflops(dtype, device: str = "cpu") -> float:
     """Measured matmul throughput of this machine in `dtype` (the physical limit for the fraction)."""
     import torch
 
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    for _ in range(2):
+    size = 8192 if device == "cuda" else 2048
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    for _ in range(3):
         a @ b
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     start, n = time.perf_counter(), 10
     for _ in range(n):
         a @ b
-    return 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9
+    sync()
+    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def machine_name(device: str) -> str:
+    import torch
+
+    from lorakit.hardware import fast_bf16
+
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}; {cpu}"
+    return f"{cpu}, fast bf16: {fast_bf16()}"
 
 
 def main():
@@ -119,7 +149,9 @@ def main():
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "train_vs_peft.json"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra lorakit TrainConfig setting (YAML value), e.g. --set trim_memory=10")
-    ap.add_argument("--worker", choices=["peft", "lorakit"], help=argparse.SUPPRESS)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where all runs train (cuda: adds PEFT on a bf16 base; memory = peak GPU memory)")
+    ap.add_argument("--worker", choices=["peft", "peft_bf16", "lorakit"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -132,21 +164,26 @@ def main():
 
     data_path = os.path.join(tempfile.mkdtemp(), "bench.jsonl")
     write_bench_data(data_path)
+    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}))
     results = {}
-    for kind in ("peft", "lorakit"):
+    for kind in (*PEERS[args.device], "lorakit"):
         out = subprocess.run([sys.executable, __file__, "--worker", kind, f"--steps={args.steps}",
                               f"--seed={args.seed}", f"--dropout={args.dropout}", f"--data={data_path}",
-                              *(f"--set={item}" for item in args.set)], check=True, stdout=subprocess.PIPE, text=True)
+                              *(f"--set={item}" for item in args.set)], check=True, stdout=subprocess.PIPE, text=True,
+                             env=env)
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     import torch
 
     from lorakit.hardware import fast_bf16
 
-    # lorakit computes in bf16 where the CPU has fast bf16, else in fp32 (hardware.resolve_bf16)
-    compute = "bf16" if fast_bf16() else "fp32"
-    peak = matmul_peak_gflops(torch.bfloat16 if compute == "bf16" else torch.float32)
+    if args.device == "cuda" and "peak_gpu_gb" not in results["lorakit"]:
+        raise SystemExit("--device cuda, but the workers saw no GPU")
+    # lorakit computes in bf16 where the device has fast bf16, else in fp32 (hardware.resolve_bf16)
+    compute = "bf16" if fast_bf16(args.device) else "fp32"
+    peak = matmul_peak_gflops(torch.bfloat16 if compute == "bf16" else torch.float32, args.device)
+    memory = "peak_gpu_gb" if args.device == "cuda" else "peak_rss_gb"
     p, k = results["peft"], results["lorakit"]
-    # Step 1 runs the untrained adapter (B = 0, the base model) on the first batch in both workers:
+    # Step 1 runs the untrained adapter (B = 0, the base model) on the first batch in every worker:
     # the losses differ only by bf16 rounding. A larger gap means the workers saw different batches.
     step1_gap = abs(k["losses"][0] - p["losses"][0]) / p["losses"][0]
     if step1_gap > 0.01:
@@ -156,14 +193,18 @@ def main():
     # LoRA training FLOPs ~ 4 x (base parameters) per token: forward + activation gradients.
     flops_per_token = 4 * 134.5e6
     fraction = k["tokens_per_s"] * flops_per_token / (peak * 1e9)
+    rows = {("peft_fp32" if kind == "peft" else kind): {
+        "tokens_per_s": r["tokens_per_s"], "peak_rss_gb": r["peak_rss_gb"], "final_loss": final[kind],
+        **({"peak_gpu_gb": r["peak_gpu_gb"]} if "peak_gpu_gb" in r else {})} for kind, r in results.items()}
     table = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"fast bf16: {fast_bf16()}",
+        "machine": machine_name(args.device), "device": args.device,
         "steps": args.steps, "batch": BATCH, "lora_dropout": args.dropout, "mean_tokens_per_row": round(k["mean_tokens_per_row"], 1),
-        "peft_fp32": {"tokens_per_s": p["tokens_per_s"], "peak_rss_gb": p["peak_rss_gb"], "final_loss": final["peft"]},
-        "lorakit": {"tokens_per_s": k["tokens_per_s"], "peak_rss_gb": k["peak_rss_gb"], "final_loss": final["lorakit"]},
-        "speedup": k["tokens_per_s"] / p["tokens_per_s"], "memory_ratio": k["peak_rss_gb"] / p["peak_rss_gb"],
+        **rows,
+        # ratios against PEFT fp32 (on cuda also against PEFT bf16, the faster GPU peer)
+        "speedup": k["tokens_per_s"] / p["tokens_per_s"], "memory_ratio": k[memory] / p[memory],
         "final_loss_rel_diff": abs(final["lorakit"] - final["peft"]) / final["peft"], "step1_loss_rel_diff": step1_gap,
+        **({"speedup_vs_peft_bf16": k["tokens_per_s"] / results["peft_bf16"]["tokens_per_s"],
+            "memory_ratio_vs_peft_bf16": k[memory] / results["peft_bf16"][memory]} if "peft_bf16" in results else {}),
         "lorakit_compute_dtype": compute, "matmul_peak_gflops": peak, "lorakit_fraction_of_matmul_peak": fraction,
         # at 100 % of the peak, lorakit's 4 x params FLOPs per token would run at this multiple of PEFT's tokens/s
         "speedup_ceiling_at_peak": peak * 1e9 / flops_per_token / p["tokens_per_s"],
@@ -171,12 +212,15 @@ def main():
     }
     print(f"\n{table['machine']}; {args.steps} steps of {BATCH} rows x ~{table['mean_tokens_per_row']:.0f} tokens, "
           f"lora_dropout {args.dropout}")
-    print(f"{'':<16}{'tokens/s':>10}{'peak RSS GB':>13}{'final loss':>12}")
-    for name, key in (("PEFT fp32", "peft_fp32"), ("lorakit", "lorakit")):
-        r = table[key]
-        print(f"{name:<16}{r['tokens_per_s']:>10.0f}{r['peak_rss_gb']:>13.2f}{r['final_loss']:>12.4f}")
-    print(f"{'lorakit / PEFT':<16}{table['speedup']:>9.2f}x{table['memory_ratio']:>12.2f}x"
-          f"{100 * table['final_loss_rel_diff']:>10.1f} %")
+    label = "peak GPU GB" if args.device == "cuda" else "peak RSS GB"
+    print(f"{'':<20}{'tokens/s':>10}{label:>13}{'final loss':>12}")
+    for kind in results:
+        r = results[kind]
+        print(f"{PEER_NAMES.get(kind, kind):<20}{r['tokens_per_s']:>10.0f}{r[memory]:>13.2f}{final[kind]:>12.4f}")
+    for kind in PEERS[args.device]:
+        print(f"{'lorakit / ' + PEER_NAMES[kind]:<20}{k['tokens_per_s'] / results[kind]['tokens_per_s']:>9.2f}x"
+              f"{k[memory] / results[kind][memory]:>12.2f}x"
+              f"{100 * abs(final['lorakit'] - final[kind]) / final[kind]:>10.1f} %")
     print(f"{compute} matmul peak {peak:.0f} GFLOP/s; lorakit reaches {100 * fraction:.1f} % of it "
           f"(4 x 134.5 M FLOPs per token); at 100 % it would be {table['speedup_ceiling_at_peak']:.2f}x PEFT")
     with open(args.json, "w") as f:

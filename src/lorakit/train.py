@@ -21,7 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from . import data as D
 from . import distributed as dist_utils
-from .hardware import release_freed_memory, resolve_bf16
+from .hardware import attention_backends, release_freed_memory, resolve_bf16
 from .kernels.rms_norm import fuse_rms_norms
 from .kernels.saved_activations import compressed_activations, resolve_saved_activations
 from .loss import CausalLMLoss
@@ -62,7 +62,8 @@ def evaluate(loss_module, examples, batch_size: int, pad_id: int, device) -> flo
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in D.collate(examples[i:i + batch_size], pad_id).items()}
-        total += loss_module(**batch).item()
+        with attention_backends(device):
+            total += loss_module(**batch).item()
         count += count_targets(batch)
     loss_module.train(was_training)
     return total / max(1, count)
@@ -99,7 +100,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
 
     >>> result = train(TrainConfig(max_steps=20, output_dir="runs/x"))  # doctest: +SKIP
     """
-    env = dist_utils.setup()
+    env = dist_utils.setup(cfg.device)
     is_main = env.rank == 0
     cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
     torch.manual_seed(cfg.seed)
@@ -134,8 +135,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
                                                       attn_implementation=cfg.attn_implementation)
     if cfg.quantize is None:
         base.to(device=env.device, dtype=dtype)
-    elif model is not None:  # a model handed in unquantized
-        quantize_model_nf4(base.to(dtype), compute_dtype=dtype)
+    else:
+        if model is not None:  # a model handed in unquantized
+            quantize_model_nf4(base.to(dtype), compute_dtype=dtype)
+        base.to(env.device)  # moves the 4-bit buffers as they are
     if cfg.fused_kernels:
         fuse_rms_norms(base)
     if cfg.gradient_checkpointing:
@@ -153,7 +156,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
         optimizer = create_loraplus_optimizer(peft_model, cfg.lr, cfg.loraplus_lr_ratio,
                                               weight_decay=cfg.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # on CUDA one fused kernel updates every adapter (foreach: a few launches per tensor group)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      fused=True if env.device.type == "cuda" else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
 
@@ -196,7 +201,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
             loss_sum = 0.0
             for i, batch in enumerate(micro_batches):
                 with dist_utils.no_sync_unless_last(engine, i == len(micro_batches) - 1):
-                    with keep_activations():
+                    with keep_activations(), attention_backends(env.device):
                         loss = engine(**batch)
                     objective = loss * env.world_size / n_targets
                     if allocator is not None:  # AdaLoRA's orthogonality regulariser, once per optimizer step

@@ -65,6 +65,7 @@ class TrainConfig:
     max_new_tokens: int = 40
     resume: bool = False
     distributed: str = "ddp"              # under torchrun: "ddp" or "fsdp"
+    device: str = "auto"                  # auto = the GPU when one is visible, else cpu; "cpu" | "cuda"
     progress: bool = True
 
     def __post_init__(self):
@@ -89,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"loraplus_lr_ratio must be a number > 0 or null, got {self.loraplus_lr_ratio!r}")
         if self.quantize not in (None, "nf4"):
             raise ValueError(f"quantize must be null or 'nf4', got {self.quantize!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if not (isinstance(self.trim_memory, int) and self.trim_memory >= 0):
