@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_llama_for
 
+from lorakit.hardware import attention_backends
 from lorakit.kernels import linear_cross_entropy_sum
 from lorakit.kernels.lora_linear import fused_lora_linear
 from lorakit.kernels.rms_norm import rms_norm
@@ -75,6 +76,22 @@ def test_rms_norm_on_gpu_matches_float64_reference():
     out = rms_norm(xs, ws, 1e-5)
     out.sum().backward()
     assert rel(out, ref) < 1e-6 and rel(xs.grad, xr.grad) < 1e-5 and rel(ws.grad, wr.grad) < 1e-5
+
+
+def test_training_attention_avoids_cudnn_and_matches_the_math_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 57, 64, generator=gen).cuda().bfloat16().requires_grad_() for _ in range(3))
+    with profile(activities=[ProfilerActivity.CPU]) as prof, attention_backends("cuda"):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out.float().sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert not any("cudnn" in n for n in names) and any("flash" in n or "efficient" in n for n in names), names
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    assert rel(out, ref) < 1e-2 and q.grad is not None
 
 
 def test_nf4_quantization_on_gpu_gives_the_cpu_codes():
