@@ -48,14 +48,17 @@ class _FusedLoraLinear(torch.autograd.Function):
         after_A = xd @ A.T
         out = F.linear(x2, weight, bias)
         out = torch.addmm(out, after_A, B.T, alpha=scaling)
-        ctx.save_for_backward(x2, mask, after_A, weight, A, B)
+        # x itself (not the x2 view): q, k and v (gate and up) get the same x object, so a saved-tensor
+        # hook (kernels.saved_activations) can store it once for all of them
+        ctx.save_for_backward(x, mask, after_A, weight, A, B)
         ctx.scaling, ctx.shape = scaling, shape
         ctx.adapter_dtype = lora_A.dtype
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, mask, after_A, weight, A, B = ctx.saved_tensors
+        x, mask, after_A, weight, A, B = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
         gB = g @ B  # (N, r)

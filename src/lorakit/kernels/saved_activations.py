@@ -6,11 +6,13 @@ most of its peak memory. Inside `compressed_activations()` every floating tensor
 (larger than `min_numel`, not a parameter) is stored as bf16 and cast back to fp32 when backward
 needs it: the forward is unchanged, backward sees inputs rounded to bf16 (8-bit mantissa), which
 is what a bf16 training run's backward sees anyway. Parameters (frozen weights, adapters) are
-never copied. `stored_as=torch.float32` is the reference path: nothing changes.
+never copied. A tensor saved by several functions (one normed hidden state read by q, k and v) is
+stored once. `stored_as=torch.float32` is the reference path: nothing changes.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +47,21 @@ class compressed_activations(torch.autograd.graph.saved_tensors_hooks):
         if stored_as not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"stored_as must be torch.bfloat16, torch.float16 or torch.float32, got {stored_as}")
 
+        # id(tensor) -> (weak reference, version, packed): the same live, unmodified tensor is packed once
+        packed_before: dict[int, tuple] = {}
+
         def pack(t: torch.Tensor):
             if isinstance(t, nn.Parameter):  # kept by the model anyway: no copy, not counted
                 return t
             kept = t
             if t.dtype is torch.float32 and stored_as is not torch.float32 and t.numel() >= min_numel:
-                kept = _Packed(t.to(stored_as), t.dtype)
+                ref, version, kept = packed_before.get(id(t), (None, None, None))
+                if ref is None or ref() is not t or version != t._version:
+                    kept = _Packed(t.to(stored_as), t.dtype)
+                    packed_before[id(t)] = (weakref.ref(t), t._version, kept)
+                elif counts is not None:  # a second save of the same tensor costs nothing
+                    counts.original += t.numel() * t.element_size()
+                    return kept
             if counts is not None:
                 counts.original += t.numel() * t.element_size()
                 stored = kept.tensor if isinstance(kept, _Packed) else kept
