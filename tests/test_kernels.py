@@ -146,6 +146,38 @@ def test_fused_rms_norm_matches_llama_rms_norm(dtype, tol):
     assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-6), (x64, w64))
 
 
+def test_fused_swiglu_mlp_equals_llama_mlp_and_keeps_one_activation_fewer():
+    from conftest import tiny_llama
+
+    from lorakit.kernels.saved_activations import SavedBytes, compressed_activations
+    from lorakit.kernels.swiglu import FusedSwiGLUMLP, fuse_swiglu_mlps, swiglu
+
+    model = tiny_llama()
+    ref_mlp = model.model.layers[0].mlp
+    keys = sorted(model.state_dict())
+    assert fuse_swiglu_mlps(model) == 2 and sorted(model.state_dict()) == keys  # same weights, same keys
+    fused = model.model.layers[0].mlp
+    assert isinstance(fused, FusedSwiGLUMLP) and fused.gate_proj is ref_mlp.gate_proj
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    saved = {}
+    for name, mlp, inp in (("ref", ref_mlp, x2), ("fused", fused, x)):
+        saved[name] = SavedBytes()
+        with compressed_activations(torch.float32, min_numel=1, counts=saved[name]):
+            out = mlp(inp)
+        saved[name + "_out"] = out
+    torch.testing.assert_close(saved["fused_out"], saved["ref_out"], rtol=0, atol=1e-6)
+    g = torch.randn_like(saved["ref_out"])
+    saved["fused_out"].backward(g)
+    saved["ref_out"].backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    # the reference saves gate (for silu), silu(gate) and up (for the product); fused: gate and up only
+    assert saved["ref"].original - saved["fused"].original == 3 * 5 * 64 * 4
+    gate = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (gate, up))
+
+
 def test_right_padded_batches_drop_their_mask_without_changing_loss_or_grads():
     from conftest import tiny_llama
 

@@ -23,6 +23,7 @@ from . import data as D
 from . import distributed as dist_utils
 from .hardware import attention_backends, release_freed_memory, resolve_bf16
 from .kernels.rms_norm import fuse_rms_norms
+from .kernels.swiglu import fuse_swiglu_mlps
 from .kernels.saved_activations import compressed_activations, resolve_saved_activations
 from .loss import CausalLMLoss
 from .model import get_peft_model
@@ -141,6 +142,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
         base.to(env.device)  # moves the 4-bit buffers as they are
     if cfg.fused_kernels:
         fuse_rms_norms(base)
+        fuse_swiglu_mlps(base)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapter_config = cfg.lora_config(total_steps)

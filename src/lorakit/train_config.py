@@ -54,6 +54,7 @@ class TrainConfig:
                                           # in fp32 (no fast bf16 here), else the compute dtype; bf16 | fp32
     quantize: str | None = None           # "nf4": frozen base in 4-bit NF4 (QLoRA)
     fused_kernels: bool = True            # chunked lm_head + cross-entropy on labelled rows, fused RMSNorm
+                                          # and SwiGLU (fewer saved activations)
     gradient_checkpointing: bool = False
     packing: bool = False
     train_on_prompt: bool = False

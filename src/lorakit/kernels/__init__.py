@@ -2,5 +2,6 @@
 
 from .linear_ce import linear_cross_entropy_sum
 from .lora_linear import fused_lora_linear
+from .swiglu import swiglu
 
-__all__ = ["fused_lora_linear", "linear_cross_entropy_sum"]
+__all__ = ["fused_lora_linear", "linear_cross_entropy_sum", "swiglu"]
