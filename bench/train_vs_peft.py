@@ -193,13 +193,13 @@ def main():
     # LoRA training FLOPs ~ 4 x (base parameters) per token: forward + activation gradients.
     flops_per_token = 4 * 134.5e6
     fraction = k["tokens_per_s"] * flops_per_token / (peak * 1e9)
-    rows = {("peft_fp32" if kind == "peft" else kind): {
+    row_tables = {("peft_fp32" if kind == "peft" else kind): {
         "tokens_per_s": r["tokens_per_s"], "peak_rss_gb": r["peak_rss_gb"], "final_loss": final[kind],
         **({"peak_gpu_gb": r["peak_gpu_gb"]} if "peak_gpu_gb" in r else {})} for kind, r in results.items()}
     table = {
         "machine": machine_name(args.device), "device": args.device,
         "steps": args.steps, "batch": BATCH, "lora_dropout": args.dropout, "mean_tokens_per_row": round(k["mean_tokens_per_row"], 1),
-        **rows,
+        **row_tables,
         # ratios against PEFT fp32 (on cuda also against PEFT bf16, the faster GPU peer)
         "speedup": k["tokens_per_s"] / p["tokens_per_s"], "memory_ratio": k[memory] / p[memory],
         "final_loss_rel_diff": abs(final["lorakit"] - final["peft"]) / final["peft"], "step1_loss_rel_diff": step1_gap,
@@ -223,7 +223,9 @@ def main():
               f"{100 * abs(final['lorakit'] - final[kind]) / final[kind]:>10.1f} %")
     print(f"{compute} matmul peak {peak:.0f} GFLOP/s; lorakit reaches {100 * fraction:.1f} % of it "
           f"(4 x 134.5 M FLOPs per token); at 100 % it would be {table['speedup_ceiling_at_peak']:.2f}x PEFT")
-    with open(args.json, "w") as f:
+    from lorakit.peft_io import atomic_path
+
+    with atomic_path(args.json) as tmp, open(tmp, "w") as f:  # an interrupted run leaves the old JSON
         json.dump(table, f, indent=2)
 
 
