@@ -23,8 +23,8 @@ from . import data as D
 from . import distributed as dist_utils
 from .hardware import attention_backends, release_freed_memory, resolve_bf16
 from .kernels.rms_norm import fuse_rms_norms
-from .kernels.swiglu import fuse_swiglu_mlps
 from .kernels.saved_activations import compressed_activations, resolve_saved_activations
+from .kernels.swiglu import fuse_swiglu_mlps
 from .loss import CausalLMLoss
 from .model import get_peft_model
 from .models import load_model, load_tokenizer
