@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .hardware import resolve_device_type
+
 
 @dataclass
 class Env:
@@ -20,12 +22,8 @@ class Env:
 
 def setup(device: str = "auto") -> Env:
     """The process's rank, world size and device ("auto": the GPU when one is visible, else the CPU)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device is 'cuda' but torch sees no CUDA GPU (use device: auto or cpu)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = resolve_device_type(device) == "cuda"
     if world == 1:
         return Env(device=torch.device("cuda" if use_cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

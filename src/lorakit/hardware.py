@@ -28,6 +28,20 @@ def fast_bf16(device: torch.device | str = "cpu") -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def check_device_setting(setting: str) -> None:
+    """`device` must be auto, cpu or cuda (whether a GPU is there is checked when training starts)."""
+    if setting not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {setting!r}")
+
+
+def resolve_device_type(setting: str) -> str:
+    """'cuda' or 'cpu' for `device: auto|cpu|cuda` (auto = the GPU when torch sees one)."""
+    check_device_setting(setting)
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but torch sees no CUDA GPU (use device: auto or cpu)")
+    return "cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def attention_backends(device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
     """Where training runs attention: on CUDA, SDPA's flash, memory-efficient or math kernels, not cuDNN's.
 

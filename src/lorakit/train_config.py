@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from .config import CONFIG_TYPES, LoraConfig, config_from_dict
+from .hardware import check_device_setting
 from .kernels.saved_activations import resolve_saved_activations
 
 PACKAGE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -91,8 +92,7 @@ class TrainConfig:
             raise ValueError(f"loraplus_lr_ratio must be a number > 0 or null, got {self.loraplus_lr_ratio!r}")
         if self.quantize not in (None, "nf4"):
             raise ValueError(f"quantize must be null or 'nf4', got {self.quantize!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        check_device_setting(self.device)
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if not (isinstance(self.trim_memory, int) and self.trim_memory >= 0):
