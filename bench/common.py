@@ -1,6 +1,8 @@
 """Shared set-up for the benchmarks: SmolLM2 with the same LoRA config in lorakit and PEFT."""
 
 import copy
+import os
+import platform
 import statistics
 import time
 
@@ -48,3 +50,13 @@ def median_rates(runs: dict, rounds: int, tokens: int):
                     torch.cuda.synchronize()  # GPU work is asynchronous: time it to completion
                 rates[name].append(tokens / (time.perf_counter() - start))
     return {name: statistics.median(r) for name, r in rates.items()}, outputs
+
+
+def machine_name(device: str = "cpu") -> str:
+    """What the figures were measured on: the GPU (on cuda), the CPU, its cores and torch."""
+    from lorakit.hardware import fast_bf16
+
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}; {cpu}"
+    return f"{cpu}, {torch.get_num_threads()} threads, fast bf16: {fast_bf16()}"

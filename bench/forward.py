@@ -9,12 +9,11 @@ alike); the table shows the median per forward pass and the ratio to the base mo
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 
 import torch
-from common import paired_models
+from common import machine_name, paired_models
 
 from lorakit.models import load_model
 
@@ -58,8 +57,7 @@ def main():
             times[name].append(_timed(lambda ids: model(input_ids=ids).logits, x, args.reps))
     med = {name: statistics.median(t) for name, t in times.items()}
     rows = [(name, med[name] * 1e3, med[name] / med["base model"]) for name in runs]
-    print(f"\nforward, batch {args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(f"\nforward, batch {args.batch} x {args.seq} tokens; {machine_name()}")
     print(f"{'setup':<20}{'ms / forward':>14}{'vs base':>10}")
     for name, ms, ratio in rows:
         print(f"{name:<20}{ms:>14.1f}{ratio:>10.2f}")

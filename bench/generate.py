@@ -8,10 +8,9 @@ Interleaved rounds; the table shows the median tokens/s of each setup.
 import argparse
 import copy
 import json
-import platform
 
 import torch
-from common import copy_lora_weights, median_rates, paired_models, randomize_lora_B
+from common import copy_lora_weights, machine_name, median_rates, paired_models, randomize_lora_B
 from lorakit.models import load_model
 
 
@@ -37,9 +36,8 @@ def main():
               min_new_tokens=args.new_tokens, pad_token_id=0)
     runs = {name: (lambda m=model: m.generate(input_ids=prompt, **kw)) for name, model in models.items()}
     med, outputs = median_rates(runs, args.rounds, args.batch * args.new_tokens)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else \
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
-    print(f"\ngreedy generation, batch {args.batch}, 32-token prompt + {args.new_tokens} new tokens, fp32, {where}")
+    print(f"\ngreedy generation, batch {args.batch}, 32-token prompt + {args.new_tokens} new tokens, fp32; "
+          f"{machine_name(args.device)}")
     print(f"{'setup':<20}{'tokens/s':>10}{'vs base':>10}")
     for name in runs:
         print(f"{name:<20}{med[name]:>10.1f}{med[name] / med['base model']:>10.2f}")

@@ -13,13 +13,12 @@ the ceiling for any LoRA implementation on the same weights.
 import argparse
 import copy
 import json
-import platform
 
 import peft
 import torch
 
 import lorakit
-from common import LORA, copy_lora_weights, median_rates, paired_models, randomize_lora_B
+from common import LORA, copy_lora_weights, machine_name, median_rates, paired_models, randomize_lora_B
 from lorakit.models import load_model
 
 
@@ -54,8 +53,7 @@ def main():
             "base alone": lambda: base.generate(input_ids=prompts, **kw)}
     med, outs = median_rates(runs, args.rounds, len(names) * args.new_tokens)
     print(f"\nmixed batch: {len(names)} rows, {len(names)} adapters (r=16, 7 modules), 24-token prompts + "
-          f"{args.new_tokens} new tokens, greedy; " + (torch.cuda.get_device_name() if args.device == "cuda" else
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"))
+          f"{args.new_tokens} new tokens, greedy; {machine_name(args.device)}")
     print(f"| {'':<13} | tokens/s | x PEFT fp32 |\n|---|---:|---:|")
     for k in runs:
         print(f"| {k:<13} | {med[k]:8.1f} | {med[k] / med['PEFT']:10.2f} |")

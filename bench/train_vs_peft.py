@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 
-from common import LORA  # noqa: E402  (lora_dropout comes from --dropout; PEFT default 0)
+from common import LORA, machine_name  # noqa: E402  (lora_dropout comes from --dropout; PEFT default 0)
 LR, WARMUP, BATCH, MAX_LEN, TURNS = 2e-4, 5, 8, 320, 3
 
 
@@ -130,17 +129,6 @@ def matmul_peak_gflops(dtype, device: str = "cpu") -> float:
     return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
 
 
-def machine_name(device: str) -> str:
-    import torch
-
-    from lorakit.hardware import fast_bf16
-
-    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()}; {cpu}"
-    return f"{cpu}, fast bf16: {fast_bf16()}"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=50)
@@ -181,7 +169,7 @@ def main():
     # lorakit computes in bf16 where the device has fast bf16, else in fp32 (hardware.resolve_bf16)
     compute = "bf16" if fast_bf16(args.device) else "fp32"
     peak = matmul_peak_gflops(torch.bfloat16 if compute == "bf16" else torch.float32, args.device)
-    memory = "peak_gpu_gb" if args.device == "cuda" else "peak_rss_gb"
+    memory, label = ("peak_gpu_gb", "peak GPU GB") if args.device == "cuda" else ("peak_rss_gb", "peak RSS GB")
     p, k = results["peft"], results["lorakit"]
     # Step 1 runs the untrained adapter (B = 0, the base model) on the first batch in every worker:
     # the losses differ only by bf16 rounding. A larger gap means the workers saw different batches.
@@ -196,15 +184,18 @@ def main():
     row_tables = {("peft_fp32" if kind == "peft" else kind): {
         "tokens_per_s": r["tokens_per_s"], "peak_rss_gb": r["peak_rss_gb"], "final_loss": final[kind],
         **({"peak_gpu_gb": r["peak_gpu_gb"]} if "peak_gpu_gb" in r else {})} for kind, r in results.items()}
+    # lorakit against each peer: PEFT fp32 (keys without suffix) and, on cuda, PEFT bf16 (suffix _vs_peft_bf16)
+    ratios = {kind: {"speedup": k["tokens_per_s"] / results[kind]["tokens_per_s"],
+                     "memory_ratio": k[memory] / results[kind][memory],
+                     "final_loss_rel_diff": abs(final["lorakit"] - final[kind]) / final[kind]}
+              for kind in PEERS[args.device]}
     table = {
         "machine": machine_name(args.device), "device": args.device,
         "steps": args.steps, "batch": BATCH, "lora_dropout": args.dropout, "mean_tokens_per_row": round(k["mean_tokens_per_row"], 1),
         **row_tables,
-        # ratios against PEFT fp32 (on cuda also against PEFT bf16, the faster GPU peer)
-        "speedup": k["tokens_per_s"] / p["tokens_per_s"], "memory_ratio": k[memory] / p[memory],
-        "final_loss_rel_diff": abs(final["lorakit"] - final["peft"]) / final["peft"], "step1_loss_rel_diff": step1_gap,
-        **({"speedup_vs_peft_bf16": k["tokens_per_s"] / results["peft_bf16"]["tokens_per_s"],
-            "memory_ratio_vs_peft_bf16": k[memory] / results["peft_bf16"][memory]} if "peft_bf16" in results else {}),
+        **{name + ("" if kind == "peft" else f"_vs_{kind}"): value
+           for kind, r in ratios.items() for name, value in r.items()},
+        "step1_loss_rel_diff": step1_gap,
         "lorakit_compute_dtype": compute, "matmul_peak_gflops": peak, "lorakit_fraction_of_matmul_peak": fraction,
         # at 100 % of the peak, lorakit's 4 x params FLOPs per token would run at this multiple of PEFT's tokens/s
         "speedup_ceiling_at_peak": peak * 1e9 / flops_per_token / p["tokens_per_s"],
@@ -212,15 +203,13 @@ def main():
     }
     print(f"\n{table['machine']}; {args.steps} steps of {BATCH} rows x ~{table['mean_tokens_per_row']:.0f} tokens, "
           f"lora_dropout {args.dropout}")
-    label = "peak GPU GB" if args.device == "cuda" else "peak RSS GB"
     print(f"{'':<20}{'tokens/s':>10}{label:>13}{'final loss':>12}")
     for kind in results:
         r = results[kind]
         print(f"{PEER_NAMES.get(kind, kind):<20}{r['tokens_per_s']:>10.0f}{r[memory]:>13.2f}{final[kind]:>12.4f}")
-    for kind in PEERS[args.device]:
-        print(f"{'lorakit / ' + PEER_NAMES[kind]:<20}{k['tokens_per_s'] / results[kind]['tokens_per_s']:>9.2f}x"
-              f"{k[memory] / results[kind][memory]:>12.2f}x"
-              f"{100 * abs(final['lorakit'] - final[kind]) / final[kind]:>10.1f} %")
+    for kind, r in ratios.items():
+        print(f"{'lorakit / ' + PEER_NAMES[kind]:<20}{r['speedup']:>9.2f}x{r['memory_ratio']:>12.2f}x"
+              f"{100 * r['final_loss_rel_diff']:>10.1f} %")
     print(f"{compute} matmul peak {peak:.0f} GFLOP/s; lorakit reaches {100 * fraction:.1f} % of it "
           f"(4 x 134.5 M FLOPs per token); at 100 % it would be {table['speedup_ceiling_at_peak']:.2f}x PEFT")
     from lorakit.peft_io import atomic_path

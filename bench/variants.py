@@ -10,11 +10,10 @@ of steps. Writes bench/variants.json and bench/variants.png (loss curves) and pr
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
-import torch
+from common import machine_name
 
 from lorakit.plot import plot_curves
 from lorakit.train import train
@@ -83,7 +82,7 @@ def main():
                      f"{r['final_train_loss']:.3f} | {r['held_out_before']:.3f} -> {r['held_out_after']:.3f} |")
     table = "\n".join(lines)
     print(table)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    machine = machine_name()
     with open(args.out, "w") as f:
         json.dump({"steps": args.steps, "machine": machine, "rows": rows, "table": table}, f, indent=1)
     plot_curves({r["variant"]: r["history"] for r in rows}, os.path.splitext(args.out)[0] + ".png",
