@@ -141,3 +141,14 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     tiny_llama_for(tiny_tokenizer).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return str(path)
+
+
+def tiny_train_config(output_dir, **kw):
+    """A TrainConfig for tiny-model runs: demo data, 96 tokens, batch 4, 10 steps, fp32, no progress bar."""
+    from lorakit.train_config import DEMO_DATA, TrainConfig
+
+    base = dict(data=DEMO_DATA, prompts=None, output_dir=str(output_dir), max_length=96, batch_size=4,
+                max_steps=10, lr=5e-3, warmup_steps=2, eval_every=5, save_every=100, bf16=False, progress=False,
+                lora=dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"]))
+    base.update(kw)
+    return TrainConfig(**base)

@@ -4,7 +4,7 @@ tracks the CPU run. Skipped where torch sees no CUDA GPU (CI's machines); run on
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama_for
+from conftest import tiny_llama_for, tiny_train_config
 
 from lorakit.hardware import attention_backends
 from lorakit.kernels import linear_cross_entropy_sum
@@ -28,7 +28,7 @@ def rel(a, b):
     return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
 
 
-def _lora_inputs(dtype, seed=0):
+def _lora_inputs(seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 37, 64, generator=gen)
     w, b = torch.randn(96, 64, generator=gen) / 8, torch.randn(96, generator=gen)
@@ -38,7 +38,7 @@ def _lora_inputs(dtype, seed=0):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_lora_linear_on_gpu_matches_float64_reference(dtype, tol):
-    x, w, b, a, bb = _lora_inputs(dtype)
+    x, w, b, a, bb = _lora_inputs()
     grad = torch.randn(3, 37, 96, generator=torch.Generator().manual_seed(1))
     ref_in = [t.double().requires_grad_(i in (0, 3, 4)) for i, t in enumerate((x, w, b, a, bb))]
     ref = F.linear(ref_in[0], ref_in[1], ref_in[2]) + 2.0 * (ref_in[0] @ ref_in[3].T) @ ref_in[4].T
@@ -106,14 +106,12 @@ def test_nf4_quantization_on_gpu_gives_the_cpu_codes():
                          ids=["fp32", "qlora-bf16"])
 def test_training_on_gpu_tracks_the_cpu_run(tmp_path, tiny_tokenizer, settings, tol):
     from lorakit.train import train
-    from lorakit.train_config import DEMO_DATA, TrainConfig
 
     runs = {}
     for device in ("cpu", "cuda"):
-        cfg = TrainConfig(**{**dict(
-            data=DEMO_DATA, prompts=None, output_dir=str(tmp_path / device), max_length=96, batch_size=4,
-            max_steps=4, lr=5e-3, warmup_steps=2, val_fraction=0.0, eval_every=100, save_every=100, bf16=False,
-            saved_activations="fp32", progress=False, device=device,
+        # no dropout: the CPU and the GPU draw different masks
+        cfg = tiny_train_config(tmp_path / device, **{**dict(
+            max_steps=4, val_fraction=0.0, eval_every=100, saved_activations="fp32", device=device,
             lora=dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])), **settings})
         result = train(cfg, tiny_llama_for(tiny_tokenizer, initializer_range=0.3), tiny_tokenizer)
         params = {n: p.detach().cpu() for n, p in result["model"].named_parameters() if p.requires_grad}

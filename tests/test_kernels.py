@@ -231,7 +231,7 @@ def _adapter_grads_with(stored_as, counts=None, min_numel=1):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_bf16_saved_activations_halve_saved_bytes_and_keep_grads_within_1e_2():
+def test_bf16_saved_activations_store_each_tensor_once_at_half_size_and_keep_grads_within_1e_2():
     from lorakit.kernels.saved_activations import SavedBytes
 
     ref_loss, ref = _adapter_grads_with(torch.float32)

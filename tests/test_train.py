@@ -8,17 +8,10 @@ import sys
 import pytest
 import torch
 from conftest import tiny_llama_for
+from conftest import tiny_train_config as _cfg
 
 from lorakit.train import lr_lambda, train
-from lorakit.train_config import DEMO_DATA, TrainConfig
-
-
-def _cfg(tmp_path, **kw):
-    base = dict(data=DEMO_DATA, prompts=None, output_dir=str(tmp_path), max_length=96, batch_size=4,
-                max_steps=10, lr=5e-3, warmup_steps=2, eval_every=5, save_every=100, bf16=False, progress=False,
-                lora=dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"]))
-    base.update(kw)
-    return TrainConfig(**base)
+from lorakit.train_config import DEMO_DATA
 
 
 def _adapter(result):
