@@ -135,6 +135,14 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def swap_modules(model: nn.Module, matches, make) -> int:
+    """Replace every submodule `m` with `matches(m)` true by `make(m)`. Returns how many were replaced."""
+    names = [n for n, m in model.named_modules() if matches(m)]
+    for name in names:
+        replace_module(model, name, make(model.get_submodule(name)))
+    return len(names)
+
+
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Add adapter `adapter_name` to every targeted module (wrapping it on first use). Returns the names."""
     targets = find_targets(model, config)

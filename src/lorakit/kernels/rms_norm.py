@@ -57,9 +57,6 @@ class FusedRMSNorm(nn.Module):
 
 def fuse_rms_norms(model: nn.Module) -> int:
     """Swap every Llama-style RMSNorm instance in `model` for FusedRMSNorm. Returns how many."""
-    from ..inject import replace_module
+    from ..inject import swap_modules
 
-    names = [n for n, m in model.named_modules() if type(m).__name__ in LLAMA_STYLE_NORMS]
-    for name in names:
-        replace_module(model, name, FusedRMSNorm(model.get_submodule(name)))
-    return len(names)
+    return swap_modules(model, lambda m: type(m).__name__ in LLAMA_STYLE_NORMS, FusedRMSNorm)

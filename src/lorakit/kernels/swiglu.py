@@ -53,11 +53,10 @@ class FusedSwiGLUMLP(nn.Module):
 
 def fuse_swiglu_mlps(model: nn.Module) -> int:
     """Swap every Llama-style MLP with a SiLU gate in `model` for FusedSwiGLUMLP. Returns how many."""
-    from ..inject import replace_module
+    from ..inject import swap_modules
 
-    names = [n for n, m in model.named_modules()
-             if type(m).__name__ in LLAMA_STYLE_MLPS and type(getattr(m, "act_fn", None)).__name__ in SILU_MODULES
-             and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj"))]
-    for name in names:
-        replace_module(model, name, FusedSwiGLUMLP(model.get_submodule(name)))
-    return len(names)
+    def is_swiglu_mlp(m: nn.Module) -> bool:
+        return (type(m).__name__ in LLAMA_STYLE_MLPS and type(getattr(m, "act_fn", None)).__name__ in SILU_MODULES
+                and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj")))
+
+    return swap_modules(model, is_swiglu_mlp, FusedSwiGLUMLP)
