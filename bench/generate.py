@@ -11,7 +11,7 @@ import json
 
 import torch
 from common import copy_lora_weights, machine_name, median_rates, paired_models, randomize_lora_B
-from lorakit.models import load_model
+from lorakit.model_loading import load_model
 
 
 def main():

@@ -49,8 +49,9 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
     import torch
 
     from lorakit import data as D
-    from lorakit.models import load_tokenizer
-    from lorakit.train import batch_order, lr_lambda
+    from lorakit.model_loading import load_tokenizer
+    from lorakit.train import batch_order
+    from lorakit.train_setup import lr_lambda
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer("smollm2-135m")
@@ -60,7 +61,7 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
     if kind.startswith("peft"):  # what a PEFT user runs: fp32 (or bf16) model, labels= loss (mean over labelled tokens)
         import peft
 
-        from lorakit.models import load_model
+        from lorakit.model_loading import load_model
 
         base = load_model("smollm2-135m", dtype=torch.bfloat16 if kind == "peft_bf16" else torch.float32, device=device)
         model = peft.get_peft_model(base, peft.LoraConfig(**LORA, lora_dropout=dropout))  # adapters in fp32
@@ -212,7 +213,7 @@ def main():
               f"{100 * r['final_loss_rel_diff']:>10.1f} %")
     print(f"{compute} matmul peak {peak:.0f} GFLOP/s; lorakit reaches {100 * fraction:.1f} % of it "
           f"(4 x 134.5 M FLOPs per token); at 100 % it would be {table['speedup_ceiling_at_peak']:.2f}x PEFT")
-    from lorakit.peft_io import atomic_path
+    from lorakit.utils import atomic_path
 
     with atomic_path(args.json) as tmp, open(tmp, "w") as f:  # an interrupted run leaves the old JSON
         json.dump(table, f, indent=2)

@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_llama_for
 from conftest import tiny_train_config as _cfg
 
-from lorakit.train import lr_lambda, train
+from lorakit.train import train
+from lorakit.train_setup import lr_lambda
 from lorakit.train_config import DEMO_DATA
 
 
@@ -203,5 +204,5 @@ def test_every_variant_trains_in_the_one_loop_and_its_adapter_reloads(tmp_path, 
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, trained, atol=1e-4, rtol=1e-4)
     config = model.peft_config["default"]
-    if config.adapter_kind == "adalora":
+    if config.peft_type == "ADALORA":
         assert sum(sum(m) for m in config.rank_pattern.values()) == 2 * 2 * 3  # target_r x layers x targets

@@ -195,7 +195,7 @@ def test_vera_projections_equal_peft_and_outputs_match(tmp_path, ids):
     cfg = VeraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], projection_prng_key=5)
     ours, theirs = round_trip(tiny_llama(), cfg, ids, tmp_path)
     layer = ours.get_base_model().model.layers[0].mlp.down_proj
-    proj = layer.vera_projections["default"]
+    proj = layer.adapters["default"].form.projections
     theirs_layer = theirs.get_base_model().model.layers[0].mlp.down_proj
     torch.testing.assert_close(proj.A, theirs_layer.vera_A["default"], atol=0, rtol=0)
     torch.testing.assert_close(proj.B, theirs_layer.vera_B["default"], atol=0, rtol=0)

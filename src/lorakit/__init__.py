@@ -1,9 +1,11 @@
 """lorakit: LoRA fine-tuning and serving, with PEFT's API and file format."""
 
-from .config import AdaLoraConfig, LoraConfig, VeraConfig
+from .config import LoraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from .model import LoraModel, PeftModel, get_peft_model
-from .models import load_model, load_tokenizer
+from .model_loading import load_model, load_tokenizer
+from .variants.adalora import AdaLoraConfig
+from .variants.vera import VeraConfig
 
 __version__ = "0.1.0"
 

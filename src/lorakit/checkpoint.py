@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from .peft_io import atomic_path
+from .utils import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -12,7 +12,13 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+import torch
+
+from .variants.dora import DoraForm
+from .variants.form import AdapterForm
+from .variants.lora import LoraForm
 
 CONFIG_NAME = "adapter_config.json"
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
@@ -57,7 +63,7 @@ class LoraConfig:
     extra_fields: dict[str, Any] = field(default_factory=dict, repr=False)
 
     PEFT_TYPE = "LORA"
-    adapter_kind = "lora"  # which adapter form the layers build (see lorakit.layers)
+    resumable = True  # a run with this adapter can continue from a checkpoint
 
     def __post_init__(self):
         if isinstance(self.target_modules, (set, tuple)):
@@ -72,12 +78,12 @@ class LoraConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the bad value."""
-        _check_rank("r", self.r)
+        check_rank("r", self.r)
         for key, rank in self.rank_pattern.items():
-            _check_rank(f"rank_pattern[{key!r}]", rank)
-        _check_alpha("lora_alpha", self.lora_alpha)
+            check_rank(f"rank_pattern[{key!r}]", rank)
+        check_alpha("lora_alpha", self.lora_alpha)
         for key, alpha in self.alpha_pattern.items():
-            _check_alpha(f"alpha_pattern[{key!r}]", alpha)
+            check_alpha(f"alpha_pattern[{key!r}]", alpha)
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_CHOICES:
@@ -100,11 +106,29 @@ class LoraConfig:
             if value is not None and not isinstance(value, (str, list)):
                 raise ValueError(f"{name} must be a list of names or a regex string, got {value!r}")
 
+    def adapter_form(self, target_shapes: list[tuple[int, int]]) -> AdapterForm:
+        """The form the layers build for this adapter; `target_shapes` are the targets' (d_in, d_out)."""
+        form = LoraForm(self.init_lora_weights, self.use_rslora)
+        return DoraForm(form) if self.use_dora else form
+
     def layer_kwargs(self, module_name: str) -> dict[str, Any]:
-        """Arguments for LoraLayer.add_adapter on the module `module_name`."""
+        """Arguments for LoraLayer.add_adapter on the module `module_name` (besides the form)."""
         return dict(r=self.rank_for(module_name), lora_alpha=self.alpha_for(module_name),
-                    lora_dropout=self.lora_dropout, init_lora_weights=self.init_lora_weights,
-                    use_rslora=self.use_rslora, use_dora=self.use_dora)
+                    lora_dropout=self.lora_dropout)
+
+    def with_total_steps(self, total_steps: int) -> "LoraConfig":
+        """This config for a run of `total_steps` optimizer steps (forms with a schedule need it)."""
+        return self
+
+    regularization_weight = 0.0  # weight of `regularization` in the training loss
+
+    def regularization(self, model, adapter_name: str) -> torch.Tensor | None:
+        """A term the form adds to the training loss (before weighting), or None."""
+        return None
+
+    def step_callback(self, model, adapter_name: str) -> Callable[[Any, int], Any] | None:
+        """`callback(model, step)` to run after each optimizer step, before gradients are cleared, or None."""
+        return None
 
     @property
     def svd_init(self) -> bool:
@@ -135,18 +159,12 @@ class LoraConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "LoraConfig":
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!s}: is this an adapter directory?")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        peft_type = data.get("peft_type", "LORA")
-        if peft_type not in CONFIG_TYPES:
-            raise ValueError(f"{path}: peft_type {peft_type!r} is not supported; lorakit reads {sorted(CONFIG_TYPES)}")
-        return CONFIG_TYPES[peft_type].from_dict(data)
+        """The config saved in `directory` (any form: lorakit.forms.read_config picks the class)."""
+        data = read_config_file(directory)
+        if data.get("peft_type", "LORA") != cls.PEFT_TYPE:
+            raise ValueError(f"{directory!s} holds a {data.get('peft_type')} adapter, not {cls.PEFT_TYPE}; "
+                             "read it with lorakit.forms.read_config")
+        return cls.from_dict(data)
 
     def rank_for(self, module_name: str) -> int:
         key = _pattern_key(self.rank_pattern, module_name)
@@ -165,131 +183,26 @@ def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
     return None
 
 
-def _check_rank(name: str, value: Any) -> None:
+def check_rank(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _check_alpha(name: str, value: Any) -> None:
+def check_alpha(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 
-@dataclass
-class VeraConfig(LoraConfig):
-    """VeRA (Kopiczko et al. 2024): frozen random A/B shared by all layers, trainable vectors λ_d (r) and λ_b
-    (d_out) per layer. PEFT's VeraConfig fields; A and B are regenerated from `projection_prng_key`, and
-    written into the file too when `save_projection`. Targets of different shapes share one projection
-    sized to the largest, sliced per layer (as in PEFT).
-
-    >>> VeraConfig(r=256, target_modules=["q_proj", "v_proj"]).peft_type
-    'VERA'
-    """
-
-    r: int = 256
-    projection_prng_key: int = 0
-    save_projection: bool = True
-    vera_dropout: float = 0.0
-    d_initial: float = 0.1
-    init_weights: bool = True
-    peft_type: str = "VERA"
-
-    PEFT_TYPE = "VERA"
-    adapter_kind = "vera"
-    SAVED = ("r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
-             "fan_in_fan_out", "bias", "modules_to_save", "init_weights", "layers_to_transform", "layers_pattern",
-             "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_type")
-
-    def __post_init__(self):
-        self.lora_dropout = self.vera_dropout
-        super().__post_init__()
-
-    def validate(self) -> None:
-        super().validate()
-        if self.use_dora or self.use_rslora or self.rank_pattern or self.alpha_pattern or self.svd_init:
-            raise ValueError("VeRA has one shared rank and no alpha: use_dora, use_rslora, rank_pattern, "
-                             "alpha_pattern and PiSSA/OLoRA init do not apply to a VeraConfig")
-        if not isinstance(self.d_initial, (int, float)) or self.d_initial <= 0:
-            raise ValueError(f"d_initial must be a number > 0, got {self.d_initial!r}")
-
-    def layer_kwargs(self, module_name: str) -> dict[str, Any]:
-        return dict(kind="vera", r=self.r, lora_alpha=1.0, lora_dropout=self.vera_dropout,
-                    init_lora_weights=self.init_weights, d_initial=self.d_initial)
-
-    def _saved_fields(self) -> list[str]:
-        return list(self.SAVED)
-
-
-@dataclass
-class AdaLoraConfig(LoraConfig):
-    """AdaLoRA (Zhang et al. 2023): ΔW = B diag(E) A in SVD form, ranks pruned from init_r to an average of
-    target_r by importance while training. PEFT's AdaLoraConfig fields. Schedule: `tinit` warm-up steps at
-    full rank, budget shrinks cubically until `total_step - tfinal`, then ranks are fixed. `rank_pattern`
-    (written by training) maps '<module>.lora_E' to the kept singular values (list of bools).
-    """
-
-    target_r: int = 8
-    init_r: int = 12
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: int | None = None
-    rank_pattern: dict[str, list[bool]] | None = None
-    peft_type: str = "ADALORA"
-
-    PEFT_TYPE = "ADALORA"
-    adapter_kind = "adalora"
-
-    def validate(self) -> None:
-        patterns, self.rank_pattern = self.rank_pattern, {}
-        try:
-            super().validate()
-        finally:
-            self.rank_pattern = patterns or None
-        if self.use_dora or self.svd_init or self.alpha_pattern:
-            raise ValueError("AdaLoRA has its own SVD form: use_dora, PiSSA/OLoRA init and alpha_pattern "
-                             "do not apply to an AdaLoraConfig")
-        _check_rank("init_r", self.init_r)
-        _check_rank("target_r", self.target_r)
-        if self.target_r > self.init_r:
-            raise ValueError(f"target_r ({self.target_r}) must be <= init_r ({self.init_r})")
-        for name in ("beta1", "beta2"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
-        if self.orth_reg_weight < 0:
-            raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
-        if self.total_step is not None:
-            if not isinstance(self.total_step, int) or self.total_step <= 0:
-                raise ValueError(f"total_step must be an integer > 0, got {self.total_step!r}")
-            if self.tinit >= self.total_step - self.tfinal:
-                raise ValueError(f"tinit={self.tinit} and tfinal={self.tfinal} leave no budgeting phase in "
-                                 f"total_step={self.total_step}: need tinit < total_step - tfinal")
-        if self.deltaT < 1:
-            raise ValueError(f"deltaT must be >= 1, got {self.deltaT!r}")
-
-    def __post_init__(self):
-        rank_pattern = self.rank_pattern
-        super().__post_init__()
-        self.rank_pattern = {k: list(v) for k, v in rank_pattern.items()} if rank_pattern else None
-
-    def rank_for(self, module_name: str) -> int:
-        mask = (self.rank_pattern or {}).get(f"{module_name}.lora_E")
-        return self.init_r if mask is None else int(sum(mask))
-
-    def layer_kwargs(self, module_name: str) -> dict[str, Any]:
-        return dict(kind="adalora", r=self.rank_for(module_name), lora_alpha=self.lora_alpha,
-                    lora_dropout=self.lora_dropout, init_lora_weights=self.init_lora_weights, init_r=self.init_r)
-
-
-CONFIG_TYPES: dict[str, type[LoraConfig]] = {c.PEFT_TYPE: c for c in (LoraConfig, VeraConfig, AdaLoraConfig)}
-
-
-def config_from_dict(data: dict[str, Any]) -> LoraConfig:
-    """A LoraConfig / VeraConfig / AdaLoraConfig from a dict, chosen by its `peft_type` (default LORA)."""
-    peft_type = data.get("peft_type", "LORA")
-    if peft_type not in CONFIG_TYPES:
-        raise ValueError(f"peft_type must be one of {sorted(CONFIG_TYPES)}, got {peft_type!r}")
-    return CONFIG_TYPES[peft_type](**data)
+def read_config_file(directory: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in `directory`/adapter_config.json; errors name the file."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!s}: is this an adapter directory?")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object of settings, got {type(data).__name__}")
+    return data

@@ -114,6 +114,12 @@ def _messages(row: dict) -> list[dict]:
     return messages
 
 
+def read_prompts(path: str) -> list[str]:
+    """The non-empty lines of a prompts file."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def render_prompt(messages: list[dict], tokenizer) -> str:
     """The text that asks the model for its next assistant turn."""
     if getattr(tokenizer, "chat_template", None):

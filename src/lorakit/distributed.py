@@ -72,8 +72,3 @@ def no_sync_unless_last(engine, last: bool):
         return engine.no_sync()
     return contextlib.nullcontext()
 
-
-def progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .layers import LoraLayer
+from .variants.dora import DoraForm
 
 LLAMA_FAMILY = ("llama", "mistral")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -131,19 +132,19 @@ def export_gguf_adapter(peft_model, path: str, adapter_name: str | None = None, 
     if name not in peft_model.peft_config:
         raise ValueError(f"unknown adapter {name!r}; loaded adapters: {sorted(peft_model.peft_config)}")
     name_map = _name_map(config)
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and name in m.r]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and name in m.adapters]
     if not layers:
         raise ValueError(f"adapter {name!r} has no LoRA layers")
     bad = [n for n, m in layers if type(m).__name__ != "LoraLinear" or m.fan_in_fan_out]
     if bad:
         raise ValueError(f"GGUF adapters support Linear layers only; cannot map {bad[:3]}")
-    if any(m.use_dora[name] for _, m in layers):
+    if any(isinstance(m.adapters[name].form, DoraForm) for _, m in layers):
         raise ValueError("llama.cpp adapters have no DoRA magnitudes; export the merged model instead "
                          "(lorakit export --format gguf)")
     # AdaLoRA / VeRA adapters export as their effective low-rank factors (ΔW = s·B'A').
     # One alpha for the file: alpha/r reproduces the first layer's scaling; others fold the ratio into B.
     first = layers[0][1]
-    alpha = first.effective_factors(name)[2] * first.r[name]
+    alpha = first.effective_factors(name)[2] * first.adapters[name].r
 
     def fill(writer):
         writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
@@ -153,7 +154,7 @@ def export_gguf_adapter(peft_model, path: str, adapter_name: str | None = None, 
         for hf_name, layer in layers:
             base = _gguf_base_name(hf_name, name_map)
             A, B, s = (t.detach().float() if torch.is_tensor(t) else t for t in layer.effective_factors(name))
-            B = B * (s * layer.r[name] / alpha)
+            B = B * (s * layer.adapters[name].r / alpha)
             heads = _rotary_heads(base, config)
             if heads:
                 B = permute_rotary(B, heads)

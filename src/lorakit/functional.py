@@ -54,9 +54,3 @@ def unmerge(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """W - ΔW: the inverse of `merge` (exact up to rounding in W's dtype)."""
     return (weight.to(torch.promote_types(weight.dtype, delta.dtype)) - delta).to(weight.dtype)
 
-
-def lora_linear_forward(
-    x: torch.Tensor, base_out: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """Reference path: base(x) + s · B(A(x)) with x already dropped out."""
-    return base_out + (x @ lora_A.T @ lora_B.T) * scaling

@@ -14,12 +14,13 @@ import difflib
 import re
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig
-from .layers import Conv1D, LoraLayer, lora_layer_class
+from .layers import LoraLayer, lora_layer_class
 from .quant.nf4 import NF4Linear
 from .saved_modules import ModulesToSaveWrapper
-from .variants.vera import VeraProjections
+from .utils import replace_module
 
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -58,7 +59,7 @@ def _in_layers(key: str, config: LoraConfig) -> bool:
 
 def all_linear_names(model: nn.Module, task_type: str | None = None) -> list[str]:
     """Every Linear/Conv1D module name except the output head (lm_head or a classifier head)."""
-    linear_types = (nn.Linear, NF4Linear) + ((Conv1D,) if Conv1D else ())
+    linear_types = (nn.Linear, NF4Linear, Conv1D)
     heads = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
@@ -129,37 +130,19 @@ def _check_names_exist(spec: str | list[str], modules: dict[str, nn.Module]) -> 
             raise ValueError(f"target module {target!r} not found in the model; {hint}")
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def swap_modules(model: nn.Module, matches, make) -> int:
-    """Replace every submodule `m` with `matches(m)` true by `make(m)`. Returns how many were replaced."""
-    names = [n for n, m in model.named_modules() if matches(m)]
-    for name in names:
-        replace_module(model, name, make(model.get_submodule(name)))
-    return len(names)
-
-
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Add adapter `adapter_name` to every targeted module (wrapping it on first use). Returns the names."""
     targets = find_targets(model, config)
-    check_variant_targets(model, targets, config)
-    shared = {}
-    if config.adapter_kind == "vera":
-        shapes = [_in_out(_base(model.get_submodule(n))) for n in targets]
-        shared["projections"] = VeraProjections.generate(config.r, max(i for i, _ in shapes),
-                                                         max(o for _, o in shapes), config.projection_prng_key)
-    if config.adapter_kind == "adalora" and config.total_step is None and not config.inference_mode:
-        raise ValueError("AdaLoRA needs total_step (the number of optimizer steps) to schedule its rank budget")
+    bases = [_base(model.get_submodule(n)) for n in targets]
+    form = config.adapter_form([_in_out(b) for b in bases])
+    for name, base in zip(targets, bases):  # refuse undefined form/layer pairs before any module is touched
+        form.check_target(name, base, lora_layer_class(base).geometry)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             module = lora_layer_class(module)(module)
             replace_module(model, name, module)
-        module.add_adapter(adapter_name, **config.layer_kwargs(name), **shared)
+        module.add_adapter(adapter_name, form, **config.layer_kwargs(name))
     for name in find_modules_to_save(model, config):
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSaveWrapper):
@@ -174,26 +157,13 @@ def _base(module: nn.Module) -> nn.Module:
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
-    if Conv1D and isinstance(module, Conv1D):
+    if isinstance(module, Conv1D):
         return tuple(module.weight.shape)
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels, module.out_channels
     return module.in_features, module.out_features
-
-
-def check_variant_targets(model: nn.Module, targets: list[str], config: LoraConfig) -> None:
-    """Refuse variant/layer combinations that are not defined, before any module is touched."""
-    for name in targets:
-        base = _base(model.get_submodule(name))
-        layer_cls = lora_layer_class(base)
-        kind = type(base).__name__
-        if config.adapter_kind not in layer_cls.supported_kinds:
-            raise ValueError(f"{config.PEFT_TYPE} adapters support Linear / Conv1D layers only; target {name!r} is "
-                             f"{kind}; narrow target_modules")
-        if config.use_dora and not layer_cls.supports_dora:
-            raise ValueError(f"use_dora=True: DoRA supports Linear, Conv1D and Conv1d/2d/3d layers; target {name!r} "
-                             f"is {kind}; exclude it or set use_dora=False")
-        if config.svd_init and not (type(base) is nn.Linear or (Conv1D and type(base) is Conv1D)):
-            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} needs float Linear / Conv1D targets "
-                             f"(it rewrites the base weight); target {name!r} is {kind}")
 
 
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:

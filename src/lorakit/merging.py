@@ -17,6 +17,9 @@ import math
 
 import torch
 
+from .config import LoraConfig
+from .layers import LoraConv, LoraLayer
+
 TYPES = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",
          "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 
@@ -70,24 +73,19 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, kind: str, densi
 
 # --- on a LoraModel ------------------------------------------------------------------------------
 def _factors(layer, name):
-    """(A, B) of adapter `name` in `layer` oriented so that ΔW = s * B @ A, or None."""
-    if hasattr(layer, "lora_embedding_A") and name in layer.lora_embedding_A:
-        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
-    if hasattr(layer, "lora_A") and name in layer.lora_A:
-        return layer.lora_A[name].weight, layer.lora_B[name].weight
-    return None
+    """(A, B, s) of adapter `name` in `layer` with ΔW = s * B @ A, or None. For plain LoRA (the only form
+    arithmetic accepts) A and B are the parameters themselves, so writing into them sets the adapter."""
+    return layer.effective_factors(name) if name in layer.adapters else None
 
 
 def _require_plain_lora(model, name: str) -> None:
     config = model.peft_config[name]
-    if config.adapter_kind != "lora" or config.use_dora:
+    if type(config) is not LoraConfig or config.use_dora:
         kind = "DoRA" if config.use_dora else config.PEFT_TYPE
         raise ValueError(f"adapter {name!r} is a {kind} adapter; adapter arithmetic works on plain LoRA adapters")
 
 
 def _lora_layers(model):
-    from .layers import LoraConv, LoraLayer
-
     layers = [(n, m) for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)]
     return [(n, m) for n, m in layers if not isinstance(m, LoraConv)]
 
@@ -96,8 +94,6 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
                          combination_type: str = "svd", svd_rank: int | None = None, density: float | None = None,
                          majority_sign_method: str = "total", svd_clamp: float | None = None, seed: int = 0) -> None:
     """Create adapter `adapter_name` from a weighted combination of `adapters` (see module doc)."""
-    from .config import LoraConfig
-
     for name in adapters:
         model._check_known(name)
         _require_plain_lora(model, name)
@@ -129,7 +125,7 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
         present = [(a, w) for a, w in zip(adapters, weights) if _factors(layer, a) is not None]
         if not present:
             continue
-        A_new, B_new = _factors(layer, adapter_name)
+        A_new, B_new, _ = _factors(layer, adapter_name)
         with torch.no_grad():
             A_new.zero_()
             B_new.zero_()
@@ -140,7 +136,7 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
 
 
 def _combine_layer(layer, present, kind, new_rank, density, sign_method, clamp, gen):
-    factors = [(_factors(layer, a), w * layer.scaling[a]) for a, w in present]
+    factors = [(_factors(layer, a)[:2], w * _factors(layer, a)[2]) for a, w in present]
     if kind == "cat":
         return (torch.cat([A * ws for (A, _), ws in factors]), torch.cat([B for (_, B), _ in factors], dim=1))
     if kind.endswith("svd"):
@@ -180,10 +176,10 @@ def resize_adapter(model, name: str, new_r: int) -> float:
         f = _factors(layer, name)
         if f is None:
             continue
-        A, B = f
+        A, B, s = f
         if new_r > min(B.shape[0], A.shape[1]):
             raise ValueError(f"new_r {new_r} exceeds the dimensions of {layer_name} ({B.shape[0]}x{A.shape[1]})")
-        delta = layer.scaling[name] * (B.detach().float() @ A.detach().float())
+        delta = s * (B.detach().float() @ A.detach().float())
         A2, B2, s = svd_factors(delta, new_r)
         kept += s[:new_r].square().sum().item()
         total += s.square().sum().item()
@@ -195,7 +191,7 @@ def resize_adapter(model, name: str, new_r: int) -> float:
     layers = dict(_lora_layers(model))
     with torch.no_grad():
         for layer_name, (A2, B2) in new.items():
-            A, B = _factors(layers[layer_name], name)
+            A, B, _ = _factors(layers[layer_name], name)
             A.copy_(A2)
             B.copy_(B2)
     if active == name or model.active_adapter is None:

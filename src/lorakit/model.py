@@ -21,7 +21,6 @@ from .inject import adapter_layers, inject_adapter, unwrap
 from .layers import LoraLayer
 from .multi import row_adapters
 from .quant.nf4 import NF4Linear, requantize_linears
-from .variants.adalora import orthogonal_regularization
 from .variants.svd_init import to_plain_lora
 
 DEFAULT_ADAPTER = "default"
@@ -62,22 +61,28 @@ class LoraModel(nn.Module):
     def forward(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
         """The wrapped model's forward. `adapter_names` gives each batch row its own adapter (None = base).
 
-        With an active AdaLoRA adapter, a returned `loss` includes orth_reg_weight x the orthogonality
-        regulariser (as PEFT does, so transformers' Trainer trains AdaLoRA correctly)."""
+        A returned `loss` includes the active adapter's weighted regulariser where its form has one
+        (AdaLoRA's orthogonality term, as in PEFT, so transformers' Trainer trains AdaLoRA correctly)."""
         with self._rows(adapter_names):
             outputs = self.model(*args, **kwargs)
-        config = self.peft_config.get(self.active_adapter)
-        if (config is not None and config.adapter_kind == "adalora" and config.orth_reg_weight > 0
-                and isinstance(getattr(outputs, "loss", None), torch.Tensor)):
-            outputs.loss = outputs.loss + config.orth_reg_weight * self.regularization_loss()
+        reg = self.weighted_regularization()
+        if reg is not None and isinstance(getattr(outputs, "loss", None), torch.Tensor):
+            outputs.loss = outputs.loss + reg
         return outputs
 
-    def regularization_loss(self) -> torch.Tensor:
-        """AdaLoRA's orthogonality regulariser of the active adapter (0 for other adapter kinds)."""
+    def weighted_regularization(self) -> torch.Tensor | None:
+        """The term the active adapter's form adds to the training loss (AdaLoRA: orth_reg_weight x
+        orthogonality), or None. The training loop and forward both add exactly this."""
         config = self.peft_config.get(self.active_adapter)
-        if config is None or config.adapter_kind != "adalora":
-            return torch.zeros(())
-        return orthogonal_regularization(self, self.active_adapter)
+        if config is None or not config.regularization_weight:
+            return None
+        return config.regularization_weight * config.regularization(self, self.active_adapter)
+
+    def regularization_loss(self) -> torch.Tensor:
+        """The active adapter's regulariser before weighting (AdaLoRA's orthogonality; 0 for other forms)."""
+        config = self.peft_config.get(self.active_adapter)
+        reg = None if config is None else config.regularization(self, self.active_adapter)
+        return torch.zeros(()) if reg is None else reg
 
     def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
         """The wrapped model's generate; `adapter_names` as in forward (one entry per prompt row)."""
@@ -295,7 +300,7 @@ class LoraModel(nn.Module):
 
 def _converted_to_plain_lora(config: LoraConfig, state, initial_adapter_dir: str):
     """PiSSA/OLoRA -> LoRA on the original base: rank and alpha double (alpha·sqrt2 under rsLoRA), same scaling."""
-    if config.adapter_kind != "lora" or config.use_dora:
+    if type(config) is not LoraConfig or config.use_dora:
         raise ValueError("path_initial_model_for_weight_conversion converts PiSSA/OLoRA LoRA adapters only")
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise ValueError("PiSSA conversion with use_rslora and rank_pattern/alpha_pattern is not supported")

@@ -12,7 +12,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 BASE = None  # a row that uses no adapter
 
@@ -21,20 +20,22 @@ def stacked_factors(layer, names: tuple[str, ...]):
     """(A_stack (n+1, r_max, d_in), B_stack (n+1, d_out, r_max)) in the adapters' dtype (fp32), slot 0 all
     zeros (= base)."""
     # Tensor._version counts in-place writes (optimizer steps, loads), so a stale stack is never used.
-    dora = [n for n in names if layer.use_dora.get(n)]
-    if dora:
-        raise ValueError(f"mixed-adapter batches do not support DoRA adapters ({dora}); merge or serve them alone")
-    key = tuple((n, layer._versions(n), layer.scaling[n]) for n in names)
+    adapters = [layer.adapters[n] for n in names]
+    unmixable = [n for n, a in zip(names, adapters) if not a.form.mixable]
+    if unmixable:
+        raise ValueError(f"mixed-adapter batches do not support {adapters[names.index(unmixable[0])].form.label} "
+                         f"adapters ({unmixable}); merge or serve them alone")
+    key = tuple((n, layer.factor_versions(n), a.scaling) for n, a in zip(names, adapters))
     cache = layer.__dict__.setdefault("_stack_cache", {})
     if key not in cache:
         cache.clear()
-        r_max = max(layer.r[n] for n in names)
+        r_max = max(a.r for a in adapters)
         ref = layer.effective_factors(names[0])[0]
         A = ref.new_zeros(len(names) + 1, r_max, layer.in_features)
         B = ref.new_zeros(len(names) + 1, layer.out_features, r_max)
         with torch.no_grad():
             for i, n in enumerate(names, start=1):
-                A_n, B_n, s = layer.effective_factors(n)  # any kind: LoRA, AdaLoRA (E folded), VeRA
+                A_n, B_n, s = layer.effective_factors(n)  # any form: LoRA, AdaLoRA (E folded), VeRA
                 A[i, : A_n.shape[0]] = A_n
                 B[i, :, : B_n.shape[1]] = B_n * s
         cache[key] = (A, B)
@@ -61,7 +62,7 @@ def mixed_linear_update(layer, x: torch.Tensor, row_adapters: list[str | None]) 
     if x.shape[0] != len(row_adapters):
         raise ValueError(f"adapter_names has {len(row_adapters)} entries but the batch has {x.shape[0]} rows "
                          "(beam search / num_return_sequences > 1 are not supported with adapter_names)")
-    names = tuple(sorted({n for n in row_adapters if n is not BASE and n in layer.r}))
+    names = tuple(sorted({n for n in row_adapters if n is not BASE and n in layer.adapters}))
     if not names:
         return None
     # The update runs in the adapters' fp32 even on a bf16 base: CPU bf16 bmm converts its operands on
@@ -74,12 +75,12 @@ def mixed_linear_update(layer, x: torch.Tensor, row_adapters: list[str | None]) 
 
 
 def mixed_embedding_update(layer, x: torch.Tensor, row_adapters: list[str | None]) -> torch.Tensor | None:
-    """Embedding LoRA per row: rows grouped by adapter (embeddings have no matmul to batch)."""
+    """Embedding LoRA per row: rows grouped by adapter (embeddings have no matmul to batch); each group's
+    update is the layer's own single-adapter update."""
     out = None
-    for name in sorted({n for n in row_adapters if n is not BASE and n in layer.r}):
+    for name in sorted({n for n in row_adapters if n is not BASE and n in layer.adapters}):
         rows = torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=x.device)
-        after_A = F.embedding(x[rows], layer.lora_embedding_A[name].T)
-        update = (after_A @ layer.lora_embedding_B[name].T) * layer.scaling[name]
+        update = layer.lowrank_update(x[rows], name, *layer.effective_factors(name))
         if out is None:
             out = update.new_zeros(*x.shape, update.shape[-1])
         out[rows] = update

@@ -10,34 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from contextlib import contextmanager
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CONFIG_NAME, LoraConfig
+from .forms import read_config
 from .inject import adapter_layers
 from .layers import LoraLayer
+from .utils import atomic_path
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
-
-
-@contextmanager
-def atomic_path(path: str):
-    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -49,22 +35,19 @@ def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Par
     return out
 
 
-VERA_KEYS = ("base_model.vera_A", "base_model.vera_B")
-
-
-def vera_projections(model: nn.Module, adapter_name: str):
-    """The shared VeraProjections of a VeRA adapter (None for other kinds)."""
+def adapter_form(model: nn.Module, adapter_name: str):
+    """The form of adapter `adapter_name` (one object shared by all its layers), or None."""
     for _, module in adapter_layers(model):
-        if adapter_name in getattr(module, "vera_projections", {}):
-            return module.vera_projections[adapter_name]
+        if isinstance(module, LoraLayer) and adapter_name in module.adapters:
+            return module.adapters[adapter_name].form
     return None
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str, config: LoraConfig | None = None) -> dict[str, torch.Tensor]:
     """The tensors `save_pretrained` writes for one adapter, under PEFT's keys.
 
-    VeRA adds its projections (`base_model.vera_A/B`) when `save_projection`; AdaLoRA keeps only the
-    singular triplets its `rank_pattern` kept (PEFT's truncated layout)."""
+    The adapter's form may add tensors (VeRA's shared projections `base_model.vera_A/B`) or reshape the
+    layout (AdaLoRA keeps only the singular triplets its `rank_pattern` kept, as PEFT does)."""
     bias = config.bias if config is not None else "none"
     params = _adapter_parameters(model, adapter_name)
     if bias == "all":
@@ -75,25 +58,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, config: LoraConfig |
             if isinstance(module, LoraLayer) and getattr(module.base_layer, "bias", None) is not None:
                 params[f"{KEY_PREFIX}{name}.base_layer.bias"] = module.base_layer.bias
     state = {k: p.detach() for k, p in params.items()}
-    if config is not None and config.adapter_kind == "vera" and config.save_projection:
-        proj = vera_projections(model, adapter_name)
-        state.update(zip(VERA_KEYS, (proj.A, proj.B)))
-    if config is not None and config.adapter_kind == "adalora" and config.rank_pattern:
-        state = _truncate_by_rank_pattern(state, config.rank_pattern)
+    form = adapter_form(model, adapter_name)
+    if form is not None:
+        state.update(form.saved_tensors())
+        state = form.to_file(state, KEY_PREFIX)
     return state
-
-
-def _truncate_by_rank_pattern(state: dict[str, torch.Tensor], rank_pattern: dict[str, list[bool]]):
-    """Keep only the kept singular triplets: rows of lora_A / lora_E, columns of lora_B."""
-    out = dict(state)
-    for key, mask in rank_pattern.items():
-        module = key.removesuffix(".lora_E")
-        keep = torch.tensor(mask, dtype=torch.bool)
-        for part in ("lora_A", "lora_E", "lora_B"):
-            full = f"{KEY_PREFIX}{module}.{part}"
-            if full in out and out[full].shape[0 if part != "lora_B" else 1] == len(mask):
-                out[full] = out[full][:, keep] if part == "lora_B" else out[full][keep]
-    return out
 
 
 def write_adapter(directory: str, config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> None:
@@ -111,7 +80,7 @@ def read_adapter(directory: str, allow_pickle: bool = False) -> tuple[LoraConfig
     """Read an adapter directory (ours or PEFT's). Errors say which file is missing or corrupt."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"adapter directory {directory!s} does not exist")
-    config = LoraConfig.from_pretrained(directory)
+    config = read_config(directory)
     path = os.path.join(directory, WEIGHTS_NAME)
     pickle_path = os.path.join(directory, PICKLE_WEIGHTS_NAME)
     if os.path.isfile(path):
@@ -133,12 +102,9 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, state_dict: dict[s
     targets = _adapter_parameters(model, adapter_name)
     base_params = dict(model.named_parameters())
     state_dict = dict(state_dict)
-    stored = [state_dict.pop(k) for k in VERA_KEYS if k in state_dict]
-    if stored:
-        proj = vera_projections(model, adapter_name)
-        if proj is None or len(stored) != 2:
-            raise ValueError(f"{source}: has VeRA projections but the adapter is not a complete VeRA adapter")
-        proj.load(*stored, source=source)
+    form = adapter_form(model, adapter_name)
+    if form is not None:
+        form.load_saved_tensors({k: state_dict.pop(k) for k in form.saved_keys() if k in state_dict}, source)
     unexpected = []
     for key, tensor in state_dict.items():
         param = targets.get(key)

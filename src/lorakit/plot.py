@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .peft_io import atomic_path
+from .utils import atomic_path
 
 
 def _pyplot():

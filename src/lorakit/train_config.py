@@ -10,9 +10,11 @@ from typing import Any
 import torch
 import yaml
 
-from .config import CONFIG_TYPES, LoraConfig, config_from_dict
+from .config import LoraConfig
+from .forms import CONFIG_TYPES, config_from_dict
 from .hardware import check_device_setting
 from .kernels.saved_activations import resolve_saved_activations
+from .utils import atomic_path
 
 PACKAGE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEMO_DATA = os.path.join(PACKAGE_DATA, "demo_train.jsonl")
@@ -62,7 +64,6 @@ class TrainConfig:
     val_fraction: float = 0.1
     eval_every: int = 10
     save_every: int = 25
-    log_every: int = 1
     seed: int = 0
     max_new_tokens: int = 40
     resume: bool = False
@@ -77,8 +78,7 @@ class TrainConfig:
                 setattr(self, name, float(value))
             except (TypeError, ValueError):
                 raise ValueError(f"{name} must be a number, got {value!r}") from None
-        for name in ("max_length", "batch_size", "grad_accum", "eval_every", "save_every", "log_every",
-                     "max_new_tokens"):
+        for name in ("max_length", "batch_size", "grad_accum", "eval_every", "save_every", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -106,16 +106,12 @@ class TrainConfig:
         """The adapter config; `lora.peft_type` picks LORA (default), VERA or ADALORA. AdaLoRA's
         total_step defaults to the run's number of optimizer steps."""
         config = config_from_dict({"task_type": "CAUSAL_LM", **self.lora})
-        if config.adapter_kind == "adalora" and config.total_step is None and total_steps:
-            config = dataclasses.replace(config, total_step=total_steps)
-        return config
+        return config.with_total_steps(total_steps) if total_steps else config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save_yaml(self, path: str) -> None:
-        from .peft_io import atomic_path
-
         with atomic_path(path) as tmp, open(tmp, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 

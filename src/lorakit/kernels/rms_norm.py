@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..utils import swap_modules
+
 # Norm classes whose forward is exactly the formula above (not Gemma's 1 + w, not LayerNorm).
 LLAMA_STYLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm")
 
@@ -57,6 +59,4 @@ class FusedRMSNorm(nn.Module):
 
 def fuse_rms_norms(model: nn.Module) -> int:
     """Swap every Llama-style RMSNorm instance in `model` for FusedRMSNorm. Returns how many."""
-    from ..inject import swap_modules
-
     return swap_modules(model, lambda m: type(m).__name__ in LLAMA_STYLE_NORMS, FusedRMSNorm)

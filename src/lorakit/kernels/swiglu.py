@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import swap_modules
+
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)), and SiLU modules
 # (torch's, and transformers' ACT2FN["silu"]) whose forward is F.silu.
 LLAMA_STYLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP")
@@ -53,8 +55,6 @@ class FusedSwiGLUMLP(nn.Module):
 
 def fuse_swiglu_mlps(model: nn.Module) -> int:
     """Swap every Llama-style MLP with a SiLU gate in `model` for FusedSwiGLUMLP. Returns how many."""
-    from ..inject import swap_modules
-
     def is_swiglu_mlp(m: nn.Module) -> bool:
         return (type(m).__name__ in LLAMA_STYLE_MLPS and type(getattr(m, "act_fn", None)).__name__ in SILU_MODULES
                 and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj")))

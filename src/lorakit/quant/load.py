@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..inject import replace_module
+from ..utils import replace_module
 from .nf4 import NF4Linear, quantize_nf4
 
 SKIP = ("lm_head",)

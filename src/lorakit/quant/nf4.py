@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import replace_module
+
 # The 16 NF4 code values, as published in bitsandbytes (quantiles of N(0, 1) scaled to [-1, 1],
 # with an exact zero).
 NF4_CODE = torch.tensor([
@@ -170,8 +172,6 @@ def quantize_model_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bflo
                        skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """Replace every nn.Linear (except output heads) by an NF4Linear, one layer at a time, so the
     peak memory stays near the quantized size plus one layer."""
-    from ..inject import replace_module
-
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] not in skip]
     for name in names:
         linear = model.get_submodule(name)
@@ -183,8 +183,6 @@ def quantize_model_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bflo
 def requantize_linears(model: nn.Module, names: list[str]) -> float:
     """Quantize the named (merged, float) Linears back to NF4; returns the mean relative L2 error
     that this second quantization adds."""
-    from ..inject import replace_module
-
     errors = []
     for name in names:
         linear = model.get_submodule(name)

@@ -1,8 +1,9 @@
-"""LoRA variants selectable by configuration: DoRA, PiSSA/OLoRA, VeRA, AdaLoRA, LoRA+, layer-wise rank."""
+"""Adapter forms (one file each: lora, dora, vera, adalora; see form.py for the interface), plus what
+trains them differently: LoRA+ learning rates, PiSSA / OLoRA initialisation, the rank probe.
 
-from .adalora import RankAllocator, orthogonal_regularization
+The forms are registered in lorakit/forms.py. This package's namespace imports nothing that needs
+lorakit.config, so config.py can import the plain LoRA and DoRA forms."""
+
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups
-from .rank_probe import suggest_rank_pattern
 
-__all__ = ["RankAllocator", "create_loraplus_optimizer", "loraplus_param_groups", "orthogonal_regularization",
-           "suggest_rank_pattern"]
+__all__ = ["create_loraplus_optimizer", "loraplus_param_groups"]

@@ -1,6 +1,6 @@
-"""AdaLoRA's rank allocation (Zhang et al. 2023), with PEFT's exact semantics.
+"""AdaLoRA (Zhang et al. 2023) with PEFT's exact semantics: its form, its config, its rank allocation.
 
-Each adapted matrix is ΔW = B diag(E) A. After every optimizer step the allocator
+Each adapted matrix is ΔW = s·B diag(E) A, s = alpha / init_r. After every optimizer step the allocator
   1. scores every parameter by sensitivity |p · ∂L/∂p|, smoothed (β1) and with its uncertainty (β2);
   2. scores each singular triplet i as score(E_i) + mean score of row A_i + mean score of column B_i;
   3. keeps the `budget` best triplets over all layers and zeroes the other E_i.
@@ -10,16 +10,142 @@ mask is frozen (`config.rank_pattern`) and re-applied every step until the end.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
+from torch import nn
+
+from ..config import LoraConfig, check_rank
+from ..layers import LoraLayer
+from .form import AdapterForm
+
+
+class AdaLoraForm(AdapterForm):
+    label = "ADALORA"
+    geometries = ("linear",)
+
+    def __init__(self, config: "AdaLoraConfig"):
+        self.config = config  # the allocator writes the kept triplets into config.rank_pattern while training
+
+    def scaling(self, r, lora_alpha):  # PEFT: alpha / (ranknum + 1e-5), ranknum = init_r
+        return lora_alpha / (self.config.init_r + 1e-5)
+
+    def create(self, layer, name):
+        r = layer.adapters[name].r
+        layer.make_pair(name, r)
+        layer.add_param("lora_E", name, torch.randn(r, 1))
+        if self.config.init_lora_weights is False:
+            return
+        nn.init.zeros_(layer.lora_E[name])
+        for factor in layer.pair(name):
+            nn.init.normal_(factor, std=0.02)
+
+    def factors(self, layer, name):
+        A, B = layer.pair(name)
+        return A * layer.lora_E[name], B, layer.adapters[name].scaling
+
+    def file_key(self, key):  # PEFT's AdaLoRA stores bare matrices: `lora_A`, not `lora_A.weight`
+        return key.removesuffix(".weight")
+
+    def to_file(self, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        """Keep only the kept singular triplets (PEFT's truncated layout): rows of lora_A / lora_E,
+        columns of lora_B, per `rank_pattern`."""
+        out = dict(state)
+        for key, mask in (self.config.rank_pattern or {}).items():
+            module = key.removesuffix(".lora_E")
+            keep = torch.tensor(mask, dtype=torch.bool)
+            for part in ("lora_A", "lora_E", "lora_B"):
+                full = f"{prefix}{module}.{part}"
+                if full in out and out[full].shape[0 if part != "lora_B" else 1] == len(mask):
+                    out[full] = out[full][:, keep] if part == "lora_B" else out[full][keep]
+        return out
+
+
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    """AdaLoRA: ΔW = B diag(E) A in SVD form, ranks pruned from init_r to an average of target_r by
+    importance while training. PEFT's AdaLoraConfig fields. Schedule: `tinit` warm-up steps at full rank,
+    budget shrinks cubically until `total_step - tfinal`, then ranks are fixed. `rank_pattern` (written by
+    training) maps '<module>.lora_E' to the kept singular values (list of bools).
+    """
+
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    rank_pattern: dict[str, list[bool]] | None = None
+    peft_type: str = "ADALORA"
+
+    PEFT_TYPE = "ADALORA"
+    resumable = False  # its importance scores are not checkpointed
+
+    def validate(self) -> None:
+        patterns, self.rank_pattern = self.rank_pattern, {}
+        try:
+            super().validate()
+        finally:
+            self.rank_pattern = patterns or None
+        if self.use_dora or self.svd_init or self.alpha_pattern:
+            raise ValueError("AdaLoRA has its own SVD form: use_dora, PiSSA/OLoRA init and alpha_pattern "
+                             "do not apply to an AdaLoraConfig")
+        check_rank("init_r", self.init_r)
+        check_rank("target_r", self.target_r)
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must be <= init_r ({self.init_r})")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
+        if self.orth_reg_weight < 0:
+            raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+        if self.total_step is not None:
+            if not isinstance(self.total_step, int) or self.total_step <= 0:
+                raise ValueError(f"total_step must be an integer > 0, got {self.total_step!r}")
+            if self.tinit >= self.total_step - self.tfinal:
+                raise ValueError(f"tinit={self.tinit} and tfinal={self.tfinal} leave no budgeting phase in "
+                                 f"total_step={self.total_step}: need tinit < total_step - tfinal")
+        if self.deltaT < 1:
+            raise ValueError(f"deltaT must be >= 1, got {self.deltaT!r}")
+
+    def __post_init__(self):
+        rank_pattern = self.rank_pattern
+        super().__post_init__()
+        self.rank_pattern = {k: list(v) for k, v in rank_pattern.items()} if rank_pattern else None
+
+    def rank_for(self, module_name: str) -> int:
+        mask = (self.rank_pattern or {}).get(f"{module_name}.lora_E")
+        return self.init_r if mask is None else int(sum(mask))
+
+    def adapter_form(self, target_shapes: list[tuple[int, int]]) -> AdaLoraForm:
+        if self.total_step is None and not self.inference_mode:
+            raise ValueError("AdaLoRA needs total_step (the number of optimizer steps) to schedule its rank budget")
+        return AdaLoraForm(self)
+
+    def with_total_steps(self, total_steps: int) -> "AdaLoraConfig":
+        return self if self.total_step is not None else dataclasses.replace(self, total_step=total_steps)
+
+    @property
+    def regularization_weight(self) -> float:
+        return self.orth_reg_weight
+
+    def regularization(self, model, adapter_name: str) -> torch.Tensor:
+        return orthogonal_regularization(model, adapter_name)
+
+    def step_callback(self, model, adapter_name: str):
+        return RankAllocator(model, adapter_name).update_and_allocate
 
 
 def triplets(model, adapter_name: str):
     """(key, layer) for every layer holding AdaLoRA adapter `adapter_name`; key = '<module>.lora_E'."""
-    from ..layers import LoraLinear
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return [(f"{name}.lora_E", layer) for name, layer in base.named_modules()
-            if isinstance(layer, LoraLinear) and layer.kind.get(adapter_name) == "adalora"]
+            if isinstance(layer, LoraLayer) and isinstance(getattr(layer.adapters.get(adapter_name), "form", None),
+                                                           AdaLoraForm)]
 
 
 def orthogonal_regularization(model, adapter_name: str) -> torch.Tensor:
@@ -41,12 +167,12 @@ class RankAllocator:
     def __init__(self, model, adapter_name: str):
         self.adapter_name = adapter_name
         self.config = model.peft_config[adapter_name]
-        if self.config.adapter_kind != "adalora":
+        if not isinstance(self.config, AdaLoraConfig):
             raise ValueError(f"adapter {adapter_name!r} is not an AdaLoRA adapter")
         if self.config.total_step is None:
             raise ValueError("AdaLoRA needs total_step to schedule its rank budget")
         self.layers = triplets(model, adapter_name)
-        self.init_budget = sum(layer.r[adapter_name] for _, layer in self.layers)
+        self.init_budget = sum(layer.adapters[adapter_name].r for _, layer in self.layers)
         self.target_budget = self.config.target_r * len(self.layers)
         self.reset()
 

@@ -5,12 +5,15 @@ constant in backward (the paper's §4.3 memory-saving form, as PEFT does). The l
 
     out = base(x) + (m/n - 1) · W x + (m/n) · s · B A x,       n = ||W + s·BA||_c  (detached)
 
-which equals W' x + bias without ever forming W'.
+which equals W' x + bias without ever forming W'. `DoraForm` wraps another form's update this way.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from .form import AdapterForm
 
 
 def magnitude_shape(weight: torch.Tensor) -> tuple[int, ...]:
@@ -48,3 +51,66 @@ def unmerged_weight(merged: torch.Tensor, delta: torch.Tensor, magnitude: torch.
     """Inverse of `merged_weight`: W = W' · n/m - ΔW."""
     factor = (magnitude.float().reshape(-1) / norm).view(-1, *([1] * (merged.dim() - 1)))
     return merged.float() / factor - delta.float()
+
+
+class DoraForm(AdapterForm):
+    """DoRA around another form (plain LoRA): its factors give ΔW, a magnitude vector per output unit
+    (`lora_magnitude_vector`, PEFT's name) rescales W + ΔW."""
+
+    label = "DoRA"
+    geometries = ("linear", "conv")
+    mixable = False  # the weight norm is per adapter: such rows cannot share a batch with other adapters
+
+    def __init__(self, inner: AdapterForm):
+        self.inner = inner
+
+    def scaling(self, r, lora_alpha):
+        return self.inner.scaling(r, lora_alpha)
+
+    def check_target(self, target, base, geometry):
+        if geometry not in self.geometries:
+            raise ValueError(f"use_dora=True: DoRA supports Linear, Conv1D and Conv1d/2d/3d layers; target {target!r} "
+                             f"is {type(base).__name__}; exclude it or set use_dora=False")
+        self.inner.check_target(target, base, geometry)
+
+    def create(self, layer, name):
+        self.inner.create(layer, name)
+        with torch.no_grad():  # magnitude starts at ||W + ΔW||, so the adapter starts as a no-op (PEFT's init)
+            weight = layer.oriented_weight()
+            norm = weight_norm(weight, layer.oriented_delta(name).to(weight.device))
+        layer.add_param("lora_magnitude_vector", name, norm.view(magnitude_shape(weight)))
+
+    def factors(self, layer, name):
+        return self.inner.factors(layer, name)
+
+    def file_key(self, key):
+        return self.inner.file_key(key)
+
+    def update(self, layer, name, x, result):
+        """(m/n - 1)·W h + (m/n)·s·BA h with h = dropout(x). Without active dropout W h is `result` minus
+        the bias; with it, W is applied to the dropped-out input."""
+        A, B, s = self.factors(layer, name)
+        drop = layer.lora_dropout[name]
+        h = drop(x.to(torch.float32))
+        weight = layer.oriented_weight().to(torch.float32)
+        norm = weight_norm(weight, layer.oriented_delta(name).detach())
+        channel_dims = layer.channel_dims(x)
+        scale = magnitude_scale(layer.lora_magnitude_vector[name], norm, channel_dims)
+        bias = getattr(layer.base_layer, "bias", None)
+        if isinstance(drop, nn.Identity) or not layer.training:
+            base_out = result.to(torch.float32)
+            if bias is not None:
+                base_out = base_out - bias.float().view(-1, *[1] * channel_dims)
+        else:
+            base_out = layer.base_apply(h, weight)
+        return result + dora_update(base_out, layer.lowrank(h, name, A, B), scale, s)
+
+    def merged(self, layer, name, weight):
+        merged, norm = merged_weight(layer.oriented_weight(), layer.oriented_delta(name),
+                                     layer.lora_magnitude_vector[name])
+        return layer.stored_orientation(merged), norm
+
+    def unmerged(self, layer, name, weight, norm):
+        base = unmerged_weight(layer.oriented_weight(), layer.oriented_delta(name), layer.lora_magnitude_vector[name],
+                               norm)
+        return layer.stored_orientation(base)

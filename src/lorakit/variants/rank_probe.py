@@ -15,8 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from ..config import AdaLoraConfig
-from .adalora import RankAllocator
+from .adalora import AdaLoraConfig, RankAllocator
 
 
 def allocate(scores: dict[str, torch.Tensor], costs: dict[str, int], budget: int) -> dict[str, int]:

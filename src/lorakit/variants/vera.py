@@ -3,14 +3,22 @@
 One frozen pair per adapter, A (r, max d_in) and B (max d_out, r), drawn from a CPU generator
 seeded with `projection_prng_key` exactly as PEFT draws them (Kaiming-uniform, A first), so an
 adapter saved without its projections regenerates the same matrices in either library.
-Each layer uses the top-left slice that fits its shape.
+Each layer uses the top-left slice that fits its shape. Per layer, VeRA trains two vectors:
+ΔW = diag(λ_b) B diag(λ_d) A (λ_b (d_out,) starts at 0, λ_d (r,) at d_initial); no alpha, s = 1.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ..config import LoraConfig
+from .form import AdapterForm
+
+PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -45,3 +53,94 @@ class VeraProjections:
                                  f"{tuple(mine.shape)}; was the adapter trained on another model?")
         self.A.copy_(A)
         self.B.copy_(B)
+
+
+class VeraForm(AdapterForm):
+    label = "VERA"
+    geometries = ("linear",)
+
+    def __init__(self, projections: VeraProjections, d_initial: float, init_weights: bool, save_projection: bool):
+        self.projections, self.d_initial = projections, d_initial
+        self.init_weights, self.save_projection = init_weights, save_projection
+
+    def scaling(self, r, lora_alpha):
+        return 1.0
+
+    def create(self, layer, name):
+        r = layer.adapters[name].r
+        self.projections.check_fits(layer.in_features, layer.out_features, r)
+        layer.add_param("vera_lambda_b", name, torch.ones(layer.out_features))
+        layer.add_param("vera_lambda_d", name, torch.randn(r))
+        if self.init_weights:
+            torch.nn.init.constant_(layer.vera_lambda_d[name], self.d_initial)
+            torch.nn.init.zeros_(layer.vera_lambda_b[name])
+
+    def factors(self, layer, name):
+        proj = self.projections
+        A = layer.vera_lambda_d[name][:, None] * proj.A[:, : layer.in_features]
+        B = layer.vera_lambda_b[name][:, None] * proj.B[: layer.out_features]
+        return A, B, 1.0
+
+    def tensors(self, layer, name):
+        return super().tensors(layer, name) + [self.projections.A, self.projections.B]
+
+    def saved_tensors(self):
+        return dict(zip(PROJECTION_KEYS, (self.projections.A, self.projections.B))) if self.save_projection else {}
+
+    def saved_keys(self):
+        return PROJECTION_KEYS
+
+    def load_saved_tensors(self, tensors, source):
+        if not tensors:
+            return  # saved without projections: regenerated from projection_prng_key
+        if sorted(tensors) != sorted(PROJECTION_KEYS):
+            raise ValueError(f"{source}: has VeRA projections {sorted(tensors)} but needs both {PROJECTION_KEYS}")
+        self.projections.load(*(tensors[k] for k in PROJECTION_KEYS), source=source)
+
+
+@dataclass
+class VeraConfig(LoraConfig):
+    """VeRA (Kopiczko et al. 2024): frozen random A/B shared by all layers, trainable vectors λ_d (r) and λ_b
+    (d_out) per layer. PEFT's VeraConfig fields; A and B are regenerated from `projection_prng_key`, and
+    written into the file too when `save_projection`. Targets of different shapes share one projection
+    sized to the largest, sliced per layer (as in PEFT).
+
+    >>> VeraConfig(r=256, target_modules=["q_proj", "v_proj"]).peft_type
+    'VERA'
+    """
+
+    r: int = 256
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    init_weights: bool = True
+    peft_type: str = "VERA"
+
+    PEFT_TYPE = "VERA"
+    SAVED = ("r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
+             "fan_in_fan_out", "bias", "modules_to_save", "init_weights", "layers_to_transform", "layers_pattern",
+             "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_type")
+
+    def __post_init__(self):
+        self.lora_dropout = self.vera_dropout
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.use_dora or self.use_rslora or self.rank_pattern or self.alpha_pattern or self.svd_init:
+            raise ValueError("VeRA has one shared rank and no alpha: use_dora, use_rslora, rank_pattern, "
+                             "alpha_pattern and PiSSA/OLoRA init do not apply to a VeraConfig")
+        if not isinstance(self.d_initial, (int, float)) or self.d_initial <= 0:
+            raise ValueError(f"d_initial must be a number > 0, got {self.d_initial!r}")
+
+    def adapter_form(self, target_shapes: list[tuple[int, int]]) -> VeraForm:
+        projections = VeraProjections.generate(self.r, max(i for i, _ in target_shapes),
+                                               max(o for _, o in target_shapes), self.projection_prng_key)
+        return VeraForm(projections, self.d_initial, self.init_weights, self.save_projection)
+
+    def layer_kwargs(self, module_name: str) -> dict[str, Any]:
+        return dict(r=self.r, lora_alpha=1.0, lora_dropout=self.vera_dropout)
+
+    def _saved_fields(self) -> list[str]:
+        return list(self.SAVED)

@@ -1,0 +1,217 @@
+"""What each `lorakit` subcommand does, given its parsed arguments (cli.py parses and dispatches).
+
+Heavy imports (torch, transformers) happen inside the commands so `lorakit --help` starts instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+def _load(model_name: str, adapter: str | None, quantize: str | None = None):
+    from .model import PeftModel
+    from .model_loading import load_model, load_tokenizer
+
+    if adapter and not os.path.isdir(adapter):
+        raise FileNotFoundError(f"adapter directory {adapter} does not exist")
+    tokenizer = load_tokenizer(model_name)
+    model = load_model(model_name, quantize=quantize)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), tokenizer
+
+
+def cmd_train(args, overrides: list[str]) -> int:
+    from .train import train
+    from .train_config import load_train_config
+
+    extra = overrides + (["--resume=true"] if args.resume else []) + (["--progress=false"] if args.quiet else []) \
+        + ([f"--quantize={args.quantize}"] if args.quantize else [])
+    cfg = load_train_config(args.config, extra)
+    result = train(cfg)
+    if result["interrupted"]:
+        return 130
+    if not result["is_main"]:
+        return 0
+    history = result["history"]
+    evals = [r["eval_loss"] for r in history if "eval_loss" in r]
+    print(f"\ntrained {result['steps']} steps in {result['seconds']:.0f} s; final train loss "
+          f"{history[-1]['train_loss']:.3f}" + (f"; held-out loss {evals[0]:.3f} (before) -> {evals[-1]:.3f}"
+                                                if evals else ""))
+    print(f"adapter: {result['adapter_dir']}   plot: {os.path.join(cfg.output_dir, 'loss.png')}")
+    for prompt, before, after in zip(result.get("prompts", []), result["before"], result.get("after", [])):
+        print(f"\n> {prompt}\n  before: {before}\n  after:  {after}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generation import generate_reply
+
+    model, tokenizer = _load(args.model, args.adapter)
+    print(generate_reply(model, tokenizer, [{"role": "user", "content": args.prompt}], args.max_new_tokens,
+                         args.temperature))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    from .generation import generate_reply
+
+    model, tokenizer = _load(args.model, args.adapter)
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        thread = threading.Thread(target=generate_reply, args=(model, tokenizer, list(messages), args.max_new_tokens,
+                                                              args.temperature, streamer))
+        thread.start()
+        print("bot> ", end="", flush=True)
+        reply = ""
+        for piece in streamer:
+            reply += piece
+            print(piece, end="", flush=True)
+        thread.join()
+        print()
+        messages.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import data as D
+    from .loss import CausalLMLoss
+    from .train import evaluate
+
+    model, tokenizer = _load(args.model, args.adapter)
+    examples, stats = D.load_examples(args.data, tokenizer, args.max_length)
+    loss = evaluate(CausalLMLoss(model), examples, args.batch_size, tokenizer.pad_token_id,
+                    next(model.parameters()).device)
+    print(f"rows: {len(examples)} ({stats.truncated} truncated)   loss: {loss:.4f}   perplexity: {math.exp(loss):.2f}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from . import export
+
+    model, tokenizer = _load(args.model, args.adapter, args.quantize)
+    if args.format == "hf":
+        dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}.get(args.dtype)
+        out = export.export_hf(model, tokenizer, args.out, dtype=dtype, force=args.force)
+    elif args.format == "gguf":
+        out = export.export_gguf(model, tokenizer, args.out, args.gguf_type, force=args.force)
+    else:
+        out = export.export_gguf_adapter(model, args.out, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .serve import ServeConfig, serve
+    except ImportError:  # pragma: no cover
+        raise ValueError("lorakit serve needs fastapi and uvicorn: pip install 'lorakit[serve]'") from None
+    serve(ServeConfig(model=args.model, adapters=dict(args.adapter), adapter_root=args.adapter_root,
+                      max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                      max_tokens_cap=args.max_tokens_cap, max_prompt_tokens=args.max_prompt_tokens,
+                      max_body_bytes=args.max_body_bytes), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_merge_adapters(args) -> int:
+    from .model import LoraModel
+    from .model_loading import load_model
+
+    pairs = args.adapter
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise ValueError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
+    if os.path.exists(args.out) and not args.force:
+        raise FileExistsError(f"{args.out} exists; pass --force to overwrite")
+    (first, first_path), rest = pairs[0], pairs[1:]
+    model = LoraModel.from_pretrained(load_model(args.model), first_path, adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(path, adapter_name=name)
+    model.add_weighted_adapter([n for n, _ in pairs], weights, "__merged__", args.type, svd_rank=args.rank,
+                               density=args.density)
+    model.save_adapter("__merged__", args.out)
+    print(f"wrote {args.out} (r={model.peft_config['__merged__'].r}, {args.type} of {[n for n, _ in pairs]})")
+    return 0
+
+
+def cmd_calc(args) -> int:
+    from . import calc
+
+    if args.suggest_rank:
+        if args.model_size is None:
+            raise ValueError("--suggest-rank needs --model-size (parameters, e.g. 7e9)")
+        out = calc.suggest_rank(args.suggest_rank, args.model_size)
+        text = f"suggested r = {out['r']}, lora_alpha = {out['lora_alpha']} (alpha = 2r)"
+    elif args.shape:
+        try:
+            d_out, d_in = (int(v) for v in args.shape.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--shape must look like 4096x4096, got {args.shape!r}") from None
+        out = {"shape": [d_out, d_in], "r": args.rank, "lora_params": calc.lora_params(d_out, d_in, args.rank)}
+        text = f"LoRA r={args.rank} on a {d_out}x{d_in} matrix: {out['lora_params']:,} parameters"
+    elif args.arch:
+        arch = calc.get_arch(args.arch)
+        targets = sorted(arch.matrices()) if args.targets == "all" else [t for t in args.targets.split(",") if t]
+        out = calc.report(args.arch, targets, args.rank, args.tokens, args.memory_gb)
+        lines = [f"{args.arch}: {out['base_params']:,} base parameters; LoRA r={args.rank} on {', '.join(targets)}: "
+                 f"{out['lora_params']:,} trainable ({out['trainable_percent']:.3f} %)",
+                 f"memory (GB, {args.tokens} tokens/step, checkpointing): "
+                 + "   ".join(f"{m} {row['total']:.1f}" for m, row in out["memory_gb"].items())]
+        if args.memory_gb is not None:
+            lines.append(f"fits in {args.memory_gb:g} GB: " + ", ".join(
+                f"{m} {'yes' if ok else 'no'}" for m, ok in out["fits_in"].items() if m != "memory_gb"))
+        text = "\n".join(lines)
+    else:
+        raise ValueError("give --shape, --arch or --suggest-rank (see lorakit calc --help)")
+    print(json.dumps(out, indent=2) if args.json else text)
+    return 0
+
+
+def cmd_suggest_ranks(args) -> int:
+    import yaml
+
+    from . import data as D
+    from .model_loading import load_model, load_tokenizer
+    from .train_config import DEMO_DATA
+    from .utils import atomic_path
+    from .variants.rank_probe import suggest_rank_pattern
+
+    tokenizer = load_tokenizer(args.model)
+    examples, _ = D.load_examples(args.data or DEMO_DATA, tokenizer, args.max_length)
+    batches = [D.collate(examples[i:i + args.batch_size], tokenizer.pad_token_id)
+               for i in range(0, min(len(examples), args.steps * args.batch_size), args.batch_size)]
+    model = load_model(args.model)
+    targets = [t for t in args.targets.split(",") if t]
+    ranks = suggest_rank_pattern(model, args.budget, batches, targets, max_rank=args.max_rank,
+                                 probe_steps=args.steps)
+    sizes = {n: m.in_features + m.out_features for n, m in model.named_modules() if n in ranks}
+    spent = sum(r * sizes[n] for n, r in ranks.items())
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            with open(tmp, "w") as f:
+                f.write(yaml.safe_dump(ranks, default_flow_style=True, width=10**6))
+    if args.json:
+        print(json.dumps({"rank_pattern": ranks, "parameters": spent, "budget": args.budget}, indent=2))
+        return 0
+    for name, rank in ranks.items():
+        print(f"{rank:4d}  {name}")
+    print(f"{spent:,} LoRA parameters of a {args.budget:,} budget over {len(ranks)} matrices"
+          + (f"; rank_pattern written to {args.out}" if args.out else ""))
+    return 0

@@ -1,0 +1,36 @@
+"""One chat turn: render the messages with the chat template, generate, decode the reply.
+
+Shared by `lorakit generate`, `lorakit chat` (streaming) and training's before/after answers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import render_prompt
+
+
+@torch.no_grad()
+def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float = 0.0,
+                   streamer=None) -> str:
+    """The model's next assistant turn after `messages` (greedy when temperature is 0), in eval mode.
+
+    >>> generate_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], 20)  # doctest: +SKIP
+    """
+    device = next(model.parameters()).device
+    ids = tokenizer(render_prompt(messages, tokenizer), return_tensors="pt", add_special_tokens=False).input_ids
+    ids = ids.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=temperature > 0, temperature=temperature or None,
+                             pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers to each prompt, each as a single user turn."""
+    return [generate_reply(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens) for p in prompts]

@@ -1,0 +1,177 @@
+"""Everything the training loop needs before its first step: checks, data, model, optimizer, resume.
+
+`prepare_run` refuses every combination it can before any model is loaded, then builds a `Run`:
+the rows, the adapted model and the module the loop calls, the optimizer and schedule, and the
+state to continue from (a checkpoint with `resume`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import data as D
+from . import distributed as dist_utils
+from .config import LoraConfig
+from .generation import answer_prompts
+from .hardware import resolve_bf16
+from .kernels.rms_norm import fuse_rms_norms
+from .kernels.saved_activations import compressed_activations, resolve_saved_activations
+from .kernels.swiglu import fuse_swiglu_mlps
+from .loss import CausalLMLoss
+from .model import LoraModel, get_peft_model
+from .model_loading import load_model, load_tokenizer
+from .quant.nf4 import quantize_model_nf4
+from .train_config import TrainConfig
+from .variants import create_loraplus_optimizer
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Run:
+    """One training run, set up: what the loop reads and updates."""
+
+    cfg: TrainConfig
+    env: dist_utils.Env
+    log: Callable[..., None]
+    tokenizer: Any
+    train_rows: list
+    val_rows: list
+    total_steps: int
+    adapter_config: LoraConfig
+    model: LoraModel
+    engine: torch.nn.Module                 # what the loop calls: the loss module or its DDP/FSDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    keep_activations: Callable[[], Any]     # context for the forward: saved activations in their storage dtype
+    after_step: Callable[[Any, int], Any] | None  # the form's per-step callback (AdaLoRA's rank allocator)
+    checkpoints: bool                       # mid-run checkpoints (not under multi-process FSDP)
+    prompts: list[str] = field(default_factory=list)
+    before: list[str] = field(default_factory=list)
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def initial_dir(self) -> str:  # PiSSA/OLoRA factors at step 0, needed to save them as plain LoRA
+        return os.path.join(self.cfg.output_dir, "adapter_init")
+
+
+def check_run(cfg: TrainConfig, env: dist_utils.Env) -> None:
+    """Refuse what cannot work, before anything loads."""
+    adapter_config = cfg.lora_config()
+    if cfg.resume and not adapter_config.resumable:
+        raise ValueError(f"--resume is not supported for {adapter_config.PEFT_TYPE} runs "
+                         "(its training state is not checkpointed)")
+    if cfg.resume and env.world_size > 1 and cfg.distributed == "fsdp":
+        raise ValueError("--resume is not supported with distributed=fsdp; use ddp for resumable runs")
+
+
+def load_rows(cfg: TrainConfig, tokenizer, log) -> tuple[list, list]:
+    """(train rows, held-out rows), tokenized; packed when `cfg.packing`."""
+    examples, stats = D.load_examples(cfg.data, tokenizer, cfg.max_length, cfg.train_on_prompt)
+    if cfg.eval_data:
+        train_rows, val_rows = examples, D.load_examples(cfg.eval_data, tokenizer, cfg.max_length)[0]
+    else:
+        train_rows, val_rows = D.split(examples, cfg.val_fraction, cfg.seed)
+    if cfg.packing:
+        train_rows = D.pack(train_rows, cfg.max_length)
+    log(f"data: {stats.rows} rows from {cfg.data} ({stats.truncated} truncated to {cfg.max_length} tokens, "
+        f"{stats.dropped_empty} dropped with no response tokens); {len(train_rows)} train / {len(val_rows)} val")
+    return train_rows, val_rows
+
+
+def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=None) -> torch.nn.Module:
+    """The frozen base on the run's device: loaded (or the one handed in), quantized, fused, checkpointed."""
+    base = model if model is not None else load_model(cfg.model, dtype=dtype, quantize=cfg.quantize,
+                                                      attn_implementation=cfg.attn_implementation)
+    if cfg.quantize is None:
+        base.to(device=env.device, dtype=dtype)
+    else:
+        if model is not None:  # a model handed in unquantized
+            quantize_model_nf4(base.to(dtype), compute_dtype=dtype)
+        base.to(env.device)  # moves the 4-bit buffers as they are
+    if cfg.fused_kernels:
+        fuse_rms_norms(base)
+        fuse_swiglu_mlps(base)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return base
+
+
+def build_optimizer(cfg: TrainConfig, model: LoraModel, device: torch.device, total_steps: int):
+    """(optimizer, scheduler, trainable parameters): AdamW (LoRA+ groups when asked), warmup + cosine."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.loraplus_lr_ratio:
+        optimizer = create_loraplus_optimizer(model, cfg.lr, cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay)
+    else:
+        # on CUDA one fused kernel updates every adapter (foreach: a few launches per tensor group)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      fused=True if device.type == "cuda" else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+    return optimizer, scheduler, params
+
+
+def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=None) -> Run:
+    check_run(cfg, env)
+    cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    is_main = env.rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    train_rows, val_rows = load_rows(cfg, tokenizer, log)
+    rows_per_micro = cfg.batch_size * env.world_size
+    if len(train_rows) < rows_per_micro:
+        raise ValueError(f"{len(train_rows)} training rows is fewer than one batch of {rows_per_micro} rows")
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * (len(train_rows) // rows_per_micro) / cfg.grad_accum))
+
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    stored_as = resolve_saved_activations(cfg.saved_activations, dtype)
+    log(f"model: {cfg.model}; frozen weights in {cfg.quantize or ('bf16' if cfg.bf16 else 'fp32')} (adapters fp32; "
+        f"saved activations {'bf16' if stored_as == torch.bfloat16 else 'fp32'}); processes: {env.world_size}; "
+        f"device: {env.device}")
+    adapter_config = cfg.lora_config(total_steps)
+    peft_model = get_peft_model(build_base(cfg, env, dtype, model), adapter_config)
+    prompts = D.read_prompts(cfg.prompts) if is_main and cfg.prompts else []
+    before = answer_prompts(peft_model, tokenizer, prompts, cfg.max_new_tokens)
+    peft_model.train()
+    engine = dist_utils.wrap(CausalLMLoss(peft_model, fused=cfg.fused_kernels), env, cfg.distributed)
+    optimizer, scheduler, params = build_optimizer(cfg, peft_model, env.device, total_steps)  # after FSDP's wrap
+    run = Run(cfg, env, log, tokenizer, train_rows, val_rows, total_steps, adapter_config, peft_model,
+              engine=engine, optimizer=optimizer, scheduler=scheduler, params=params,
+              keep_activations=(lambda: compressed_activations(stored_as)) if stored_as != dtype else nullcontext,
+              after_step=adapter_config.step_callback(peft_model, "default"),
+              checkpoints=not (env.world_size > 1 and cfg.distributed == "fsdp"), prompts=prompts, before=before)
+    if adapter_config.svd_init and is_main and not cfg.resume:
+        peft_model.save_pretrained(run.initial_dir)
+    if cfg.resume:
+        run.step, run.history = ckpt.load(cfg.output_dir, peft_model, optimizer, scheduler)
+        log(f"resumed from step {run.step}")
+    if is_main:
+        cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
+    return run

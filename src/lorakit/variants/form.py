@@ -1,0 +1,95 @@
+"""The interface every adapter form implements, and the record a layer keeps per adapter.
+
+A form answers three questions for one adapter on one layer: which parameters it has (under PEFT's
+names), how they start, and which factors (A, B, s) with ΔW = s·B·A they stand for. The layer does the
+geometry (linear, embedding, convolution: how A and B meet an input and a weight); every path
+(forward, merge, mixed batch, export, adapter arithmetic) reads an adapter through `factors`, so the
+delta math exists once. A form that is not a plain low-rank update (DoRA) overrides `update` and
+`merged` / `unmerged` as well.
+
+    plain LoRA  variants/lora.py      ΔW = s·B A                 s = alpha/r (alpha/sqrt(r) rsLoRA)
+    DoRA        variants/dora.py      wraps another form: magnitude · (W + ΔW) / ||W + ΔW||
+    AdaLoRA     variants/adalora.py   ΔW = s·B diag(E) A         s = alpha/init_r
+    VeRA        variants/vera.py      ΔW = diag(λ_b) B_shared diag(λ_d) A_shared
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import functional as LF
+
+
+@dataclass
+class Adapter:
+    """One adapter on one layer: its form and its numbers."""
+
+    form: "AdapterForm"
+    r: int
+    lora_alpha: float
+    scaling: float
+    merge_state: Any = None  # what the form needs to undo its merge (DoRA: the weight norm at merge time)
+
+
+class AdapterForm:
+    """Base behaviour: a plain low-rank update s·B A x added to the base output."""
+
+    label = "LoRA"                                 # how messages name the form
+    geometries = ("linear", "embedding", "conv")   # the layer geometries it is defined on
+    fusable = False    # the fused LoRA training kernel computes its forward exactly (plain LoRA only)
+    mixable = True     # rows of one batch may use it beside other adapters (see multi.py)
+
+    def scaling(self, r: int, lora_alpha: float) -> float:
+        return lora_alpha / r
+
+    def check_target(self, target: str, base: torch.nn.Module, geometry: str) -> None:
+        """Raise ValueError when the form is not defined on this target (before any module is touched)."""
+        if geometry not in self.geometries:
+            raise ValueError(f"{self.label} adapters support Linear / Conv1D layers only; target {target!r} is "
+                             f"{type(base).__name__}; narrow target_modules")
+
+    def create(self, layer, name: str) -> None:
+        """Create adapter `name`'s parameters on `layer` (layer.adapters[name] holds r) and initialise them."""
+        raise NotImplementedError
+
+    def factors(self, layer, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) with ΔW = s · B @ A, oriented as the layer's pair (linear: (r, d_in), (d_out, r))."""
+        raise NotImplementedError
+
+    def tensors(self, layer, name: str) -> list[torch.Tensor]:
+        """Every tensor the factors are computed from (a changed one means a changed update)."""
+        return list(layer.adapter_parameters(name).values())
+
+    def update(self, layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result` = base(x) plus this adapter's contribution."""
+        A, B, s = self.factors(layer, name)
+        return layer.add_update(result, x, name, A, B, s)
+
+    def merged(self, layer, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """(the weight with the adapter folded in, state needed to undo it)."""
+        return LF.merge(weight, layer.delta_weight(name)), None
+
+    def unmerged(self, layer, name: str, weight: torch.Tensor, state: Any) -> torch.Tensor:
+        return LF.unmerge(weight, layer.delta_weight(name))
+
+    def file_key(self, key: str) -> str:
+        """A parameter's name in PEFT's file, from its name on the layer ('lora_A.weight')."""
+        return key
+
+    def to_file(self, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors as its file lays them out (keys start with `prefix`)."""
+        return state
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors the adapter file holds besides the per-layer parameters (VeRA's shared projections)."""
+        return {}
+
+    def load_saved_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        if tensors:
+            raise ValueError(f"{source}: tensors {sorted(tensors)} do not belong to a {self.label} adapter")
+
+    def saved_keys(self) -> tuple[str, ...]:
+        return ()
