@@ -41,6 +41,33 @@ def test_mixed_batch_logits_equal_single_adapter_runs():
             assert (mixed[i] - alone[0]).abs().max() < 1e-5, (i, name)
 
 
+def _tiny_gemma3():
+    """A 2-layer Gemma-3 text model: its embedding multiplies by embed_scale = sqrt(hidden_size)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                              max_position_embeddings=64)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def test_mixed_batch_on_scaled_embeddings_equals_single_adapter_runs():
+    base = _tiny_gemma3()
+    assert float(base.get_input_embeddings().embed_scale) == pytest.approx(32 ** 0.5)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]), "a")
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens"]))
+    randomize_adapters(model, seed=3, scale=0.5)
+    model.eval()
+    rows = ["a", "b", None, "b"]
+    ids = torch.randint(0, 128, (4, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            alone = _single(model, name, lambda: model(input_ids=ids[i:i + 1]).logits)
+            assert (mixed[i] - alone[0]).abs().max() < 1e-5, (i, name)
+
+
 def test_mixed_batch_greedy_generation_equals_single_runs():
     model = _four_adapters()
     torch.manual_seed(2)

@@ -206,3 +206,27 @@ def test_every_variant_trains_in_the_one_loop_and_its_adapter_reloads(tmp_path, 
     config = model.peft_config["default"]
     if config.peft_type == "ADALORA":
         assert sum(sum(m) for m in config.rank_pattern.values()) == 2 * 2 * 3  # target_r x layers x targets
+
+
+@pytest.mark.parametrize("settings, world_size, match", [
+    (dict(resume=True, lora=dict(peft_type="ADALORA", init_r=6, target_r=2, target_modules=["q_proj"])), 1,
+     "--resume is not supported for ADALORA"),
+    (dict(resume=True, distributed="fsdp"), 2, "--resume is not supported with distributed=fsdp"),
+])
+def test_refused_runs_are_refused_before_any_model_or_tokenizer_loads(tmp_path, monkeypatch, settings, world_size,
+                                                                      match):
+    import lorakit.train_setup as setup
+    from lorakit.distributed import Env
+
+    def must_not_load(*_, **__):
+        raise AssertionError("a model or tokenizer was loaded before the run was refused")
+
+    monkeypatch.setattr(setup, "load_model", must_not_load)
+    monkeypatch.setattr(setup, "load_tokenizer", must_not_load)
+    cfg = _cfg(tmp_path, model=str(tmp_path / "no-such-model"), **settings)
+    with pytest.raises(ValueError, match=match):
+        if world_size == 1:
+            train(cfg)  # the public entry point, single process
+        else:  # what each torchrun rank would see
+            setup.prepare_run(cfg, Env(rank=0, world_size=world_size))
+    assert not (tmp_path / "config.yaml").exists()

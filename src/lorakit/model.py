@@ -21,7 +21,6 @@ from .inject import adapter_layers, inject_adapter, unwrap
 from .layers import LoraLayer
 from .multi import row_adapters
 from .quant.nf4 import NF4Linear, requantize_linears
-from .variants.svd_init import to_plain_lora
 
 DEFAULT_ADAPTER = "default"
 
@@ -267,7 +266,7 @@ class LoraModel(nn.Module):
         state = peft_io.adapter_state_dict(self.model, adapter_name, config)
         saved = _saved_config(config)
         if initial_adapter_dir is not None:
-            saved, state = _converted_to_plain_lora(saved, state, initial_adapter_dir)
+            saved, state = peft_io.converted_to_plain_lora(saved, state, initial_adapter_dir)
         peft_io.write_adapter(directory, saved, state)
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
@@ -296,25 +295,6 @@ class LoraModel(nn.Module):
             peft_model.unload()
             raise
         return peft_model
-
-
-def _converted_to_plain_lora(config: LoraConfig, state, initial_adapter_dir: str):
-    """PiSSA/OLoRA -> LoRA on the original base: rank and alpha double (alpha·sqrt2 under rsLoRA), same scaling."""
-    if type(config) is not LoraConfig or config.use_dora:
-        raise ValueError("path_initial_model_for_weight_conversion converts PiSSA/OLoRA LoRA adapters only")
-    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        raise ValueError("PiSSA conversion with use_rslora and rank_pattern/alpha_pattern is not supported")
-    _, initial = peft_io.read_adapter(initial_adapter_dir)
-    missing = sorted(set(state) - set(initial))
-    if missing:
-        raise ValueError(f"{initial_adapter_dir} does not hold the initial factors of this adapter "
-                         f"(missing e.g. {missing[:2]})")
-    factor = 2 ** 0.5 if config.use_rslora else 2
-    converted = dataclasses.replace(
-        config, init_lora_weights=True, r=2 * config.r, lora_alpha=config.lora_alpha * factor,
-        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
-        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()})
-    return converted, to_plain_lora(state, initial)
 
 
 def _saved_config(config: LoraConfig) -> LoraConfig:

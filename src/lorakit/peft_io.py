@@ -8,6 +8,7 @@ A directory holds `adapter_config.json` and `adapter_model.safetensors` whose ke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -20,6 +21,7 @@ from .forms import read_config
 from .inject import adapter_layers
 from .layers import LoraLayer
 from .utils import atomic_path
+from .variants.svd_init import to_plain_lora
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -126,3 +128,22 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, state_dict: dict[s
     if missing:
         raise ValueError(f"{source}: missing {len(missing)} adapter tensors, e.g. {missing[:3]}; "
                          "the file is incomplete or its config does not match its weights")
+
+
+def converted_to_plain_lora(config: LoraConfig, state, initial_adapter_dir: str):
+    """PiSSA/OLoRA -> LoRA on the original base: rank and alpha double (alpha·sqrt2 under rsLoRA), same scaling."""
+    if type(config) is not LoraConfig or config.use_dora:
+        raise ValueError("path_initial_model_for_weight_conversion converts PiSSA/OLoRA LoRA adapters only")
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError("PiSSA conversion with use_rslora and rank_pattern/alpha_pattern is not supported")
+    _, initial = read_adapter(initial_adapter_dir)
+    missing = sorted(set(state) - set(initial))
+    if missing:
+        raise ValueError(f"{initial_adapter_dir} does not hold the initial factors of this adapter "
+                         f"(missing e.g. {missing[:2]})")
+    factor = 2 ** 0.5 if config.use_rslora else 2
+    converted = dataclasses.replace(
+        config, init_lora_weights=True, r=2 * config.r, lora_alpha=config.lora_alpha * factor,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()})
+    return converted, to_plain_lora(state, initial)

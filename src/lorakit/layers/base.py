@@ -1,14 +1,5 @@
-"""LoRA layers: each wraps (never subclasses) a base layer and adds named adapters.
-
-A layer does the geometry — how an adapter's pair (A, B) meets an input and the base weight:
-  Linear     A: (r, d_in)            B: (d_out, r)          out = B A x
-  Embedding  A: (r, num_embeddings)  B: (embedding_dim, r)  out = B A[:, ids]
-  ConvNd     A: conv, base kernel    B: 1x1 conv            out = B * (A * x)
-The adapter's form (variants/) decides which parameters it has, how they start and which factors
-they stand for; the layer keeps one `Adapter` record per name and asks the form. Parameter names
-are PEFT's (`base_layer`, `lora_A`, `lora_B`, `lora_embedding_A`, ...) so a state dict maps one to
-one onto PEFT's adapter files. Merging is an explicit, idempotent call.
-"""
+"""LoraLayer: what every wrapped layer shares — the adapter records, their PEFT-named containers,
+activation, deletion, the forward that asks each adapter's form, and merging."""
 
 from __future__ import annotations
 
@@ -16,15 +7,9 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from . import functional as LF
-from .kernels import fused_lora_linear
-from .multi import mixed_embedding_update, mixed_linear_update
-from .quant.nf4 import NF4Linear
-from .variants.form import Adapter, AdapterForm
+from ..variants.form import Adapter, AdapterForm
 
 
 class LoraLayer(nn.Module):
@@ -238,162 +223,3 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 weight.copy_(adapter.form.unmerged(self, name, weight, adapter.merge_state))
             adapter.merge_state = None
-
-
-class LoraLinear(LoraLayer):
-    """nn.Linear, NF4Linear or transformers' Conv1D (fan_in_fan_out) + adapters of any form."""
-
-    geometry = "linear"
-
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:  # nn.Linear, or a quantized linear exposing the same attributes
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.lora_A = self.container("lora_A", nn.ModuleDict)
-        self.lora_B = self.container("lora_B", nn.ModuleDict)
-
-    def make_pair(self, name, r):
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
-
-    def pair(self, name):
-        return self.lora_A[name].weight, self.lora_B[name].weight
-
-    def lowrank(self, h, name, A, B):
-        return F.linear(F.linear(h, A), B)
-
-    def add_update(self, result, x, name, A, B, s):
-        after_A = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
-        if result.dtype != after_A.dtype:
-            return result + F.linear(after_A, B) * s
-        # result + s * after_A @ B^T in one kernel: no separate scale and add passes.
-        rows = result.numel() // result.shape[-1]  # explicit: after_A may have 0 columns (AdaLoRA rank 0)
-        flat = torch.addmm(result.reshape(rows, -1), after_A.reshape(rows, after_A.shape[-1]), B.T, alpha=s)
-        return flat.view(result.shape)
-
-    def delta(self, A, B, s):
-        return LF.linear_delta(A, B, s, self.fan_in_fan_out)
-
-    def base_apply(self, h, weight):
-        return F.linear(h, weight)
-
-    def channel_dims(self, x):
-        return 0
-
-    mixed_update = staticmethod(mixed_linear_update)
-
-    def _fused_ok(self, x: torch.Tensor, names: list[str]) -> bool:
-        base = self.base_layer
-        return (len(names) == 1 and self.adapters[names[0]].form.fusable and type(base) is nn.Linear
-                and torch.is_grad_enabled() and x.dtype == base.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type))
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        names = self._unmerged_active() if self.row_adapters is None else []
-        if names and self._fused_ok(x, names):
-            A, B, s = self.effective_factors(names[0])
-            drop = self.lora_dropout[names[0]]
-            return fused_lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, s,
-                                     drop.p if isinstance(drop, nn.Dropout) else 0.0, self.training)
-        return super().forward(x, *args, **kwargs)
-
-
-class LoraEmbedding(LoraLayer):
-    """nn.Embedding + adapters (A is a lookup table, as in PEFT and loralib)."""
-
-    geometry = "embedding"
-
-    def __init__(self, base_layer: nn.Embedding):
-        super().__init__(base_layer)
-        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
-        self.lora_embedding_A = self.container("lora_embedding_A")
-        self.lora_embedding_B = self.container("lora_embedding_B")
-
-    def make_pair(self, name, r):
-        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, self.in_features))
-        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r))
-
-    def pair(self, name):
-        return self.lora_embedding_A[name], self.lora_embedding_B[name]
-
-    def reset_pair(self, name, gaussian=False):
-        A, B = self.pair(name)  # PEFT: A zero, B normal
-        nn.init.zeros_(A)
-        nn.init.normal_(B)
-
-    def lowrank(self, ids, name, A, B):
-        base = self.base_layer
-        after_A = F.embedding(ids, A.T, padding_idx=base.padding_idx, max_norm=base.max_norm,
-                              norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
-        return after_A @ B.T
-
-    def lowrank_update(self, ids, name, A, B, s):
-        """s · B A[:, ids], times the base's `embed_scale` where it has one (Gemma's scaled embeddings)."""
-        update = self.lowrank(ids, name, A, B) * s
-        embed_scale = getattr(self.base_layer, "embed_scale", None)
-        return update if embed_scale is None else update * torch.as_tensor(embed_scale).to(update.dtype)
-
-    def delta(self, A, B, s):
-        return LF.embedding_delta(A, B, s)
-
-    mixed_update = staticmethod(mixed_embedding_update)
-
-
-class LoraConv(LoraLayer):
-    """nn.Conv1d / Conv2d / Conv3d + adapters: A is a conv with the base kernel, B a 1x1 conv."""
-
-    geometry = "conv"
-
-    def __init__(self, base_layer: nn.modules.conv._ConvNd):
-        if base_layer.groups != 1:
-            raise ValueError(
-                f"LoRA on grouped convolutions is not supported (groups={base_layer.groups}); "
-                "exclude this module or target a conv with groups=1"
-            )
-        super().__init__(base_layer)
-        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        self.lora_A = self.container("lora_A", nn.ModuleDict)
-        self.lora_B = self.container("lora_B", nn.ModuleDict)
-
-    def make_pair(self, name, r):
-        base = self.base_layer
-        conv = type(base)
-        ones = (1,) * len(base.kernel_size)
-        self.lora_A[name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
-                                 dilation=base.dilation, bias=False)
-        self.lora_B[name] = conv(r, self.out_features, ones, ones, bias=False)
-
-    def pair(self, name):
-        return self.lora_A[name].weight, self.lora_B[name].weight
-
-    def lowrank(self, h, name, A, B):
-        return self.lora_B[name]._conv_forward(self.lora_A[name]._conv_forward(h, A, None), B, None)
-
-    def delta(self, A, B, s):
-        return LF.conv_delta(A, B, s)
-
-    def base_apply(self, h, weight):
-        return self.base_layer._conv_forward(h, weight, None)
-
-    def channel_dims(self, x):
-        return x.dim() - 2
-
-    @staticmethod
-    def mixed_update(layer, x, row_adapters):
-        raise ValueError("mixed-adapter batches are not supported for convolution layers")
-
-
-# Base layer type -> LoRA wrapper (the first match wins).
-LAYER_TYPES: list[tuple[type, type]] = [
-    (NF4Linear, LoraLinear), (nn.Linear, LoraLinear), (Conv1D, LoraLinear), (nn.Embedding, LoraEmbedding),
-    (nn.Conv1d, LoraConv), (nn.Conv2d, LoraConv), (nn.Conv3d, LoraConv)]
-
-
-def lora_layer_class(module: nn.Module) -> type | None:
-    for base_type, lora_type in LAYER_TYPES:
-        if isinstance(module, base_type):
-            return lora_type
-    return None

@@ -1,0 +1,52 @@
+"""LoraConv: nn.Conv1d / Conv2d / Conv3d with adapters. A is a conv with the base kernel, B a 1x1 conv."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .. import functional as LF
+from .base import LoraLayer
+
+
+class LoraConv(LoraLayer):
+    """nn.Conv1d / Conv2d / Conv3d + adapters: A is a conv with the base kernel, B a 1x1 conv."""
+
+    geometry = "conv"
+
+    def __init__(self, base_layer: nn.modules.conv._ConvNd):
+        if base_layer.groups != 1:
+            raise ValueError(
+                f"LoRA on grouped convolutions is not supported (groups={base_layer.groups}); "
+                "exclude this module or target a conv with groups=1"
+            )
+        super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        self.lora_A = self.container("lora_A", nn.ModuleDict)
+        self.lora_B = self.container("lora_B", nn.ModuleDict)
+
+    def make_pair(self, name, r):
+        base = self.base_layer
+        conv = type(base)
+        ones = (1,) * len(base.kernel_size)
+        self.lora_A[name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
+                                 dilation=base.dilation, bias=False)
+        self.lora_B[name] = conv(r, self.out_features, ones, ones, bias=False)
+
+    def pair(self, name):
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def lowrank(self, h, name, A, B):
+        return self.lora_B[name]._conv_forward(self.lora_A[name]._conv_forward(h, A, None), B, None)
+
+    def delta(self, A, B, s):
+        return LF.conv_delta(A, B, s)
+
+    def base_apply(self, h, weight):
+        return self.base_layer._conv_forward(h, weight, None)
+
+    def channel_dims(self, x):
+        return x.dim() - 2
+
+    @staticmethod
+    def mixed_update(layer, x, row_adapters):
+        raise ValueError("mixed-adapter batches are not supported for convolution layers")

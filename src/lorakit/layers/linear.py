@@ -1,0 +1,78 @@
+"""LoraLinear: nn.Linear, NF4Linear or transformers' Conv1D (fan_in_fan_out) with adapters of any form.
+
+A: (r, d_in), B: (d_out, r), W: (d_out, d_in) [(d_in, d_out) for Conv1D]. A single plain LoRA adapter
+trains through the fused kernel (kernels/lora_linear.py); otherwise each adapter's form adds its update.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .. import functional as LF
+from ..kernels import fused_lora_linear
+from ..multi import mixed_linear_update
+from .base import LoraLayer
+
+
+class LoraLinear(LoraLayer):
+    """nn.Linear, NF4Linear or transformers' Conv1D (fan_in_fan_out) + adapters of any form."""
+
+    geometry = "linear"
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:  # nn.Linear, or a quantized linear exposing the same attributes
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = self.container("lora_A", nn.ModuleDict)
+        self.lora_B = self.container("lora_B", nn.ModuleDict)
+
+    def make_pair(self, name, r):
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+
+    def pair(self, name):
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def lowrank(self, h, name, A, B):
+        return F.linear(F.linear(h, A), B)
+
+    def add_update(self, result, x, name, A, B, s):
+        after_A = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
+        if result.dtype != after_A.dtype:
+            return result + F.linear(after_A, B) * s
+        # result + s * after_A @ B^T in one kernel: no separate scale and add passes.
+        rows = result.numel() // result.shape[-1]  # explicit: after_A may have 0 columns (AdaLoRA rank 0)
+        flat = torch.addmm(result.reshape(rows, -1), after_A.reshape(rows, after_A.shape[-1]), B.T, alpha=s)
+        return flat.view(result.shape)
+
+    def delta(self, A, B, s):
+        return LF.linear_delta(A, B, s, self.fan_in_fan_out)
+
+    def base_apply(self, h, weight):
+        return F.linear(h, weight)
+
+    def channel_dims(self, x):
+        return 0
+
+    mixed_update = staticmethod(mixed_linear_update)
+
+    def _fused_ok(self, x: torch.Tensor, names: list[str]) -> bool:
+        base = self.base_layer
+        return (len(names) == 1 and self.adapters[names[0]].form.fusable and type(base) is nn.Linear
+                and torch.is_grad_enabled() and x.dtype == base.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self._unmerged_active() if self.row_adapters is None else []
+        if names and self._fused_ok(x, names):
+            A, B, s = self.effective_factors(names[0])
+            drop = self.lora_dropout[names[0]]
+            return fused_lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, s,
+                                     drop.p if isinstance(drop, nn.Dropout) else 0.0, self.training)
+        return super().forward(x, *args, **kwargs)
