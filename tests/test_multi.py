@@ -30,15 +30,18 @@ def _single(model, name, fn):
     return fn()
 
 
+def _assert_rows_equal_single_runs(model, ids, rows):
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            alone = _single(model, name, lambda: model(input_ids=ids[i:i + 1]).logits)
+            assert (mixed[i] - alone[0]).abs().max() < 1e-5, (i, name)
+
+
 def test_mixed_batch_logits_equal_single_adapter_runs():
     model = _four_adapters()
     torch.manual_seed(1)
-    ids = torch.randint(0, 128, (8, 11))
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=ROWS).logits
-        for i, name in enumerate(ROWS):
-            alone = _single(model, name, lambda: model(input_ids=ids[i:i + 1]).logits)
-            assert (mixed[i] - alone[0]).abs().max() < 1e-5, (i, name)
+    _assert_rows_equal_single_runs(model, torch.randint(0, 128, (8, 11)), ROWS)
 
 
 def _tiny_gemma3():
@@ -59,13 +62,8 @@ def test_mixed_batch_on_scaled_embeddings_equals_single_adapter_runs():
     model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens"]))
     randomize_adapters(model, seed=3, scale=0.5)
     model.eval()
-    rows = ["a", "b", None, "b"]
     ids = torch.randint(0, 128, (4, 7), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=rows).logits
-        for i, name in enumerate(rows):
-            alone = _single(model, name, lambda: model(input_ids=ids[i:i + 1]).logits)
-            assert (mixed[i] - alone[0]).abs().max() < 1e-5, (i, name)
+    _assert_rows_equal_single_runs(model, ids, ["a", "b", None, "b"])
 
 
 def test_mixed_batch_greedy_generation_equals_single_runs():
