@@ -211,6 +211,8 @@ def test_every_variant_trains_in_the_one_loop_and_its_adapter_reloads(tmp_path, 
 @pytest.mark.parametrize("settings, world_size, match", [
     (dict(resume=True, lora=dict(peft_type="ADALORA", init_r=6, target_r=2, target_modules=["q_proj"])), 1,
      "--resume is not supported for ADALORA"),
+    (dict(quantize="nf4", lora=dict(init_lora_weights="pissa", target_modules=["q_proj"])), 1,
+     "rewrites the base weight"),
     (dict(resume=True, distributed="fsdp"), 2, "--resume is not supported with distributed=fsdp"),
 ])
 def test_refused_runs_are_refused_before_any_model_or_tokenizer_loads(tmp_path, monkeypatch, settings, world_size,
@@ -223,8 +225,8 @@ def test_refused_runs_are_refused_before_any_model_or_tokenizer_loads(tmp_path, 
 
     monkeypatch.setattr(setup, "load_model", must_not_load)
     monkeypatch.setattr(setup, "load_tokenizer", must_not_load)
-    cfg = _cfg(tmp_path, model=str(tmp_path / "no-such-model"), **settings)
     with pytest.raises(ValueError, match=match):
+        cfg = _cfg(tmp_path, model=str(tmp_path / "no-such-model"), **settings)
         if world_size == 1:
             train(cfg)  # the public entry point, single process
         else:  # what each torchrun rank would see

@@ -13,15 +13,15 @@ All writes go to a temp file/dir first and are renamed into place; existing outp
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import torch
 from torch import nn
 
 from .layers import LoraLayer
+from .utils import atomic_path
 from .variants.dora import DoraForm
 
 LLAMA_FAMILY = ("llama", "mistral")
@@ -33,31 +33,16 @@ def _check_target(path: str, force: bool) -> None:
         raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite")
 
 
-def _replace(tmp: str, path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)
-    os.replace(tmp, path)
-
-
 def export_hf(peft_model, tokenizer, out_dir: str, dtype: torch.dtype | None = None, force: bool = False) -> str:
     """Merge and write `out_dir` as a transformers model directory (safetensors, config, tokenizer)."""
     _check_target(out_dir, force)
     merged = peft_model.merge_and_unload()
     if dtype is not None:
         merged.to(dtype)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    with atomic_path(out_dir, directory=True) as tmp:
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace(tmp, out_dir)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
     return out_dir
 
 
@@ -103,21 +88,13 @@ def _write_gguf(path: str, writer_fn, force: bool) -> str:
     import gguf
 
     _check_target(path, force)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".gguf", dir=parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # a directory at `path` is refused (os.replace), never deleted
         writer = gguf.GGUFWriter(tmp, "llama")
         writer_fn(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=True)
         writer.close()
-        _replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -229,8 +206,6 @@ def export_gguf(peft_model, tokenizer, path: str, out_type: str = "f16", force: 
 
 def _add_tokenizer(writer, tokenizer, config) -> None:
     """GPT-2-style BPE vocabulary (as SmolLM2 and Llama-3 use) with merges, special ids, chat template."""
-    import json
-
     import gguf
 
     if tokenizer is None:

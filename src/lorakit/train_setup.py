@@ -78,11 +78,7 @@ class Run:
 
 
 def check_run(cfg: TrainConfig, env: dist_utils.Env) -> None:
-    """Refuse what cannot work, before anything loads."""
-    adapter_config = cfg.lora_config()
-    if cfg.resume and not adapter_config.resumable:
-        raise ValueError(f"--resume is not supported for {adapter_config.PEFT_TYPE} runs "
-                         "(its training state is not checkpointed)")
+    """Refuse what depends on the launch (TrainConfig refused the rest when it was made), before anything loads."""
     if cfg.resume and env.world_size > 1 and cfg.distributed == "fsdp":
         raise ValueError("--resume is not supported with distributed=fsdp; use ddp for resumable runs")
 

@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import nn
 
+from ..model import get_peft_model
 from .adalora import AdaLoraConfig, RankAllocator
 
 
@@ -45,8 +46,6 @@ def suggest_rank_pattern(model: nn.Module, budget: int, batches, target_modules:
     `batches`: an iterable of dicts for `model(**batch)` (with `labels`, or pass `loss_fn(model, batch)`),
     cycled for `probe_steps` optimizer steps on a deep copy of `model`.
     """
-    from ..model import get_peft_model
-
     if budget <= 0:
         raise ValueError(f"budget must be a positive number of parameters, got {budget!r}")
     batches = list(batches)
