@@ -64,9 +64,9 @@ class LoraModel(nn.Module):
         (AdaLoRA's orthogonality term, as in PEFT, so transformers' Trainer trains AdaLoRA correctly)."""
         with self._rows(adapter_names):
             outputs = self.model(*args, **kwargs)
-        reg = self.weighted_regularization()
-        if reg is not None and isinstance(getattr(outputs, "loss", None), torch.Tensor):
-            outputs.loss = outputs.loss + reg
+        if isinstance(getattr(outputs, "loss", None), torch.Tensor):  # only then: the regulariser costs time
+            reg = self.weighted_regularization()
+            outputs.loss = outputs.loss if reg is None else outputs.loss + reg
         return outputs
 
     def weighted_regularization(self) -> torch.Tensor | None:
@@ -80,7 +80,7 @@ class LoraModel(nn.Module):
     def regularization_loss(self) -> torch.Tensor:
         """The active adapter's regulariser before weighting (AdaLoRA's orthogonality; 0 for other forms)."""
         config = self.peft_config.get(self.active_adapter)
-        reg = None if config is None else config.regularization(self, self.active_adapter)
+        reg = config.regularization(self, self.active_adapter) if config is not None else None
         return torch.zeros(()) if reg is None else reg
 
     def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):

@@ -188,11 +188,19 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.row_adapters is not None:
             return self._mixed_forward(x, self.mixed_update, *args, **kwargs)
+        names = self._unmerged_active()
+        fused = self.fused_forward(x, names) if names else None
+        if fused is not None:
+            return fused
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
-        for name in self._unmerged_active():
+        for name in names:
             result = self.adapters[name].form.update(self, name, x, result)
         return result.to(out_dtype)
+
+    def fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor | None:
+        """The whole output from one fused kernel where the layer has one for these adapters, else None."""
+        return None
 
     # --- merging ------------------------------------------------------------------------------
     def merge(self, adapter_names: list[str] | None = None) -> None:

@@ -62,17 +62,14 @@ class LoraLinear(LoraLayer):
 
     mixed_update = staticmethod(mixed_linear_update)
 
-    def _fused_ok(self, x: torch.Tensor, names: list[str]) -> bool:
+    def fused_forward(self, x, names):
+        """Training with one plain LoRA adapter on an nn.Linear: base + update in one autograd function."""
         base = self.base_layer
-        return (len(names) == 1 and self.adapters[names[0]].form.fusable and type(base) is nn.Linear
+        if not (len(names) == 1 and self.adapters[names[0]].form.fusable and type(base) is nn.Linear
                 and torch.is_grad_enabled() and x.dtype == base.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type))
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        names = self._unmerged_active() if self.row_adapters is None else []
-        if names and self._fused_ok(x, names):
-            A, B, s = self.effective_factors(names[0])
-            drop = self.lora_dropout[names[0]]
-            return fused_lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, s,
-                                     drop.p if isinstance(drop, nn.Dropout) else 0.0, self.training)
-        return super().forward(x, *args, **kwargs)
+                and not torch.is_autocast_enabled(x.device.type)):
+            return None
+        A, B, s = self.effective_factors(names[0])
+        drop = self.lora_dropout[names[0]]
+        return fused_lora_linear(x, base.weight, base.bias, A, B, s, drop.p if isinstance(drop, nn.Dropout) else 0.0,
+                                 self.training)

@@ -45,6 +45,9 @@ class AdaLoraForm(AdapterForm):
         A, B = layer.pair(name)
         return A * layer.lora_E[name], B, layer.adapters[name].scaling
 
+    def tensors(self, layer, name):
+        return [*layer.pair(name), layer.lora_E[name]]
+
     def file_key(self, key):  # PEFT's AdaLoRA stores bare matrices: `lora_A`, not `lora_A.weight`
         return key.removesuffix(".weight")
 

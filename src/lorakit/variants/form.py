@@ -60,7 +60,8 @@ class AdapterForm:
         raise NotImplementedError
 
     def tensors(self, layer, name: str) -> list[torch.Tensor]:
-        """Every tensor the factors are computed from (a changed one means a changed update)."""
+        """Every tensor the factors are computed from (a changed one means a changed update). Forms list them
+        directly: mixed batches call this per layer and adapter on every forward."""
         return list(layer.adapter_parameters(name).values())
 
     def update(self, layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

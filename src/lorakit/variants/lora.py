@@ -51,6 +51,9 @@ class LoraForm(AdapterForm):
         A, B = layer.pair(name)
         return A, B, layer.adapters[name].scaling
 
+    def tensors(self, layer, name):
+        return list(layer.pair(name))
+
     def _init_from_weight(self, layer, name):
         """PiSSA / OLoRA: the adapter takes W's principal part; the base keeps the residual."""
         base = layer.base_layer

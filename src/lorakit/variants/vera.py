@@ -82,7 +82,7 @@ class VeraForm(AdapterForm):
         return A, B, 1.0
 
     def tensors(self, layer, name):
-        return super().tensors(layer, name) + [self.projections.A, self.projections.B]
+        return [layer.vera_lambda_d[name], layer.vera_lambda_b[name], self.projections.A, self.projections.B]
 
     def saved_tensors(self):
         return dict(zip(PROJECTION_KEYS, (self.projections.A, self.projections.B))) if self.save_projection else {}
