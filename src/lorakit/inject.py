@@ -20,10 +20,9 @@ from .config import LoraConfig
 from .layers import LoraLayer, lora_layer_class
 from .quant.nf4 import NF4Linear
 from .saved_modules import ModulesToSaveWrapper
-from .utils import replace_module
+from .utils import progress_bar, replace_module
 
 ALL_LINEAR = "all-linear"
-SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 
 def _suffix_match(key: str, names) -> bool:
@@ -66,7 +65,7 @@ def all_linear_names(model: nn.Module, task_type: str | None = None) -> list[str
     if out_emb is not None:
         heads.add(id(out_emb))
     elif task_type == "SEQ_CLS":
-        heads.update(id(getattr(model, n)) for n in SEQ_CLS_HEAD_NAMES if getattr(model, n, None) is not None)
+        heads.update(id(getattr(model, n)) for n in TASK_HEAD_NAMES["SEQ_CLS"] if getattr(model, n, None) is not None)
     return [name for name, module in _plain_modules(model)
             if isinstance(module, linear_types + (LoraLayer,)) and id(module) not in heads
             and not (isinstance(module, LoraLayer) and id(module.base_layer) in heads)]
@@ -166,11 +165,16 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+TASK_HEAD_NAMES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                   "QUESTION_ANS": ("qa_outputs",)}
+
+
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     wanted = config.modules_to_save or []
     found = [name for name, _ in _plain_modules(model) if _suffix_match(name, wanted)]
+    optional = TASK_HEAD_NAMES.get(config.task_type, ())  # PEFT lists every usual head name; a model has one
     for target in wanted:
-        if not any(_suffix_match(n, [target]) for n in found):
+        if target not in optional and not any(_suffix_match(n, [target]) for n in found):
             raise ValueError(f"modules_to_save entry {target!r} not found in the model")
     # Wrappers themselves are skipped by _plain_modules' descent but listed; keep them.
     return found
@@ -181,14 +185,16 @@ def adapter_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
 
 
-def unwrap(model: nn.Module, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
+def unwrap(model: nn.Module, merge: bool, adapter_names: list[str] | None = None, safe_merge: bool = False,
+           progressbar: bool = False) -> nn.Module:
     """Replace every LoRA layer by its base layer (merging its adapters first if `merge`)."""
-    for name, module in adapter_layers(model):
+    layers = adapter_layers(model)
+    for name, module in progress_bar(len(layers), 0, enabled=progressbar, unit="module").wrap(layers):
         if isinstance(module, LoraLayer):
             if merge:
                 if isinstance(module.base_layer, NF4Linear):  # merge into a dequantized float copy
                     module.base_layer = module.base_layer.to_linear(module.base_layer.compute_dtype)
-                module.merge(adapter_names)
+                module.merge(adapter_names, safe_merge=safe_merge)
             else:
                 module.unmerge()
             replace_module(model, name, module.base_layer)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from . import merging, peft_io
 from .config import LoraConfig
@@ -32,12 +33,13 @@ class LoraModel(nn.Module):
     >>> model.print_trainable_parameters()                                                   # doctest: +SKIP
     """
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER):
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER,
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, **_):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
-        self.active_adapter: str = adapter_name
-        self.add_adapter(adapter_name, config)
+        self._active: list[str] = [adapter_name]
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
         self.train(model.training)
 
@@ -100,34 +102,61 @@ class LoraModel(nn.Module):
     # --- adapters ----------------------------------------------------------------------------
     @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+        """The adapters whose updates are applied (their deltas add), in order."""
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The active adapter's name (the first, when several are active)."""
+        return self._active[0] if self._active else None
 
     def _layers(self):
         return [m for _, m in adapter_layers(self.model)]
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
-        """Add a new adapter (not activated; call `set_adapter`). Parameters start frozen unless active."""
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter (not activated; call `set_adapter`). Parameters start frozen unless active.
+        Adapters are fp32 (PEFT's autocast_adapter_dtype=True); with False they take an fp16/bf16 base's dtype."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"expected a lorakit LoraConfig, got {type(peft_config).__name__}")
         inject_adapter(self.model, peft_config, adapter_name)
+        if not autocast_adapter_dtype:
+            _cast_to_base_dtype(self._layers(), adapter_name)
         self.peft_config[adapter_name] = peft_config
-        for layer in self._layers():  # keep the current adapter active everywhere
-            layer.set_active_adapters([self.active_adapter])
+        for layer in self._layers():  # keep the current adapters active everywhere
+            layer.set_active_adapters(self._active)
         self._set_trainable()
 
     def _check_known(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(self.peft_config)}")
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the active adapter (its parameters trainable unless in inference mode)."""
-        self._check_known(adapter_name)
-        self.active_adapter = adapter_name
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several (their deltas add, as in PEFT). Their parameters become trainable
+        unless `inference_mode` or their config's inference_mode; all others are frozen."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_known(name)
+        self._active = names
         for layer in self._layers():
-            layer.set_active_adapters([adapter_name])
-        self._set_trainable()
+            layer.set_active_adapters(names)
+        self._set_trainable(frozen=inference_mode)
+
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter off in place (the model computes the base model) until enable_adapter_layers()."""
+        for name in self._active:
+            if self.peft_config[name].bias != "none":
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be "
+                              f"'{self.peft_config[name].bias}' does not produce the same output as the base model "
+                              "would without adaption.")
+        for layer in self._layers():
+            layer.disable_adapters = True
+
+    def enable_adapter_layers(self) -> None:
+        for layer in self._layers():
+            layer.disable_adapters = False
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and free its parameters."""
@@ -135,21 +164,26 @@ class LoraModel(nn.Module):
         for layer in self._layers():
             layer.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
-        if self.active_adapter == adapter_name:
-            remaining = sorted(self.peft_config)
-            self.active_adapter = remaining[0] if remaining else None
+        if adapter_name in self._active:
+            still = [a for a in self._active if a != adapter_name]
+            remaining = still or sorted(self.peft_config)[:1]
+            self._active = remaining
             if remaining:
-                self.set_adapter(remaining[0])
+                self.set_adapter(remaining)
 
-    def _set_trainable(self) -> None:
-        """Freeze everything, then unfreeze the active adapter (and biases as its config asks)."""
+    def _set_trainable(self, frozen: bool = False) -> None:
+        """Freeze everything, then unfreeze the active adapters (and biases as their configs ask)."""
         for p in self.model.parameters():
             p.requires_grad_(False)
-        config = self.peft_config.get(self.active_adapter)
+        for name in [] if frozen else self._active:
+            self._unfreeze(name)
+
+    def _unfreeze(self, name: str) -> None:
+        config = self.peft_config.get(name)
         if config is None or config.inference_mode:
             return
         for layer in self._layers():
-            for p in layer.adapter_parameters(self.active_adapter).values():
+            for p in layer.adapter_parameters(name).values():
                 p.requires_grad_(True)
         if config.bias == "all":
             for name, p in self.model.named_parameters():
@@ -178,20 +212,22 @@ class LoraModel(nn.Module):
                     layer.merge(merged[id(layer)])
 
     # --- merging -------------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        """Merge the active adapter (or `adapter_names`) into the base weights, in place and reversibly."""
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge the active adapters (or `adapter_names`) into the base weights, in place and reversibly.
+        `safe_merge` checks each merged weight for NaN/inf first (PEFT's option)."""
         for name in adapter_names or []:
             self._check_known(name)
         for layer in self._layers():
             if isinstance(layer, LoraLayer):
-                layer.merge(adapter_names)
+                layer.merge(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         for layer in self._layers():
             if isinstance(layer, LoraLayer):
                 layer.unmerge()
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None, requantize: bool = False) -> nn.Module:
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None, requantize: bool = False) -> nn.Module:
         """Merge the active adapter into the base weights and return the plain model (no lorakit modules).
 
         On a 4-bit (NF4) base the merged layers come back dequantized (float, compute dtype);
@@ -202,7 +238,8 @@ class LoraModel(nn.Module):
             self._check_known(name)
         quantized = [n for n, m in self.model.named_modules() if isinstance(m, LoraLayer)
                      and isinstance(m.base_layer, NF4Linear)]
-        plain = unwrap(self.model, merge=True, adapter_names=adapter_names)
+        plain = unwrap(self.model, merge=True, adapter_names=adapter_names, safe_merge=safe_merge,
+                       progressbar=progressbar)
         if requantize and quantized:
             plain.requantization_error = requantize_linears(plain, quantized)
         return plain
@@ -241,21 +278,30 @@ class LoraModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     # --- files ---------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
-                        path_initial_model_for_weight_conversion: str | None = None, **_) -> None:
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
+                        **_) -> None:
         """Write each adapter in PEFT's format: 'default' in `save_directory`, others in a subfolder.
 
-        `path_initial_model_for_weight_conversion`: the directory where a PiSSA/OLoRA adapter was saved
-        right after initialisation. The adapter is then written as a plain LoRA of rank 2r relative to the
-        original base weights (ΔW = s·(BA - B0A0)), portable to any copy of the original model (PEFT's option).
+        `safe_serialization=False` writes `adapter_model.bin` (pickle) as PEFT does; `is_main_process=False`
+        writes nothing (distributed runs). `path_initial_model_for_weight_conversion`: where a PiSSA/OLoRA
+        adapter was saved right after initialisation; the adapter is then written as a plain LoRA of rank 2r on
+        the original base weights (ΔW = s·(BA - B0A0)), portable to any copy of the original model (PEFT's option).
+        Embedding adapters are always saved (`save_embedding_layers` is accepted for PEFT's signature).
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
+        for name in selected_adapters or []:
+            self._check_known(name)
+        if not is_main_process:
+            return
         for name in selected_adapters or list(self.peft_config):
             out_dir = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
-            self.save_adapter(name, out_dir, path_initial_model_for_weight_conversion)
+            self.save_adapter(name, out_dir, path_initial_model_for_weight_conversion, safe_serialization)
 
-    def save_adapter(self, adapter_name: str, directory: str, initial_adapter_dir: str | None = None) -> None:
+    def save_adapter(self, adapter_name: str, directory: str, initial_adapter_dir: str | None = None,
+                     safe_serialization: bool = True) -> None:
         """Write one adapter in PEFT's format into exactly `directory` (see save_pretrained for the conversion)."""
         self._check_known(adapter_name)
         config = self.peft_config[adapter_name]
@@ -267,34 +313,48 @@ class LoraModel(nn.Module):
         saved = _saved_config(config)
         if initial_adapter_dir is not None:
             saved, state = peft_io.converted_to_plain_lora(saved, state, initial_adapter_dir)
-        peft_io.write_adapter(directory, saved, state)
+        peft_io.write_adapter(directory, saved, state, safe_serialization)
 
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False) -> None:
-        """Load a PEFT-format adapter directory as a new adapter `adapter_name` (not activated)."""
-        config, state = peft_io.read_adapter(str(model_id), allow_pickle=allow_pickle)
-        config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, torch_device=None,
+                     autocast_adapter_dtype: bool = True, allow_pickle: bool = False, config: LoraConfig | None = None,
+                     **_):
+        """Load a PEFT-format adapter directory as a new adapter `adapter_name` (not activated). Returns PEFT's
+        load result (missing / unexpected keys; both empty: lorakit refuses a file that does not fit). Without
+        `is_trainable` the model is put in eval mode, as PEFT does (no dropout at inference)."""
+        config, state = _read_adapter(model_id, is_trainable, allow_pickle, config)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             peft_io.load_adapter_weights(self.model, adapter_name, state, source=str(model_id))
         except Exception:
             self.delete_adapter(adapter_name)
             raise
         self._set_trainable()
+        if not is_trainable:
+            self.eval()
+        return _IncompatibleKeys([], [])
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = DEFAULT_ADAPTER,
-                        is_trainable: bool = False, allow_pickle: bool = False, **_) -> "LoraModel":
-        """Wrap `model` with the adapter saved in `model_id` (ours or PEFT's)."""
-        config, state = peft_io.read_adapter(str(model_id), allow_pickle=allow_pickle)
-        config.inference_mode = not is_trainable
-        peft_model = cls(model, config, adapter_name)
+                        is_trainable: bool = False, config: LoraConfig | None = None,
+                        autocast_adapter_dtype: bool = True, allow_pickle: bool = False, **_) -> "LoraModel":
+        """Wrap `model` with the adapter saved in `model_id` (ours or PEFT's); eval mode unless `is_trainable`.
+        `config` replaces the file's adapter_config.json, as in PEFT."""
+        config, state = _read_adapter(model_id, is_trainable, allow_pickle, config)
+        peft_model = model_class(cls, config)(model, config, adapter_name,
+                                              autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             peft_io.load_adapter_weights(peft_model.model, adapter_name, state, source=str(model_id))
         except Exception:
             peft_model.unload()
             raise
-        return peft_model
+        return peft_model if is_trainable else peft_model.eval()
+
+
+def _read_adapter(model_id, is_trainable: bool, allow_pickle: bool, config: LoraConfig | None):
+    file_config, state = peft_io.read_adapter(str(model_id), allow_pickle=allow_pickle)
+    config = file_config if config is None else dataclasses.replace(config)
+    config.inference_mode = not is_trainable
+    return config, state
 
 
 def _saved_config(config: LoraConfig) -> LoraConfig:
@@ -302,14 +362,90 @@ def _saved_config(config: LoraConfig) -> LoraConfig:
     return dataclasses.replace(config, inference_mode=True)
 
 
+def _cast_to_base_dtype(layers, adapter_name: str) -> None:
+    for layer in layers:
+        dtype = getattr(getattr(layer, "base_layer", None), "weight", None)
+        dtype = getattr(dtype, "dtype", None)
+        if isinstance(layer, LoraLayer) and dtype in (torch.float16, torch.bfloat16):
+            with torch.no_grad():
+                for p in layer.adapter_parameters(adapter_name).values():
+                    p.data = p.data.to(dtype)
+
+
 PeftModel = LoraModel
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoraModel:
-    """Inject LoRA adapters described by `peft_config` into `model`; only the adapters are trainable.
+class PeftModelForCausalLM(LoraModel):
+    """PEFT's task class for task_type="CAUSAL_LM" (same behaviour as LoraModel)."""
+
+
+class PeftModelForSeq2SeqLM(LoraModel):
+    """task_type="SEQ_2_SEQ_LM"."""
+
+
+class PeftModelForFeatureExtraction(LoraModel):
+    """task_type="FEATURE_EXTRACTION"."""
+
+
+class _WithTaskHead(LoraModel):
+    """A task class whose head is trained in full: its names join `modules_to_save` (PEFT's behaviour)."""
+
+    HEAD_NAMES: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER, **kwargs):
+        config.modules_to_save = [*(config.modules_to_save or []), *self.HEAD_NAMES]
+        super().__init__(model, config, adapter_name, **kwargs)
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, **kwargs) -> None:
+        if self.peft_config:  # the first adapter's config was extended in __init__
+            peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *self.HEAD_NAMES]
+        super().add_adapter(adapter_name, peft_config, **kwargs)
+
+
+class PeftModelForSequenceClassification(_WithTaskHead):
+    """task_type="SEQ_CLS": the `classifier` / `score` head is trained and saved in full."""
+
+    HEAD_NAMES = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(_WithTaskHead):
+    """task_type="TOKEN_CLS": the `classifier` / `score` head is trained and saved in full."""
+
+    HEAD_NAMES = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(_WithTaskHead):
+    """task_type="QUESTION_ANS": the `qa_outputs` head is trained and saved in full."""
+
+    HEAD_NAMES = ("qa_outputs",)
+
+
+TASK_MODEL_CLASSES: dict[str, type[LoraModel]] = {
+    "CAUSAL_LM": PeftModelForCausalLM, "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM, "SEQ_CLS": PeftModelForSequenceClassification,
+    "TOKEN_CLS": PeftModelForTokenClassification, "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction}
+
+
+def model_class(cls: type[LoraModel], config: LoraConfig) -> type[LoraModel]:
+    """The class PEFT would build: the task class for config.task_type when asked for the generic one."""
+    return TASK_MODEL_CLASSES.get(config.task_type, cls) if cls is LoraModel else cls
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER, mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> LoraModel:
+    """Inject LoRA adapters described by `peft_config` into `model`; only the adapters are trainable. Returns
+    PEFT's task class for `task_type` (PeftModelForCausalLM, ...). `mixed` is accepted: every lorakit model
+    can hold adapters of different forms.
 
     >>> model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))  # doctest: +SKIP
     """
     if isinstance(model, LoraModel):
         raise ValueError("model already has LoRA adapters; use model.add_adapter(name, config) to add another")
-    return LoraModel(model, peft_config, adapter_name)
+    if revision is not None:
+        if peft_config.revision is not None and peft_config.revision != revision:
+            warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, "
+                          f"overwriting with revision {revision}")
+        peft_config.revision = revision
+    return model_class(LoraModel, peft_config)(model, peft_config, adapter_name,
+                                               autocast_adapter_dtype=autocast_adapter_dtype)

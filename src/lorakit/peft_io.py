@@ -67,12 +67,17 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, config: LoraConfig |
     return state
 
 
-def write_adapter(directory: str, config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> None:
-    """Write config + weights into `directory` (created if needed); each file appears whole or not at all."""
+def write_adapter(directory: str, config: LoraConfig, state_dict: dict[str, torch.Tensor],
+                  safe_serialization: bool = True) -> None:
+    """Write config + weights into `directory` (created if needed); each file appears whole or not at all.
+    `safe_serialization=False` writes PEFT's pickle file `adapter_model.bin` instead of safetensors."""
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_path(os.path.join(directory, WEIGHTS_NAME if safe_serialization else PICKLE_WEIGHTS_NAME)) as tmp:
+        if safe_serialization:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        else:
+            torch.save(tensors, tmp)
     with atomic_path(os.path.join(directory, CONFIG_NAME)) as tmp:
         with open(tmp, "w") as f:
             json.dump(config.to_dict(), f, indent=2, sort_keys=True)

@@ -84,6 +84,10 @@ class LoraLayer(nn.Module):
         return self.base_layer.weight
 
     @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
@@ -144,6 +148,10 @@ class LoraLayer(nn.Module):
         """ΔW of adapter `name`, shaped like the base weight, in `dtype` (default: the base weight's)."""
         return self.delta(*self.effective_factors(name)).to(dtype or self.base_layer.weight.dtype)
 
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """PEFT's name for `delta_weight`."""
+        return self.delta_weight(adapter)
+
     def factor_versions(self, name: str) -> tuple[int, ...]:
         """Identity and in-place write counter of each tensor adapter `name` computes with (a changed
         tuple means changed weights). Kept cheap: it runs per layer on every mixed-batch forward."""
@@ -203,8 +211,9 @@ class LoraLayer(nn.Module):
         return None
 
     # --- merging ------------------------------------------------------------------------------
-    def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Add the adapters' ΔW into the base weight. Merging an adapter twice warns and does nothing."""
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' ΔW into the base weight. Merging an adapter twice warns and does nothing.
+        `safe_merge`: check the merged weight for NaN/inf before writing it (PEFT's option; raises ValueError)."""
         names = self.active_adapters if adapter_names is None else adapter_names
         if not isinstance(self.base_layer.weight, nn.Parameter):
             raise ValueError(f"cannot merge in place into a {type(self.base_layer).__name__} (quantized) weight; "
@@ -219,6 +228,8 @@ class LoraLayer(nn.Module):
             adapter = self.adapters[name]
             with torch.no_grad():
                 merged, adapter.merge_state = adapter.form.merged(self, name, weight)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
                 weight.copy_(merged)
             self.merged_adapters.append(name)
 
