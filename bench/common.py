@@ -32,7 +32,7 @@ def randomize_lora_B(model, std):
 
 def copy_lora_weights(ours, theirs):
     """Load lorakit's adapter weights into a PEFT model holding the same adapters."""
-    result = theirs.load_state_dict({"base_model." + k: v for k, v in ours.state_dict().items() if "lora_" in k},
+    result = theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k},
                                     strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
 

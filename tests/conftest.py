@@ -85,8 +85,7 @@ def randomize_adapters(model, seed=123, scale=0.1):
 
 def copy_adapters_to_peft(ours, theirs):
     """Load a lorakit model's adapter weights into a PEFT model with the same adapters."""
-    result = theirs.load_state_dict({"base_model." + k: v for k, v in ours.state_dict().items() if "lora_" in k},
-                                    strict=False)
+    result = theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
 
 

@@ -221,7 +221,7 @@ def _adapter_grads_with(stored_as, counts=None, min_numel=1):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(n)))
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(n.removeprefix("base_model."))))
     ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :5] = -100

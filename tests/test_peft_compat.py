@@ -60,8 +60,7 @@ def test_outputs_and_gradients_equal_peft(case):
     out_ours.square().mean().backward()
     out_theirs.square().mean().backward()
     grads_theirs = {k.replace(".default", ""): p.grad for k, p in theirs.named_parameters() if p.requires_grad}
-    grads_ours = {"base_model." + k.replace(".default", ""): p.grad for k, p in ours.named_parameters()
-                  if p.requires_grad}
+    grads_ours = {k.replace(".default", ""): p.grad for k, p in ours.named_parameters() if p.requires_grad}
     assert set(grads_ours) == set(grads_theirs)
     for key, grad in grads_ours.items():
         assert (grad - grads_theirs[key]).abs().max() < 1e-5, key

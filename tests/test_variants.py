@@ -27,8 +27,7 @@ def perturb_adapters(model, seed=7, scale=0.1):
 
 
 def peft_name(name: str) -> str:
-    """Our parameter name -> PEFT's (PEFT keeps DoRA magnitudes in a module, AdaLoRA factors bare)."""
-    name = "base_model." + name
+    """Our parameter name -> PEFT's (PEFT keeps DoRA magnitudes in a module); both start `base_model.model.`."""
     if ".lora_magnitude_vector." in name:
         return name + ".weight"
     return name

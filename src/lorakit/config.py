@@ -66,6 +66,10 @@ class LoraConfig:
     resumable = True  # a run with this adapter can continue from a checkpoint
 
     def __post_init__(self):
+        for name in ("task_type", "peft_type"):  # PEFT's TaskType / PeftType enums are str subclasses
+            value = getattr(self, name)
+            if isinstance(value, str) and type(value) is not str:
+                setattr(self, name, str(value.value if hasattr(value, "value") else value))
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -91,7 +95,8 @@ class LoraConfig:
         if self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
         init = self.init_lora_weights
-        if init not in INIT_CHOICES and not (isinstance(init, str) and init.startswith("pissa_niter_")):
+        named = init.lower() if isinstance(init, str) and init.lower() in ("gaussian", "olora") else init
+        if named not in INIT_CHOICES and not (isinstance(init, str) and init.startswith("pissa_niter_")):
             raise ValueError(
                 f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa_niter_K', got {init!r}"
             )
@@ -134,7 +139,7 @@ class LoraConfig:
     def svd_init(self) -> bool:
         """True for PiSSA / OLoRA initialisation (the base weight is changed at init)."""
         init = self.init_lora_weights
-        return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+        return isinstance(init, str) and (init.startswith("pissa") or init.lower() == "olora")
 
     # --- serialisation -------------------------------------------------------------------
     def _saved_fields(self) -> list[str]:

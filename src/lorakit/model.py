@@ -1,7 +1,8 @@
 """LoraModel: a base model plus named adapters, with PEFT's API.
 
-`PeftModel` is the same class. `model.base_model.model` is the wrapped transformers model,
-as in PEFT, so code that reaches through those attributes keeps working.
+`PeftModel` is the same class. As in PEFT, `model.base_model` is the tuner (a `LoraTuner`, whose
+methods are the LoraModel's) and `model.base_model.model` the wrapped transformers model, so parameter
+names start with `base_model.model.` (what optimizer groups, wrap policies and name filters expect).
 """
 
 from __future__ import annotations
@@ -26,6 +27,27 @@ from .quant.nf4 import NF4Linear, requantize_linears
 DEFAULT_ADAPTER = "default"
 
 
+class LoraTuner(nn.Module):
+    """PEFT's `peft_model.base_model`: holds the transformers model as `.model`; every other attribute is the
+    LoraModel's (so `model.base_model.set_adapter([...])`, `.merge_and_unload()`, ... work as in PEFT)."""
+
+    def __init__(self, model: nn.Module, owner: "LoraModel"):
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_owner", owner)  # not a submodule: no cycle in modules() / state_dict()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "_owner" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_owner"], name)
+
+    def forward(self, *args, **kwargs):
+        return self.__dict__["_owner"].forward(*args, **kwargs)
+
+
 class LoraModel(nn.Module):
     """A model with LoRA adapters. Build it with `get_peft_model` or `LoraModel.from_pretrained`.
 
@@ -36,7 +58,7 @@ class LoraModel(nn.Module):
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER,
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, **_):
         super().__init__()
-        self.model = model
+        self.base_model = LoraTuner(model, self)
         self.peft_config: dict[str, LoraConfig] = {}
         self._active: list[str] = [adapter_name]
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -48,13 +70,14 @@ class LoraModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "model":
+            if name in ("model", "base_model"):
                 raise
             return getattr(self.model, name)
 
     @property
-    def base_model(self) -> "LoraModel":
-        return self  # PEFT: PeftModel.base_model is the tuner, whose .model is the transformers model
+    def model(self) -> nn.Module:
+        """The wrapped transformers model (= base_model.model)."""
+        return self.base_model.model
 
     def get_base_model(self) -> nn.Module:
         return self.model

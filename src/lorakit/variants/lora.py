@@ -26,7 +26,7 @@ class LoraForm(AdapterForm):
     @property
     def svd_init(self) -> bool:
         init = self.init_lora_weights
-        return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+        return isinstance(init, str) and (init.startswith("pissa") or init.lower() == "olora")
 
     def scaling(self, r, lora_alpha):
         return LF.lora_scaling(lora_alpha, r, self.use_rslora)
@@ -45,7 +45,7 @@ class LoraForm(AdapterForm):
         if self.svd_init:
             self._init_from_weight(layer, name)
         else:
-            layer.reset_pair(name, gaussian=init == "gaussian")
+            layer.reset_pair(name, gaussian=isinstance(init, str) and init.lower() == "gaussian")
 
     def factors(self, layer, name):
         A, B = layer.pair(name)

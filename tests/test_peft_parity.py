@@ -1,0 +1,182 @@
+"""PEFT's public API, side by side: the same call on lorakit and on PEFT 0.21, same tiny models, same answers
+(outputs, trainable parameters, files, training/eval mode, return values)."""
+
+import os
+
+import peft
+import pytest
+import torch
+from conftest import copy_adapters_to_peft, randomize_adapters, tiny_llama
+
+import lorakit
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _pair(**cfg):
+    cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS) | cfg
+    ours = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg))
+    randomize_adapters(ours, seed=7, scale=0.3)
+    copy_adapters_to_peft(ours, theirs)
+    return ours, theirs
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _trainable(model):
+    return sorted(n.replace(".default", "") for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "load_adapter"])
+def test_loading_for_inference_puts_the_model_in_eval_mode_and_returns_peft_results(tmp_path, ids, loader):
+    ours, _ = _pair(lora_dropout=0.5)
+    ours.save_pretrained(tmp_path)
+    results = {}
+    for lib in (lorakit, peft):
+        base = tiny_llama().train()  # a freshly built model may be in training mode
+        if loader == "from_pretrained":
+            model = lib.PeftModel.from_pretrained(base, str(tmp_path))
+            result = None
+        else:
+            model = lib.get_peft_model(base, lib.LoraConfig(r=2, target_modules=["q_proj"]), "other")
+            model.train()
+            result = model.load_adapter(str(tmp_path), adapter_name="default")
+            model.set_adapter("default")
+        assert not model.training and not any(m.training for m in model.modules()), lib.__name__
+        assert _logits(model, ids).equal(_logits(model, ids))  # dropout 0.5 is off: deterministic
+        results[lib.__name__] = (_logits(model, ids), result)
+    torch.testing.assert_close(results["lorakit"][0], results["peft"][0], atol=1e-5, rtol=1e-5)
+    if loader == "load_adapter":
+        for _, result in results.values():
+            assert list(result.missing_keys) == [] and list(result.unexpected_keys) == []
+
+
+def test_peft_keyword_arguments_are_accepted_and_mean_the_same(tmp_path, ids):
+    for lib in (lorakit, peft):
+        base = tiny_llama().to(torch.bfloat16)
+        config = lib.LoraConfig(r=4, target_modules=TARGETS)
+        model = lib.get_peft_model(base, config, adapter_name="x", autocast_adapter_dtype=False, revision="v1",
+                                   low_cpu_mem_usage=False)
+        layer = model.get_base_model().model.layers[0].self_attn.q_proj
+        assert layer.lora_A["x"].weight.dtype == torch.bfloat16, lib.__name__  # kept in the base's dtype
+        assert model.peft_config["x"].revision == "v1"
+        fp32 = lib.get_peft_model(tiny_llama().to(torch.bfloat16), lib.LoraConfig(r=4, target_modules=TARGETS))
+        assert fp32.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    outputs = {}
+    for lib, model in zip(("lorakit", "peft"), _pair()):
+        model.add_adapter("b", (lorakit if lib == "lorakit" else peft).LoraConfig(r=2, target_modules=["q_proj"]))
+        out = tmp_path / lib
+        model.save_pretrained(str(out / "bin"), safe_serialization=False, selected_adapters=["default"])
+        written = set(os.listdir(out / "bin")) - {"README.md"}  # PEFT adds a model card
+        assert written == {"adapter_config.json", "adapter_model.bin"}, lib
+        model.save_pretrained(str(out / "none"), is_main_process=False)
+        assert not (out / "none" / "adapter_config.json").exists()
+        merged = model.merge_and_unload(progressbar=True, safe_merge=True, adapter_names=["default"])
+        outputs[lib] = _logits(merged, ids)
+    torch.testing.assert_close(outputs["lorakit"], outputs["peft"], atol=1e-5, rtol=1e-5)
+
+
+def test_several_active_adapters_add_and_layers_can_be_switched_off(ids):
+    results = {}
+    pair = _pair()
+    for name, model in zip(("lorakit", "peft"), pair):
+        lib = lorakit if name == "lorakit" else peft
+        model.add_adapter("b", lib.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]))
+    randomize_adapters(pair[0], seed=8, scale=0.3)
+    copy_adapters_to_peft(*pair)
+    for name, model in zip(("lorakit", "peft"), pair):
+        model.base_model.set_adapter(["default", "b"])
+        both = _logits(model, ids)
+        trainable = _trainable(model)
+        model.disable_adapter_layers()
+        off = _logits(model, ids)
+        model.enable_adapter_layers()
+        results[name] = (both, off, _logits(model, ids), trainable, list(model.active_adapters))
+    ours, theirs = results["lorakit"], results["peft"]
+    for a, b in zip(ours[:3], theirs[:3]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert ours[3] == theirs[3] and ours[4] == theirs[4] == ["default", "b"]
+    torch.testing.assert_close(ours[1], _logits(tiny_llama(), ids))  # disabled = the base model
+
+
+def test_layer_delta_weight_bias_and_weight_passthrough():
+    ours, theirs = _pair()
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        a, b = ours.get_base_model().get_submodule(path), theirs.get_base_model().get_submodule(path)
+        torch.testing.assert_close(a.get_delta_weight("default"), b.get_delta_weight("default"))
+        assert a.weight is a.base_layer.weight and a.bias is None and b.bias is None
+
+
+def test_state_dict_helpers_config_loading_and_enums_match_peft(tmp_path, ids):
+    ours, theirs = _pair()
+    mine, their_sd = lorakit.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert sorted(mine) == sorted(their_sd)
+    for key in their_sd:
+        torch.testing.assert_close(mine[key], their_sd[key])
+    fresh = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    result = lorakit.set_peft_model_state_dict(fresh, their_sd)
+    assert list(result.unexpected_keys) == []
+    torch.testing.assert_close(_logits(fresh, ids), _logits(theirs, ids), atol=1e-5, rtol=1e-5)
+    peft.get_peft_model(tiny_llama(), peft.VeraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    assert type(lorakit.PeftConfig.from_pretrained(str(tmp_path))).__name__ == "VeraConfig"
+    assert isinstance(lorakit.LoraConfig(), lorakit.PeftConfig)
+    config = lorakit.LoraConfig(task_type=lorakit.TaskType.CAUSAL_LM, target_modules=["q_proj"])
+    assert config.task_type == peft.TaskType.CAUSAL_LM and type(config.task_type) is str
+    assert lorakit.PeftType.LORA == peft.PeftType.LORA == config.peft_type
+
+
+def test_inject_adapter_in_model_matches_peft():
+    ours = lorakit.inject_adapter_in_model(lorakit.LoraConfig(r=4, target_modules=TARGETS), tiny_llama())
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=TARGETS), tiny_llama())
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    assert _trainable(ours) == _trainable(theirs)
+
+
+def test_prepare_model_for_kbit_training_matches_peft():
+    models = [tiny_llama().to(torch.bfloat16) for _ in range(2)]
+    ours = lorakit.prepare_model_for_kbit_training(models[0])
+    theirs = peft.prepare_model_for_kbit_training(models[1])
+    assert [(n, p.dtype, p.requires_grad) for n, p in ours.named_parameters()] == \
+        [(n, p.dtype, p.requires_grad) for n, p in theirs.named_parameters()]
+
+
+def test_task_classes_and_classifier_head_as_in_peft(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def classifier():
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_labels=3, pad_token_id=0)).eval()
+
+    seen = {}
+    for lib in (lorakit, peft):
+        model = lib.get_peft_model(classifier(), lib.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=TARGETS))
+        causal = lib.get_peft_model(tiny_llama(), lib.LoraConfig(task_type="CAUSAL_LM", target_modules=TARGETS))
+        model.save_pretrained(str(tmp_path / lib.__name__))
+        from safetensors.torch import load_file
+
+        keys = sorted(load_file(str(tmp_path / lib.__name__ / "adapter_model.safetensors")))
+        seen[lib.__name__] = (type(model).__name__, type(causal).__name__, _trainable(model), keys,
+                              sorted(model.peft_config["default"].modules_to_save))
+    assert seen["lorakit"] == seen["peft"]
+    assert seen["lorakit"][0] == "PeftModelForSequenceClassification"
+    assert any("score" in n for n in seen["lorakit"][2])
+
+
+def test_init_lora_weights_names_are_case_insensitive_as_in_peft():
+    for init in ("OLoRA", "Gaussian"):
+        torch.manual_seed(0)
+        ours = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                      init_lora_weights=init))
+        peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init))
+        layer = ours.get_base_model().model.layers[0].self_attn.q_proj
+        if init == "OLoRA":  # the adapter holds W's principal part: base + ΔW is the original weight
+            torch.testing.assert_close(layer.base_layer.weight + layer.get_delta_weight("default"),
+                                       tiny_llama().model.layers[0].self_attn.q_proj.weight, atol=1e-5, rtol=1e-5)
+        else:
+            assert layer.lora_A["default"].weight.std().item() == pytest.approx(1 / 4, rel=0.3)
