@@ -180,3 +180,22 @@ def test_init_lora_weights_names_are_case_insensitive_as_in_peft():
                                        tiny_llama().model.layers[0].self_attn.q_proj.weight, atol=1e-5, rtol=1e-5)
         else:
             assert layer.lora_A["default"].weight.std().item() == pytest.approx(1 / 4, rel=0.3)
+
+
+def test_base_rows_named_as_in_peft_and_a_second_adapter_with_bias_is_refused(ids):
+    ours, theirs = _pair()
+    rows = ["default", "__base__"]
+    for model in (ours, theirs):
+        model.train()
+        with pytest.raises(ValueError, match="training mode"):
+            model(input_ids=ids, adapter_names=rows)
+        model.eval()
+    with torch.no_grad():
+        mine = ours(input_ids=ids, adapter_names=rows).logits
+        their = theirs(input_ids=ids, adapter_names=rows).logits
+    torch.testing.assert_close(mine, their, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mine[1], _logits(tiny_llama(), ids)[1], atol=1e-5, rtol=1e-5)
+    for model, lib in ((ours, lorakit), (theirs, peft)):
+        model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["q_proj"], bias="all"))  # one with bias: fine
+        with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
+            model.add_adapter("c", lib.LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only"))

@@ -25,6 +25,7 @@ from .multi import row_adapters
 from .quant.nf4 import NF4Linear, requantize_linears
 
 DEFAULT_ADAPTER = "default"
+BASE_ROW = "__base__"  # PEFT's name for a row of a mixed batch that uses no adapter
 
 
 class LoraTuner(nn.Module):
@@ -116,10 +117,14 @@ class LoraModel(nn.Module):
     def _rows(self, adapter_names):
         if adapter_names is None:
             return contextlib.nullcontext()
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode (as in PEFT); "
+                             "call model.eval() first")
+        adapter_names = [None if n == BASE_ROW else n for n in adapter_names]
         unknown = sorted({n for n in adapter_names if n is not None and n not in self.peft_config})
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; loaded adapters: "
-                             f"{sorted(self.peft_config)} (None means the base model)")
+                             f"{sorted(self.peft_config)} (None or '{BASE_ROW}' means the base model)")
         return row_adapters(self._layers(), adapter_names)
 
     # --- adapters ----------------------------------------------------------------------------
@@ -144,6 +149,10 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"expected a lorakit LoraConfig, got {type(peft_config).__name__}")
+        with_bias = [c for c in (*self.peft_config.values(), peft_config) if c.bias != "none"]
+        if len(with_bias) > 1:  # base-layer biases are shared by all adapters (PEFT's rule)
+            raise ValueError(f"{type(self).__name__} supports only 1 adapter with bias. When using multiple "
+                             f"adapters, set bias to 'none' for all adapters (got bias={peft_config.bias!r})")
         inject_adapter(self.model, peft_config, adapter_name)
         if not autocast_adapter_dtype:
             _cast_to_base_dtype(self._layers(), adapter_name)
