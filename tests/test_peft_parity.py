@@ -199,3 +199,20 @@ def test_base_rows_named_as_in_peft_and_a_second_adapter_with_bias_is_refused(id
         model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["q_proj"], bias="all"))  # one with bias: fine
         with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
             model.add_adapter("c", lib.LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only"))
+
+
+def test_peft_style_script_prints_the_same_numbers_on_lorakit_and_peft(tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "peft_script.py")
+    text = open(script).read()
+    assert "from lorakit import" in text
+    (tmp_path / "with_peft.py").write_text(text.replace("from lorakit import", "from peft import"))
+    printed = {}
+    for name, path in (("lorakit", script), ("peft", str(tmp_path / "with_peft.py"))):
+        run = subprocess.run([sys.executable, path, str(tmp_path / name)], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        printed[name] = run.stdout.splitlines()
+    assert printed["lorakit"] == printed["peft"]
+    assert "training after from_pretrained: False" in printed["lorakit"]
