@@ -216,3 +216,19 @@ def test_peft_style_script_prints_the_same_numbers_on_lorakit_and_peft(tmp_path)
         printed[name] = run.stdout.splitlines()
     assert printed["lorakit"] == printed["peft"]
     assert "training after from_pretrained: False" in printed["lorakit"]
+
+
+def test_layer_and_model_status_report_what_peft_reports():
+    import dataclasses
+
+    statuses = {}
+    for name, model in zip(("lorakit", "peft"), _pair()):
+        lib = lorakit if name == "lorakit" else peft
+        model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["q_proj"]))
+        model.base_model.set_adapter(["default", "b"])
+        model.merge_adapter(["b"])
+        layers = [dataclasses.asdict(s) | {"module_type": None} for s in lib.get_layer_status(model)]
+        overall = dataclasses.asdict(model.get_model_status())
+        statuses[name] = (layers, overall)
+    assert statuses["lorakit"][0] == statuses["peft"][0]
+    assert statuses["lorakit"][1] == statuses["peft"][1]

@@ -8,6 +8,7 @@ from .model import (LoraModel, PeftModel, PeftModelForCausalLM, PeftModelForFeat
 from .model_loading import load_model, load_tokenizer
 from .peft_api import (PeftConfig, PeftType, TaskType, get_peft_model_state_dict, inject_adapter_in_model,
                        prepare_model_for_kbit_training, set_peft_model_state_dict)
+from .status import get_layer_status, get_model_status
 from .variants.adalora import AdaLoraConfig
 from .variants.vera import VeraConfig
 
@@ -20,5 +21,5 @@ __all__ = [
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftConfig", "PeftType", "TaskType", "get_peft_model_state_dict", "inject_adapter_in_model",
-    "prepare_model_for_kbit_training", "set_peft_model_state_dict",
+    "prepare_model_for_kbit_training", "set_peft_model_state_dict", "get_layer_status", "get_model_status",
 ]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from . import merging, peft_io
+from . import merging, peft_io, status
 from .config import LoraConfig
 from .inject import adapter_layers, inject_adapter, unwrap
 from .layers import LoraLayer
@@ -303,6 +303,14 @@ class LoraModel(nn.Module):
         # 4-bit weights live in buffers; count them as the parameters they stand for (PEFT does too).
         total += sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, NF4Linear))
         return trainable, total
+
+    def get_layer_status(self) -> list:
+        """PEFT's per-layer status (lorakit.status.TunerLayerStatus)."""
+        return status.get_layer_status(self)
+
+    def get_model_status(self):
+        """PEFT's model status (lorakit.status.TunerModelStatus)."""
+        return status.get_model_status(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

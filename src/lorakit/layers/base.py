@@ -166,7 +166,8 @@ class LoraLayer(nn.Module):
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active_adapters(self, names: list[str]) -> None:
-        self.active_adapters = [n for n in names if n in self.adapters]
+        """PEFT keeps every requested name (a layer without one of them simply skips it)."""
+        self.active_adapters = list(names)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """{'lora_A.weight': p, ...}: the adapter's parameters under their file-format names ({} if absent)."""
