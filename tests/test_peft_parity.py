@@ -232,3 +232,22 @@ def test_layer_and_model_status_report_what_peft_reports():
         statuses[name] = (layers, overall)
     assert statuses["lorakit"][0] == statuses["peft"][0]
     assert statuses["lorakit"][1] == statuses["peft"][1]
+
+
+def test_cat_combination_with_a_rank_pattern_equals_peft(ids):
+    cfgs = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}),
+            dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])]
+    models = {}
+    for lib in (lorakit, peft):
+        model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(**cfgs[0]), "a")
+        model.add_adapter("b", lib.LoraConfig(**cfgs[1]))
+        models[lib.__name__] = model
+    randomize_adapters(models["lorakit"], seed=3, scale=0.3)
+    copy_adapters_to_peft(models["lorakit"], models["peft"])
+    logits = {}
+    for name, model in models.items():
+        model.add_weighted_adapter(["a", "b"], [1.0, 0.5], "c", combination_type="cat")
+        model.set_adapter("c")
+        logits[name] = _logits(model.eval(), ids)
+        assert model.peft_config["c"].r == 6
+    torch.testing.assert_close(logits["lorakit"], logits["peft"], atol=1e-5, rtol=1e-5)
