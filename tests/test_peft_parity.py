@@ -251,3 +251,40 @@ def test_cat_combination_with_a_rank_pattern_equals_peft(ids):
         logits[name] = _logits(model.eval(), ids)
         assert model.peft_config["c"].r == 6
     torch.testing.assert_close(logits["lorakit"], logits["peft"], atol=1e-5, rtol=1e-5)
+
+
+class _GroupedConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.head = torch.nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+def test_lora_on_grouped_convolutions_as_in_peft(tmp_path):
+    cfg = dict(r=4, lora_alpha=8, target_modules=["conv"])
+    ours = lorakit.get_peft_model(_GroupedConvNet(), lorakit.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(_GroupedConvNet(), peft.LoraConfig(**cfg))
+    randomize_adapters(ours, seed=2, scale=0.3)
+    copy_adapters_to_peft(ours, theirs)
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(3))
+    out_ours, out_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(out_ours, out_theirs, atol=1e-5, rtol=1e-5)
+    out_ours.square().mean().backward()
+    out_theirs.square().mean().backward()
+    for (n, p), (m, q) in zip(sorted((n, p) for n, p in ours.named_parameters() if p.requires_grad),
+                              sorted((n, p) for n, p in theirs.named_parameters() if p.requires_grad)):
+        assert n == m and p.grad is not None
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+    ours.save_pretrained(str(tmp_path))
+    loaded = peft.PeftModel.from_pretrained(_GroupedConvNet(), str(tmp_path))
+    torch.testing.assert_close(loaded(x), out_ours.detach(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="grouped"):
+        ours.merge_adapter()
+    with pytest.raises(NotImplementedError):
+        theirs.merge_adapter()
+    with pytest.raises(ValueError, match="divisible by groups"):
+        lorakit.get_peft_model(_GroupedConvNet(), lorakit.LoraConfig(r=3, target_modules=["conv"]))

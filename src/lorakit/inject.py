@@ -136,6 +136,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
     form = config.adapter_form([_in_out(b) for b in bases])
     for name, base in zip(targets, bases):  # refuse undefined form/layer pairs before any module is touched
         form.check_target(name, base, lora_layer_class(base).geometry)
+        lora_layer_class(base).check_rank(name, base, config.layer_kwargs(name)["r"])
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):

@@ -30,6 +30,10 @@ class LoraLayer(nn.Module):
         self.row_adapters: list[str | None] | None = None  # set by LoraModel for mixed-adapter batches
 
     # --- geometry each layer type implements --------------------------------------------------
+    @staticmethod
+    def check_rank(target: str, base: nn.Module, r: int) -> None:
+        """Raise ValueError when rank `r` cannot be built on `base` (checked before any module is touched)."""
+
     def make_pair(self, name: str, r: int) -> None:
         """Create the (A, B) pair of adapter `name` in the layer's PEFT-named containers."""
         raise NotImplementedError

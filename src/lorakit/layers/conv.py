@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from .. import functional as LF
@@ -14,11 +16,8 @@ class LoraConv(LoraLayer):
     geometry = "conv"
 
     def __init__(self, base_layer: nn.modules.conv._ConvNd):
-        if base_layer.groups != 1:
-            raise ValueError(
-                f"LoRA on grouped convolutions is not supported (groups={base_layer.groups}); "
-                "exclude this module or target a conv with groups=1"
-            )
+        if base_layer.groups > 1:
+            warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
         super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.lora_A = self.container("lora_A", nn.ModuleDict)
@@ -30,7 +29,16 @@ class LoraConv(LoraLayer):
         ones = (1,) * len(base.kernel_size)
         self.lora_A[name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
                                  dilation=base.dilation, bias=False)
-        self.lora_B[name] = conv(r, self.out_features, ones, ones, bias=False)
+        # Grouped convs (PEFT's layout): A is a full conv, B a grouped 1x1 conv. B A is then not a weight of the
+        # base's grouped shape, so such an adapter cannot be merged.
+        self.lora_B[name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=False)
+
+    @staticmethod
+    def check_rank(target: str, base: nn.Module, r: int) -> None:
+        if r % base.groups:
+            raise ValueError(f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r} ({target!r}). "
+                             "Currently, support is limited to conv layers where the rank is divisible by groups. "
+                             "Either choose a different rank or do not target this specific layer.")
 
     def pair(self, name):
         return self.lora_A[name].weight, self.lora_B[name].weight
@@ -39,6 +47,9 @@ class LoraConv(LoraLayer):
         return self.lora_B[name]._conv_forward(self.lora_A[name]._conv_forward(h, A, None), B, None)
 
     def delta(self, A, B, s):
+        if self.base_layer.groups > 1:
+            raise ValueError(f"merging (and ΔW) is not supported for a grouped convolution (groups="
+                             f"{self.base_layer.groups}), as in PEFT; keep the adapter unmerged")
         return LF.conv_delta(A, B, s)
 
     def base_apply(self, h, weight):

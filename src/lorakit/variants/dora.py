@@ -68,9 +68,9 @@ class DoraForm(AdapterForm):
         return self.inner.scaling(r, lora_alpha)
 
     def check_target(self, target, base, geometry):
-        if geometry not in self.geometries:
-            raise ValueError(f"use_dora=True: DoRA supports Linear, Conv1D and Conv1d/2d/3d layers; target {target!r} "
-                             f"is {type(base).__name__}; exclude it or set use_dora=False")
+        if geometry not in self.geometries or getattr(base, "groups", 1) > 1:
+            raise ValueError(f"use_dora=True: DoRA supports Linear, Conv1D and Conv1d/2d/3d layers with groups=1; "
+                             f"target {target!r} is {type(base).__name__}; exclude it or set use_dora=False")
         self.inner.check_target(target, base, geometry)
 
     def create(self, layer, name):
