@@ -104,6 +104,19 @@ def test_dora_round_trips_on_gpt2_and_conv(tmp_path, ids):
                x, tmp_path / "conv")
 
 
+def test_dora_on_embeddings_equals_peft_both_ways_and_merges_exactly(tmp_path, ids):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], use_dora=True)
+    ours, _ = round_trip(tiny_llama(), cfg, ids, tmp_path)
+    layer = ours.get_base_model().model.embed_tokens
+    assert layer.lora_magnitude_vector["default"].shape == (layer.out_features,)  # one magnitude per dimension
+    with torch.no_grad():
+        unmerged = ours(input_ids=ids).logits
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(input_ids=ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+        ours.unmerge_adapter()
+        torch.testing.assert_close(ours(input_ids=ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+
 def test_dora_starts_as_the_base_model_and_merges_exactly(ids):
     base = tiny_llama()
     with torch.no_grad():
@@ -274,7 +287,8 @@ def test_adalora_orthogonality_regulariser_equals_peft(ids):
 
 # --- invalid combinations fail before anything is built -------------------------------------------
 @pytest.mark.parametrize("make,match", [
-    (lambda: get_peft_model(tiny_llama(), LoraConfig(target_modules=["embed_tokens"], use_dora=True)), "DoRA"),
+    (lambda: get_peft_model(nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)), LoraConfig(r=2, target_modules=["0"],
+                                                                                      use_dora=True)), "DoRA"),
     (lambda: get_peft_model(tiny_llama(), VeraConfig(target_modules=["embed_tokens"])), "VERA adapters support"),
     (lambda: get_peft_model(tiny_llama(), AdaLoraConfig(target_modules=["q_proj"])), "total_step"),
     (lambda: get_peft_model(tiny_llama(), LoraConfig(target_modules=["embed_tokens"], init_lora_weights="olora")),
@@ -294,7 +308,7 @@ def test_failed_variant_injection_leaves_the_model_untouched():
     model = tiny_llama()
     before = {n: p.clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError):
-        get_peft_model(model, LoraConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True))
+        get_peft_model(model, VeraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
     assert not any("lora" in type(m).__name__.lower() for m in model.modules())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 

@@ -58,7 +58,7 @@ class DoraForm(AdapterForm):
     (`lora_magnitude_vector`, PEFT's name) rescales W + ΔW."""
 
     label = "DoRA"
-    geometries = ("linear", "conv")
+    geometries = ("linear", "conv", "embedding")
     mixable = False  # the weight norm is per adapter: such rows cannot share a batch with other adapters
 
     def __init__(self, inner: AdapterForm):
@@ -69,8 +69,10 @@ class DoraForm(AdapterForm):
 
     def check_target(self, target, base, geometry):
         if geometry not in self.geometries or getattr(base, "groups", 1) > 1:
-            raise ValueError(f"use_dora=True: DoRA supports Linear, Conv1D and Conv1d/2d/3d layers with groups=1; "
-                             f"target {target!r} is {type(base).__name__}; exclude it or set use_dora=False")
+            raise ValueError("use_dora=True: DoRA supports Linear, Conv1D, Embedding and Conv1d/2d/3d layers (groups=1); "
+                             f"target {target!r} is {type(base).__name__}"
+                             f"{f' with groups={base.groups}' if getattr(base, 'groups', 1) > 1 else ''}; "
+                             "exclude it or set use_dora=False")
         self.inner.check_target(target, base, geometry)
 
     def create(self, layer, name):
@@ -90,6 +92,10 @@ class DoraForm(AdapterForm):
         """(m/n - 1)·W h + (m/n)·s·BA h with h = dropout(x). Without active dropout W h is `result` minus
         the bias; with it, W is applied to the dropped-out input."""
         A, B, s = self.factors(layer, name)
+        if layer.geometry == "embedding":  # token ids in, no dropout, no bias: (m/n) · (base(x) + ΔW x), as PEFT
+            norm = weight_norm(layer.oriented_weight().float(), layer.oriented_delta(name).detach())
+            scale = magnitude_scale(layer.lora_magnitude_vector[name], norm, 0)
+            return scale * (result + layer.lowrank_update(x, name, A, B, s))
         drop = layer.lora_dropout[name]
         h = drop(x.to(torch.float32))
         weight = layer.oriented_weight().to(torch.float32)
