@@ -104,17 +104,11 @@ def test_dora_round_trips_on_gpt2_and_conv(tmp_path, ids):
                x, tmp_path / "conv")
 
 
-def test_dora_on_embeddings_equals_peft_both_ways_and_merges_exactly(tmp_path, ids):
+def test_dora_on_embeddings_equals_peft_both_ways(tmp_path, ids):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], use_dora=True)
     ours, _ = round_trip(tiny_llama(), cfg, ids, tmp_path)
     layer = ours.get_base_model().model.embed_tokens
     assert layer.lora_magnitude_vector["default"].shape == (layer.out_features,)  # one magnitude per dimension
-    with torch.no_grad():
-        unmerged = ours(input_ids=ids).logits
-        ours.merge_adapter()
-        torch.testing.assert_close(ours(input_ids=ids).logits, unmerged, atol=1e-5, rtol=1e-5)
-        ours.unmerge_adapter()
-        torch.testing.assert_close(ours(input_ids=ids).logits, unmerged, atol=1e-5, rtol=1e-5)
 
 
 def test_dora_starts_as_the_base_model_and_merges_exactly(ids):
@@ -353,7 +347,8 @@ def test_mixed_batches_serve_vera_and_adalora_rows(ids, config):
     AdaLoraConfig(**ada_config()),
     LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights="olora"),
     LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True, use_rslora=True),
-], ids=["vera", "adalora", "olora", "dora-rslora"])
+    LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True),
+], ids=["vera", "adalora", "olora", "dora-rslora", "dora-embedding"])
 def test_merged_equals_unmerged_for_every_variant(ids, config):
     model = get_peft_model(tiny_llama(), config)
     perturb_adapters(model)
