@@ -2,13 +2,14 @@
 
 from .config import LoraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
-from .model import (LoraModel, PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
-                    PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
-                    PeftModelForTokenClassification, get_peft_model)
+from .model import LoraModel, PeftModel
 from .model_loading import load_model, load_tokenizer
 from .peft_api import (PeftConfig, PeftType, TaskType, get_peft_model_state_dict, inject_adapter_in_model,
                        prepare_model_for_kbit_training, set_peft_model_state_dict)
 from .status import get_layer_status, get_model_status
+from .task_models import (PeftModelForCausalLM, PeftModelForFeatureExtraction, PeftModelForQuestionAnswering,
+                          PeftModelForSeq2SeqLM, PeftModelForSequenceClassification, PeftModelForTokenClassification,
+                          get_peft_model)
 from .variants.adalora import AdaLoraConfig
 from .variants.vera import VeraConfig
 

@@ -21,6 +21,7 @@ from .variants.form import AdapterForm
 from .variants.lora import LoraForm
 
 CONFIG_NAME = "adapter_config.json"
+DEFAULT_ADAPTER = "default"  # the adapter name PEFT uses when none is given
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 BIAS_CHOICES = ("none", "all", "lora_only")
 # PEFT fields we do not implement, with the value that means "feature off": such entries are silent.

@@ -8,45 +8,21 @@ names start with `base_model.model.` (what optimizer groups, wrap policies and n
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
 import warnings
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _IncompatibleKeys
 
-from . import merging, peft_io, status
-from .config import LoraConfig
+from . import adapter_files, merging, status
+from .config import DEFAULT_ADAPTER, LoraConfig
 from .inject import adapter_layers, inject_adapter, unwrap
 from .layers import LoraLayer
 from .multi import row_adapters
 from .quant.nf4 import NF4Linear, requantize_linears
+from .tuner import LoraTuner
 
-DEFAULT_ADAPTER = "default"
 BASE_ROW = "__base__"  # PEFT's name for a row of a mixed batch that uses no adapter
-
-
-class LoraTuner(nn.Module):
-    """PEFT's `peft_model.base_model`: holds the transformers model as `.model`; every other attribute is the
-    LoraModel's (so `model.base_model.set_adapter([...])`, `.merge_and_unload()`, ... work as in PEFT)."""
-
-    def __init__(self, model: nn.Module, owner: "LoraModel"):
-        super().__init__()
-        self.model = model
-        object.__setattr__(self, "_owner", owner)  # not a submodule: no cycle in modules() / state_dict()
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("__") or "_owner" not in self.__dict__:
-                raise
-            return getattr(self.__dict__["_owner"], name)
-
-    def forward(self, *args, **kwargs):
-        return self.__dict__["_owner"].forward(*args, **kwargs)
 
 
 class LoraModel(nn.Module):
@@ -155,7 +131,7 @@ class LoraModel(nn.Module):
                              f"adapters, set bias to 'none' for all adapters (got bias={peft_config.bias!r})")
         inject_adapter(self.model, peft_config, adapter_name)
         if not autocast_adapter_dtype:
-            _cast_to_base_dtype(self._layers(), adapter_name)
+            adapter_files.cast_to_base_dtype(self._layers(), adapter_name)
         self.peft_config[adapter_name] = peft_config
         for layer in self._layers():  # keep the current adapters active everywhere
             layer.set_active_adapters(self._active)
@@ -317,175 +293,30 @@ class LoraModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
 
-    # --- files ---------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
-                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
-                        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
-                        **_) -> None:
-        """Write each adapter in PEFT's format: 'default' in `save_directory`, others in a subfolder.
+    # --- files (adapter_files.py) -----------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, *args, **kwargs) -> None:
+        """PEFT's save_pretrained: each adapter in PEFT's format (see adapter_files.save_pretrained)."""
+        adapter_files.save_pretrained(self, save_directory, *args, **kwargs)
 
-        `safe_serialization=False` writes `adapter_model.bin` (pickle) as PEFT does; `is_main_process=False`
-        writes nothing (distributed runs). `path_initial_model_for_weight_conversion`: where a PiSSA/OLoRA
-        adapter was saved right after initialisation; the adapter is then written as a plain LoRA of rank 2r on
-        the original base weights (ΔW = s·(BA - B0A0)), portable to any copy of the original model (PEFT's option).
-        Embedding adapters are always saved (`save_embedding_layers` is accepted for PEFT's signature).
-        """
-        if os.path.isfile(save_directory):
-            raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
-        for name in selected_adapters or []:
-            self._check_known(name)
-        if not is_main_process:
-            return
-        for name in selected_adapters or list(self.peft_config):
-            out_dir = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
-            self.save_adapter(name, out_dir, path_initial_model_for_weight_conversion, safe_serialization)
+    def save_adapter(self, adapter_name: str, directory: str, *args, **kwargs) -> None:
+        """One adapter into exactly `directory` (see adapter_files.save_adapter)."""
+        adapter_files.save_adapter(self, adapter_name, directory, *args, **kwargs)
 
-    def save_adapter(self, adapter_name: str, directory: str, initial_adapter_dir: str | None = None,
-                     safe_serialization: bool = True) -> None:
-        """Write one adapter in PEFT's format into exactly `directory` (see save_pretrained for the conversion)."""
-        self._check_known(adapter_name)
-        config = self.peft_config[adapter_name]
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None)
-        if any(isinstance(l, LoraLayer) and adapter_name in l.merged_adapters for l in self._layers()):
-            warnings.warn(f"adapter {adapter_name!r} is merged into the base weights; saving its (unchanged) factors")
-        state = peft_io.adapter_state_dict(self.model, adapter_name, config)
-        saved = _saved_config(config)
-        if initial_adapter_dir is not None:
-            saved, state = peft_io.converted_to_plain_lora(saved, state, initial_adapter_dir)
-        peft_io.write_adapter(directory, saved, state, safe_serialization)
-
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, torch_device=None,
-                     autocast_adapter_dtype: bool = True, allow_pickle: bool = False, config: LoraConfig | None = None,
-                     **_):
-        """Load a PEFT-format adapter directory as a new adapter `adapter_name` (not activated). Returns PEFT's
-        load result (missing / unexpected keys; both empty: lorakit refuses a file that does not fit). Without
-        `is_trainable` the model is put in eval mode, as PEFT does (no dropout at inference)."""
-        config, state = _read_adapter(model_id, is_trainable, allow_pickle, config)
-        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
-        try:
-            peft_io.load_adapter_weights(self.model, adapter_name, state, source=str(model_id))
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
-        self._set_trainable()
-        if not is_trainable:
-            self.eval()
-        return _IncompatibleKeys([], [])
+    def load_adapter(self, model_id: str, adapter_name: str, *args, **kwargs):
+        """PEFT's load_adapter: a saved adapter as a new adapter, not activated (see adapter_files.load_adapter)."""
+        return adapter_files.load_adapter(self, model_id, adapter_name, *args, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = DEFAULT_ADAPTER,
-                        is_trainable: bool = False, config: LoraConfig | None = None,
-                        autocast_adapter_dtype: bool = True, allow_pickle: bool = False, **_) -> "LoraModel":
-        """Wrap `model` with the adapter saved in `model_id` (ours or PEFT's); eval mode unless `is_trainable`.
-        `config` replaces the file's adapter_config.json, as in PEFT."""
-        config, state = _read_adapter(model_id, is_trainable, allow_pickle, config)
-        peft_model = model_class(cls, config)(model, config, adapter_name,
-                                              autocast_adapter_dtype=autocast_adapter_dtype)
-        try:
-            peft_io.load_adapter_weights(peft_model.model, adapter_name, state, source=str(model_id))
-        except Exception:
-            peft_model.unload()
-            raise
-        return peft_model if is_trainable else peft_model.eval()
+    def from_pretrained(cls, model: nn.Module, model_id: str, *args, **kwargs) -> "LoraModel":
+        """Wrap `model` with the adapter saved in `model_id`, ours or PEFT's (see adapter_files.from_pretrained)."""
+        return adapter_files.from_pretrained(cls, model, model_id, *args, **kwargs)
 
+    task_classes: dict[str, type["LoraModel"]] = {}  # task_type -> PEFT's task class (task_models.py fills it)
 
-def _read_adapter(model_id, is_trainable: bool, allow_pickle: bool, config: LoraConfig | None):
-    file_config, state = peft_io.read_adapter(str(model_id), allow_pickle=allow_pickle)
-    config = file_config if config is None else dataclasses.replace(config)
-    config.inference_mode = not is_trainable
-    return config, state
-
-
-def _saved_config(config: LoraConfig) -> LoraConfig:
-    # A saved adapter is an inference artefact by default, as in PEFT.
-    return dataclasses.replace(config, inference_mode=True)
-
-
-def _cast_to_base_dtype(layers, adapter_name: str) -> None:
-    for layer in layers:
-        dtype = getattr(getattr(layer, "base_layer", None), "weight", None)
-        dtype = getattr(dtype, "dtype", None)
-        if isinstance(layer, LoraLayer) and dtype in (torch.float16, torch.bfloat16):
-            with torch.no_grad():
-                for p in layer.adapter_parameters(adapter_name).values():
-                    p.data = p.data.to(dtype)
+    @classmethod
+    def class_for(cls, config: LoraConfig) -> type["LoraModel"]:
+        """The class PEFT would build: the task class for config.task_type when asked for the generic one."""
+        return cls.task_classes.get(config.task_type, cls) if cls is LoraModel else cls
 
 
 PeftModel = LoraModel
-
-
-class PeftModelForCausalLM(LoraModel):
-    """PEFT's task class for task_type="CAUSAL_LM" (same behaviour as LoraModel)."""
-
-
-class PeftModelForSeq2SeqLM(LoraModel):
-    """task_type="SEQ_2_SEQ_LM"."""
-
-
-class PeftModelForFeatureExtraction(LoraModel):
-    """task_type="FEATURE_EXTRACTION"."""
-
-
-class _WithTaskHead(LoraModel):
-    """A task class whose head is trained in full: its names join `modules_to_save` (PEFT's behaviour)."""
-
-    HEAD_NAMES: tuple[str, ...] = ()
-
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER, **kwargs):
-        config.modules_to_save = [*(config.modules_to_save or []), *self.HEAD_NAMES]
-        super().__init__(model, config, adapter_name, **kwargs)
-
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, **kwargs) -> None:
-        if self.peft_config:  # the first adapter's config was extended in __init__
-            peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *self.HEAD_NAMES]
-        super().add_adapter(adapter_name, peft_config, **kwargs)
-
-
-class PeftModelForSequenceClassification(_WithTaskHead):
-    """task_type="SEQ_CLS": the `classifier` / `score` head is trained and saved in full."""
-
-    HEAD_NAMES = ("classifier", "score")
-
-
-class PeftModelForTokenClassification(_WithTaskHead):
-    """task_type="TOKEN_CLS": the `classifier` / `score` head is trained and saved in full."""
-
-    HEAD_NAMES = ("classifier", "score")
-
-
-class PeftModelForQuestionAnswering(_WithTaskHead):
-    """task_type="QUESTION_ANS": the `qa_outputs` head is trained and saved in full."""
-
-    HEAD_NAMES = ("qa_outputs",)
-
-
-TASK_MODEL_CLASSES: dict[str, type[LoraModel]] = {
-    "CAUSAL_LM": PeftModelForCausalLM, "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM, "SEQ_CLS": PeftModelForSequenceClassification,
-    "TOKEN_CLS": PeftModelForTokenClassification, "QUESTION_ANS": PeftModelForQuestionAnswering,
-    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction}
-
-
-def model_class(cls: type[LoraModel], config: LoraConfig) -> type[LoraModel]:
-    """The class PEFT would build: the task class for config.task_type when asked for the generic one."""
-    return TASK_MODEL_CLASSES.get(config.task_type, cls) if cls is LoraModel else cls
-
-
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER, mixed: bool = False,
-                   autocast_adapter_dtype: bool = True, revision: str | None = None,
-                   low_cpu_mem_usage: bool = False) -> LoraModel:
-    """Inject LoRA adapters described by `peft_config` into `model`; only the adapters are trainable. Returns
-    PEFT's task class for `task_type` (PeftModelForCausalLM, ...). `mixed` is accepted: every lorakit model
-    can hold adapters of different forms.
-
-    >>> model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))  # doctest: +SKIP
-    """
-    if isinstance(model, LoraModel):
-        raise ValueError("model already has LoRA adapters; use model.add_adapter(name, config) to add another")
-    if revision is not None:
-        if peft_config.revision is not None and peft_config.revision != revision:
-            warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, "
-                          f"overwriting with revision {revision}")
-        peft_config.revision = revision
-    return model_class(LoraModel, peft_config)(model, peft_config, adapter_name,
-                                               autocast_adapter_dtype=autocast_adapter_dtype)

@@ -28,7 +28,8 @@ from .kernels.rms_norm import fuse_rms_norms
 from .kernels.saved_activations import compressed_activations, resolve_saved_activations
 from .kernels.swiglu import fuse_swiglu_mlps
 from .loss import CausalLMLoss
-from .model import LoraModel, get_peft_model
+from .model import LoraModel
+from .task_models import get_peft_model
 from .model_loading import load_model, load_tokenizer
 from .quant.nf4 import quantize_model_nf4
 from .train_config import TrainConfig

@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from ..model import get_peft_model
+from ..task_models import get_peft_model
 from .adalora import AdaLoraConfig, RankAllocator
 
 
