@@ -14,13 +14,14 @@ import difflib
 import re
 
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig
 from .layers import LoraLayer, lora_layer_class
 from .quant.nf4 import NF4Linear
 from .saved_modules import ModulesToSaveWrapper
-from .utils import progress_bar, replace_module
+from .utils import replace_module
 
 ALL_LINEAR = "all-linear"
 
@@ -136,7 +137,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
     form = config.adapter_form([_in_out(b) for b in bases])
     for name, base in zip(targets, bases):  # refuse undefined form/layer pairs before any module is touched
         form.check_target(name, base, lora_layer_class(base).geometry)
-        lora_layer_class(base).check_rank(name, base, config.layer_kwargs(name)["r"])
+        lora_layer_class(base).check_rank(name, base, config.rank_for(name))
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
@@ -189,8 +190,7 @@ def adapter_layers(model: nn.Module):
 def unwrap(model: nn.Module, merge: bool, adapter_names: list[str] | None = None, safe_merge: bool = False,
            progressbar: bool = False) -> nn.Module:
     """Replace every LoRA layer by its base layer (merging its adapters first if `merge`)."""
-    layers = adapter_layers(model)
-    for name, module in progress_bar(len(layers), 0, enabled=progressbar, unit="module").wrap(layers):
+    for name, module in tqdm(adapter_layers(model), disable=not progressbar, unit="module", desc="merging"):
         if isinstance(module, LoraLayer):
             if merge:
                 if isinstance(module.base_layer, NF4Linear):  # merge into a dequantized float copy

@@ -21,10 +21,10 @@ def stacked_factors(layer, names: tuple[str, ...]):
     zeros (= base)."""
     # Tensor._version counts in-place writes (optimizer steps, loads), so a stale stack is never used.
     adapters = [layer.adapters[n] for n in names]
-    unmixable = [n for n, a in zip(names, adapters) if not a.form.mixable]
+    unmixable = {n: a.form.label for n, a in zip(names, adapters) if not a.form.mixable}
     if unmixable:
-        raise ValueError(f"mixed-adapter batches do not support {adapters[names.index(unmixable[0])].form.label} "
-                         f"adapters ({unmixable}); merge or serve them alone")
+        raise ValueError(f"mixed-adapter batches do not support {', '.join(sorted(set(unmixable.values())))} adapters "
+                         f"({sorted(unmixable)}); merge or serve them alone")
     key = tuple((n, layer.factor_versions(n), a.scaling) for n, a in zip(names, adapters))
     cache = layer.__dict__.setdefault("_stack_cache", {})
     if key not in cache:

@@ -53,18 +53,6 @@ def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
             os.remove(tmp)
 
 
-def progress_bar(total: int, initial: int, enabled: bool, unit: str = "step") -> tqdm:
-    """A counter with rate and ETA (a no-op object when not `enabled`, e.g. on non-main ranks).
-    `.wrap(items)` iterates `items`, counting each."""
-    bar = tqdm(total=total, initial=initial, disable=not enabled, unit=unit, dynamic_ncols=True)
-    bar.wrap = lambda items: _counted(bar, items)
-    return bar
-
-
-def _counted(bar: tqdm, items):
-    try:
-        for item in items:
-            yield item
-            bar.update(1)
-    finally:
-        bar.close()
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """A step counter with rate and ETA (a no-op object when not `enabled`, e.g. on non-main ranks)."""
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
