@@ -41,6 +41,7 @@ def test_adapter_saved_by_lorakit_gives_peft_logits_on_smollm2(smollm2, tmp_path
             if "lora_B" in name:
                 p.normal_(std=0.02)
     ours.save_pretrained(tmp_path)
+    ours.eval()  # new adapters start in training mode (dropout live), as in PEFT
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(smollm2), tmp_path).eval()
     ids = torch.randint(0, 49152, (1, 24))
     with torch.no_grad():

@@ -213,8 +213,22 @@ def test_saved_files_are_only_adapter_and_config(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
-def test_new_adapters_follow_the_models_eval_mode():
-    model = get_peft_model(tiny_llama().eval(), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
-    assert not any(m.training for m in model.modules())
-    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
-    assert not any(m.training for m in model.modules())
+def test_new_adapter_modules_start_in_training_mode_as_in_peft():
+    """PEFT's behaviour (kept, documented in the README): wrappers and new adapter modules start in training
+    mode whatever the base model's mode, so lora_dropout is live until model.eval(); base modules keep theirs."""
+    import peft
+
+    modes = {}
+    for lib in (lorakit, peft):
+        model = lib.get_peft_model(tiny_llama().eval(), lib.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                       lora_dropout=0.5))
+        first = {n for n, m in model.named_modules() if m.training}
+        model.eval()
+        model.add_adapter("b", lib.LoraConfig(r=4, target_modules=["q_proj", "k_proj"], lora_dropout=0.5))
+        second = {n for n, m in model.named_modules() if m.training}
+        # PEFT also creates empty containers (lora_embedding_A, lora_magnitude_vector) lorakit does not
+        modes[lib.__name__] = [{n for n in names if "embedding" not in n and "magnitude" not in n}
+                               for names in (first, second)]
+    assert modes["lorakit"] == modes["peft"]
+    assert "" in modes["lorakit"][0] and not any(n.endswith("base_layer") for n in modes["lorakit"][0])
+    assert "base_model.model.model.layers.0.self_attn.k_proj.lora_dropout.b" in modes["lorakit"][1]

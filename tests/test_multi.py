@@ -92,7 +92,7 @@ def test_mixed_batch_equals_peft_adapter_names():
     ids = torch.randint(0, 128, (4, 7))
     names = ["x", "__base__", "y", "x"]
     with torch.no_grad():
-        a = ours(input_ids=ids, adapter_names=[None if n == "__base__" else n for n in names]).logits
+        a = ours.eval()(input_ids=ids, adapter_names=[None if n == "__base__" else n for n in names]).logits
         b = theirs.eval()(input_ids=ids, adapter_names=names).logits
     assert (a - b).abs().max() < 1e-5
 

@@ -20,19 +20,39 @@ CASES = {
                              fan_in_fan_out=True, bias="lora_only")),
     "convnet": (lambda: ConvNet().eval(), dict(target_modules=["conv1", "conv2", "conv1d", "conv3d", "head"],
                                                r=2, lora_alpha=4)),
+    "mlp": (lambda: MLP().eval(), dict(target_modules=["inner", "outer"], r=3, lora_alpha=6)),
+    # lora_bias: lora_B carries a bias (PEFT's option for adapters extracted from full fine-tunes)
+    "mlp_lora_bias": (lambda: MLP().eval(), dict(target_modules=["inner", "outer"], r=3, lora_alpha=6,
+                                                 lora_bias=True)),
+    "convnet_lora_bias": (lambda: ConvNet().eval(), dict(target_modules=["conv1", "conv1d", "conv3d", "head"],
+                                                         r=2, lora_alpha=4, lora_bias=True)),
+    "gpt2_lora_bias": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], r=4, lora_alpha=16, fan_in_fan_out=True,
+                                       lora_bias=True)),
 }
+MERGEABLE = set(CASES)
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(10, 16)
+        self.outer = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.outer(torch.relu(self.inner(x)))
 
 
 def _inputs(case):
     torch.manual_seed(5)
-    if case == "convnet":
+    if case.startswith("convnet"):
         return torch.randn(2, 3, 16, 16)
+    if case.startswith("mlp"):
+        return torch.randn(2, 5, 10)
     return torch.randint(0, 128, (2, 9))
 
 
 def _run(model, x, case):
-    out = model(x) if case == "convnet" else model(input_ids=x).logits
-    return out
+    return model(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else model(input_ids=x).logits
 
 
 def _pair(case):
@@ -110,3 +130,31 @@ def test_injection_targets_same_modules_as_peft(kwargs):
     theirs_names = sorted(n for n, m in theirs.base_model.model.named_modules()
                           if isinstance(m, peft.tuners.lora.LoraLayer))
     assert ours_names == theirs_names and ours_names
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_state_dict_keys_values_and_mode_equal_peft(case):
+    ours, theirs = _pair(case)
+    assert ours.training == theirs.training
+    ours_modes, theirs_modes = ({n: m.training for n, m in model.named_modules()} for model in (ours, theirs))
+    common = ours_modes.keys() & theirs_modes.keys()  # PEFT keeps empty containers lorakit does not create
+    assert len(common) > len(ours_modes) * 0.9
+    assert {n: ours_modes[n] for n in common} == {n: theirs_modes[n] for n in common}
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert sorted(ours_state) == sorted(theirs_state)
+    for key, value in ours_state.items():
+        torch.testing.assert_close(value, theirs_state[key], atol=0, rtol=0, msg=key)
+    ours_file, theirs_file = lorakit.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert sorted(ours_file) == sorted(theirs_file)
+
+
+@pytest.mark.parametrize("case", sorted(MERGEABLE))
+def test_merge_and_unload_equals_peft(case):
+    ours, theirs = _pair(case)
+    x = _inputs(case)
+    with torch.no_grad():
+        unmerged = _run(ours, x, case)
+        merged_ours = _run(ours.merge_and_unload(), x, case)
+        merged_theirs = _run(theirs.merge_and_unload(), x, case)
+    torch.testing.assert_close(merged_ours, unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged_ours, merged_theirs, atol=1e-5, rtol=1e-5)

@@ -288,3 +288,17 @@ def test_lora_on_grouped_convolutions_as_in_peft(tmp_path):
         theirs.merge_adapter()
     with pytest.raises(ValueError, match="divisible by groups"):
         lorakit.get_peft_model(_GroupedConvNet(), lorakit.LoraConfig(r=3, target_modules=["conv"]))
+
+
+def test_lora_bias_rules_as_in_peft():
+    """lora_bias: refused with DoRA / SVD inits and on embeddings; merging needs a base bias."""
+    for lib in (lorakit, peft):
+        for bad in (dict(use_dora=True), dict(init_lora_weights="pissa")):
+            with pytest.raises(ValueError, match="lora_bias"):
+                lib.LoraConfig(target_modules=["q_proj"], lora_bias=True, **bad)
+        with pytest.raises(ValueError, match="lora_bias"):
+            lib.get_peft_model(tiny_llama(), lib.LoraConfig(target_modules=["embed_tokens"], lora_bias=True))
+        with pytest.warns(UserWarning, match="has no bias"):
+            model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(target_modules=["q_proj"], lora_bias=True))
+        with pytest.raises(RuntimeError, match="no bias"):
+            model.merge_adapter()

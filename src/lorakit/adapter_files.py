@@ -32,7 +32,8 @@ def save_pretrained(model: LoraModel, save_directory: str, safe_serialization: b
     writes nothing (distributed runs). `path_initial_model_for_weight_conversion`: where a PiSSA/OLoRA
     adapter was saved right after initialisation; the adapter is then written as a plain LoRA of rank 2r on
     the original base weights (ΔW = s·(BA - B0A0)), portable to any copy of the original model (PEFT's option).
-    Embedding adapters are always saved (`save_embedding_layers` is accepted for PEFT's signature).
+    `save_embedding_layers` as in PEFT: "auto" also writes the base embedding weights when `target_modules`
+    names `embed_tokens` / `lm_head` (True: always, False: never).
     """
     if os.path.isfile(save_directory):
         raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
@@ -42,11 +43,12 @@ def save_pretrained(model: LoraModel, save_directory: str, safe_serialization: b
         return
     for name in selected_adapters or list(model.peft_config):
         out_dir = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
-        save_adapter(model, name, out_dir, path_initial_model_for_weight_conversion, safe_serialization)
+        save_adapter(model, name, out_dir, path_initial_model_for_weight_conversion, safe_serialization,
+                     save_embedding_layers)
 
 
 def save_adapter(model: LoraModel, adapter_name: str, directory: str, initial_adapter_dir: str | None = None,
-                 safe_serialization: bool = True) -> None:
+                 safe_serialization: bool = True, save_embedding_layers: str | bool = "auto") -> None:
     """Write one adapter in PEFT's format into exactly `directory` (see save_pretrained for the conversion)."""
     model._check_known(adapter_name)
     config = model.peft_config[adapter_name]
@@ -54,7 +56,7 @@ def save_adapter(model: LoraModel, adapter_name: str, directory: str, initial_ad
         config.base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None)
     if any(isinstance(l, LoraLayer) and adapter_name in l.merged_adapters for l in model._layers()):
         warnings.warn(f"adapter {adapter_name!r} is merged into the base weights; saving its (unchanged) factors")
-    state = peft_io.adapter_state_dict(model.model, adapter_name, config)
+    state = peft_io.adapter_state_dict(model.model, adapter_name, config, save_embedding_layers)
     saved = _saved_config(config)
     if initial_adapter_dir is not None:
         saved, state = peft_io.converted_to_plain_lora(saved, state, initial_adapter_dir)

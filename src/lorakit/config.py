@@ -27,7 +27,7 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 # PEFT fields we do not implement, with the value that means "feature off": such entries are silent.
 PEFT_INERT_FIELDS = {"auto_mapping": None, "peft_version": None, "megatron_config": None,
                      "megatron_core": "megatron.core", "qalora_group_size": 16, "use_qalora": False,
-                     "lora_bias": False, "ensure_weight_tying": False, "use_bdlora": None}
+                     "ensure_weight_tying": False, "use_bdlora": None}
 TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
@@ -56,6 +56,7 @@ class LoraConfig:
     use_dora: bool = False
     init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
+    lora_bias: bool = False
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
@@ -101,6 +102,9 @@ class LoraConfig:
             raise ValueError(
                 f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa_niter_K', got {init!r}"
             )
+        if self.lora_bias and (init not in (True, False) or self.use_dora):
+            raise ValueError("lora_bias=True needs init_lora_weights=True or False and use_dora=False (as in PEFT), "
+                             f"got init_lora_weights={init!r}, use_dora={self.use_dora!r}")
         if self.peft_type != self.PEFT_TYPE:
             raise ValueError(f"peft_type must be {self.PEFT_TYPE!r} for a {type(self).__name__}, got {self.peft_type!r}")
         if self.layers_pattern and self.layers_to_transform is None:
@@ -114,7 +118,7 @@ class LoraConfig:
 
     def adapter_form(self, target_shapes: list[tuple[int, int]]) -> AdapterForm:
         """The form the layers build for this adapter; `target_shapes` are the targets' (d_in, d_out)."""
-        form = LoraForm(self.init_lora_weights, self.use_rslora)
+        form = LoraForm(self.init_lora_weights, self.use_rslora, self.lora_bias)
         return DoraForm(form) if self.use_dora else form
 
     def layer_kwargs(self, module_name: str) -> dict[str, Any]:

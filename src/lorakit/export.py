@@ -118,6 +118,9 @@ def export_gguf_adapter(peft_model, path: str, adapter_name: str | None = None, 
     if any(isinstance(m.adapters[name].form, DoraForm) for _, m in layers):
         raise ValueError("llama.cpp adapters have no DoRA magnitudes; export the merged model instead "
                          "(lorakit export --format gguf)")
+    if any(m.adapters[name].form.output_bias(m, name) is not None for _, m in layers):
+        raise ValueError("llama.cpp adapters have no LoRA bias term (lora_bias=True); export the merged model "
+                         "instead (lorakit export --format gguf)")
     # AdaLoRA / VeRA adapters export as their effective low-rank factors (ΔW = s·B'A').
     # One alpha for the file: alpha/r reproduces the first layer's scaling; others fold the ratio into B.
     first = layers[0][1]

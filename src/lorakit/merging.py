@@ -75,7 +75,12 @@ def combine(tensors: list[torch.Tensor], weights: torch.Tensor, kind: str, densi
 def _factors(layer, name):
     """(A, B, s) of adapter `name` in `layer` with ΔW = s * B @ A, or None. For plain LoRA (the only form
     arithmetic accepts) A and B are the parameters themselves, so writing into them sets the adapter."""
-    return layer.effective_factors(name) if name in layer.adapters else None
+    if name not in layer.adapters:
+        return None
+    if layer.adapters[name].form.output_bias(layer, name) is not None:
+        raise ValueError(f"adapter {name!r} has lora_bias=True: its bias term has no low-rank factors, so adapter "
+                         "arithmetic (add_weighted_adapter, resizing) cannot combine it")
+    return layer.effective_factors(name)
 
 
 def _require_plain_lora(model, name: str) -> None:

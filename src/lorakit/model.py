@@ -40,7 +40,8 @@ class LoraModel(nn.Module):
         self._active: list[str] = [adapter_name]
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
-        self.train(model.training)
+        # As in PEFT: the wrappers and the new adapter modules start in training mode (nn.Module's default,
+        # so lora_dropout is live until model.eval()); the wrapped model's own modules keep their mode.
 
     # --- attribute access like the wrapped model -------------------------------------------
     def __getattr__(self, name: str):

@@ -57,7 +57,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
                               unwrap_compiled: bool = False, save_embedding_layers: str | bool = "auto"):
     """The adapter's tensors under the keys PEFT writes to adapter_model.safetensors (no adapter name)."""
     config = getattr(model, "peft_config", {}).get(adapter_name)
-    return peft_io.adapter_state_dict(_root(model), adapter_name, config)
+    return peft_io.adapter_state_dict(_root(model), adapter_name, config, save_embedding_layers)
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, adapter_name: str = "default",

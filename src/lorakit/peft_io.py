@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -45,11 +47,14 @@ def adapter_form(model: nn.Module, adapter_name: str):
     return None
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str, config: LoraConfig | None = None) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, adapter_name: str, config: LoraConfig | None = None,
+                       save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
     """The tensors `save_pretrained` writes for one adapter, under PEFT's keys.
 
     The adapter's form may add tensors (VeRA's shared projections `base_model.vera_A/B`) or reshape the
-    layout (AdaLoRA keeps only the singular triplets its `rank_pattern` kept, as PEFT does)."""
+    layout (AdaLoRA keeps only the singular triplets its `rank_pattern` kept, as PEFT does).
+    `save_embedding_layers` as in PEFT: "auto" means True when `target_modules` names an embedding layer
+    (`embed_tokens` / `lm_head`); then the base embedding weights travel in the file too."""
     bias = config.bias if config is not None else "none"
     params = _adapter_parameters(model, adapter_name)
     if bias == "all":
@@ -59,12 +64,51 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, config: LoraConfig |
         for name, module in adapter_layers(model):
             if isinstance(module, LoraLayer) and getattr(module.base_layer, "bias", None) is not None:
                 params[f"{KEY_PREFIX}{name}.base_layer.bias"] = module.base_layer.bias
+    if _saves_embedding_layers(model, config, save_embedding_layers):
+        params.update(_embedding_layer_weights(model, _embedding_targeted(model, config)))
     state = {k: p.detach() for k, p in params.items()}
     form = adapter_form(model, adapter_name)
     if form is not None:
         state.update(form.saved_tensors())
         state = form.to_file(state, KEY_PREFIX)
     return state
+
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names for "an embedding layer is targeted"
+
+
+def _embedding_targeted(model: nn.Module, config) -> bool:
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str) and targets != "all-linear":
+        names = (n for n, _ in model.named_modules() if re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$", n))
+        return any(re.fullmatch(targets, n) for n in names)
+    return isinstance(targets, list) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
+
+
+def _saves_embedding_layers(model: nn.Module, config, save_embedding_layers: bool | str) -> bool:
+    if save_embedding_layers != "auto":
+        return bool(save_embedding_layers)
+    if _embedding_targeted(model, config) and getattr(config, "trainable_token_indices", None) is None:
+        warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
+        return True
+    return False
+
+
+def _embedding_layer_weights(model: nn.Module, targeted: bool) -> dict[str, torch.Tensor]:
+    """The base weights of the input / output embeddings, under PEFT's keys (a LoRA-wrapped embedding's
+    weight is `<name>.base_layer.weight`); when an embedding is targeted, only wrapped ones are saved."""
+    if not hasattr(model, "get_input_embeddings"):
+        warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.")
+        return {}
+    wanted = {model.get_input_embeddings(), model.get_output_embeddings()}
+    out = {}
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(module, LoraLayer) and (module in wanted or base in wanted):
+            out[f"{KEY_PREFIX}{name}.base_layer.weight"] = base.weight
+        elif module in wanted and not targeted and not isinstance(module, LoraLayer):
+            out.update({f"{KEY_PREFIX}{name}.{k}": p for k, p in module.named_parameters()})
+    return out
 
 
 def write_adapter(directory: str, config: LoraConfig, state_dict: dict[str, torch.Tensor],

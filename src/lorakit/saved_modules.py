@@ -26,7 +26,6 @@ class ModulesToSaveWrapper(nn.Module):
         if name in self.modules_to_save:
             raise ValueError(f"adapter {name!r} already has a copy of this module")
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
-        self.train(self.original_module.training)
         if not self.active_adapters:
             self.active_adapters = [name]
 

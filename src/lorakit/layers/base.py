@@ -34,8 +34,9 @@ class LoraLayer(nn.Module):
     def check_rank(target: str, base: nn.Module, r: int) -> None:
         """Raise ValueError when rank `r` cannot be built on `base` (checked before any module is touched)."""
 
-    def make_pair(self, name: str, r: int) -> None:
-        """Create the (A, B) pair of adapter `name` in the layer's PEFT-named containers."""
+    def make_pair(self, name: str, r: int, bias: bool = False) -> None:
+        """Create the (A, B) pair of adapter `name` in the layer's PEFT-named containers (`bias`: B gets one,
+        PEFT's lora_bias; not defined for embeddings)."""
         raise NotImplementedError
 
     def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +107,6 @@ class LoraLayer(nn.Module):
         self._to_base_device(name)
         if not self.active_adapters:
             self.active_adapters = [name]
-        self.train(self.base_layer.training)  # new dropout modules follow the model's train/eval mode
 
     def container(self, attr: str, kind: type = nn.ParameterDict) -> nn.Module:
         """The PEFT-named container `attr` (created on first use)."""

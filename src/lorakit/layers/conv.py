@@ -23,7 +23,7 @@ class LoraConv(LoraLayer):
         self.lora_A = self.container("lora_A", nn.ModuleDict)
         self.lora_B = self.container("lora_B", nn.ModuleDict)
 
-    def make_pair(self, name, r):
+    def make_pair(self, name, r, bias=False):
         base = self.base_layer
         conv = type(base)
         ones = (1,) * len(base.kernel_size)
@@ -31,7 +31,7 @@ class LoraConv(LoraLayer):
                                  dilation=base.dilation, bias=False)
         # Grouped convs (PEFT's layout): A is a full conv, B a grouped 1x1 conv. B A is then not a weight of the
         # base's grouped shape, so such an adapter cannot be merged.
-        self.lora_B[name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=False)
+        self.lora_B[name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=bias)
 
     @staticmethod
     def check_rank(target: str, base: nn.Module, r: int) -> None:

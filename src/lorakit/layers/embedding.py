@@ -23,7 +23,7 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A = self.container("lora_embedding_A")
         self.lora_embedding_B = self.container("lora_embedding_B")
 
-    def make_pair(self, name, r):
+    def make_pair(self, name, r, bias=False):
         self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, self.in_features))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r))
 

@@ -32,9 +32,9 @@ class LoraLinear(LoraLayer):
         self.lora_A = self.container("lora_A", nn.ModuleDict)
         self.lora_B = self.container("lora_B", nn.ModuleDict)
 
-    def make_pair(self, name, r):
+    def make_pair(self, name, r, bias=False):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=bias)
 
     def pair(self, name):
         return self.lora_A[name].weight, self.lora_B[name].weight

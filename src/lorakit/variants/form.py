@@ -59,6 +59,10 @@ class AdapterForm:
         """(A, B, s) with ΔW = s · B @ A, oriented as the layer's pair (linear: (r, d_in), (d_out, r))."""
         raise NotImplementedError
 
+    def output_bias(self, layer, name: str) -> torch.Tensor | None:
+        """b with the adapter adding s·b to every output (PEFT's `lora_bias`: lora_B's bias), or None."""
+        return None
+
     def tensors(self, layer, name: str) -> list[torch.Tensor]:
         """Every tensor the factors are computed from (a changed one means a changed update). Forms list them
         directly: mixed batches call this per layer and adapter on every forward."""
