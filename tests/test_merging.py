@@ -7,7 +7,6 @@ import pytest
 import torch
 from conftest import copy_adapters_to_peft, randomize_adapters, tiny_llama
 
-import lorakit
 from lorakit import LoraConfig, get_peft_model
 from lorakit import merging as M
 
