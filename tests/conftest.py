@@ -81,11 +81,14 @@ def randomize_adapters(model, seed=123, scale=0.1):
         for name, p in sorted(model.named_parameters()):
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+            elif "trainable_tokens_delta" in name:  # new values of the chosen embedding rows
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def copy_adapters_to_peft(ours, theirs):
     """Load a lorakit model's adapter weights into a PEFT model with the same adapters."""
-    result = theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
+    result = theirs.load_state_dict({k: v for k, v in ours.state_dict().items()
+                                     if "lora_" in k or "trainable_tokens_delta" in k}, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
 
 

@@ -28,6 +28,13 @@ CASES = {
                                                          r=2, lora_alpha=4, lora_bias=True)),
     "gpt2_lora_bias": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], r=4, lora_alpha=16, fan_in_fan_out=True,
                                        lora_bias=True)),
+    # trainable_token_indices: chosen embedding rows trained (a tied lm_head shares them), beside LoRA
+    "llama_tokens": (tiny_llama, dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
+                                      trainable_token_indices=[0, 5, 77])),
+    "llama_tied_tokens": (lambda: tiny_llama(tie=True), dict(target_modules=["q_proj"], r=4, lora_alpha=8,
+                                                             trainable_token_indices=[3, 9])),
+    "llama_token_dict": (tiny_llama, dict(target_modules=["down_proj"], r=2, lora_alpha=8,
+                                          trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [4, 120]})),
 }
 MERGEABLE = set(CASES)
 

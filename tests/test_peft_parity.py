@@ -302,3 +302,46 @@ def test_lora_bias_rules_as_in_peft():
             model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(target_modules=["q_proj"], lora_bias=True))
         with pytest.raises(RuntimeError, match="no bias"):
             model.merge_adapter()
+
+
+def test_trainable_tokens_with_several_adapters_as_in_peft(ids):
+    """Two adapters with their own trained rows: switching, disabling, mixed batches, overlap refused,
+    delete; the tied lm_head follows the embedding's rows."""
+    models = {}
+    for lib in (lorakit, peft):
+        model = lib.get_peft_model(tiny_llama(tie=True), lib.LoraConfig(target_modules=["q_proj"],
+                                                                        trainable_token_indices=[1, 2, 40]))
+        model.add_adapter("b", lib.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[3, 40]))
+        models[lib.__name__] = model
+    randomize_adapters(models["lorakit"], seed=4, scale=0.5)
+    copy_adapters_to_peft(models["lorakit"], models["peft"])
+    ids = torch.tensor([[1, 2, 3, 40, 7], [40, 3, 3, 9, 1]])
+    seen = {}
+    for name, model in models.items():
+        model.eval()
+        out = {}
+        for adapter in ("default", "b"):
+            model.set_adapter(adapter)
+            out[adapter] = _logits(model, ids)
+        with model.disable_adapter():
+            out["off"] = _logits(model, ids)
+        out["mixed"] = model(input_ids=ids, adapter_names=["b", "default"]).logits.detach()
+        with pytest.raises(ValueError, match="Only one adapter"):
+            model.base_model.set_adapter(["default", "b"])
+        assert model.active_adapters == ["b"]
+        model.set_adapter("default")
+        model.delete_adapter("b")
+        out["after_delete"] = _logits(model, ids)
+        seen[name] = out
+    for key, value in seen["peft"].items():
+        torch.testing.assert_close(seen["lorakit"][key], value, atol=1e-5, rtol=1e-5, msg=key)
+    assert not torch.allclose(seen["lorakit"]["default"], seen["lorakit"]["b"])
+    torch.testing.assert_close(seen["lorakit"]["mixed"][0], seen["lorakit"]["b"][0])
+    torch.testing.assert_close(seen["lorakit"]["mixed"][1], seen["lorakit"]["default"][1])
+    torch.testing.assert_close(seen["lorakit"]["off"], _logits(tiny_llama(tie=True), ids), atol=1e-6, rtol=1e-6)
+    with pytest.raises(TypeError, match="trainable_token_indices"):
+        lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(target_modules=["embed_tokens"],
+                                                                trainable_token_indices=[1]))
+    with pytest.raises(ValueError, match=r"\[0, 128\)"):
+        lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"],
+                                                                trainable_token_indices=[1, 128]))

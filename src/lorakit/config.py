@@ -57,6 +57,7 @@ class LoraConfig:
     init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
@@ -105,6 +106,13 @@ class LoraConfig:
         if self.lora_bias and (init not in (True, False) or self.use_dora):
             raise ValueError("lora_bias=True needs init_lora_weights=True or False and use_dora=False (as in PEFT), "
                              f"got init_lora_weights={init!r}, use_dora={self.use_dora!r}")
+        tokens = self.trainable_token_indices
+        token_lists = tokens.values() if isinstance(tokens, dict) else [tokens] if tokens is not None else []
+        if not isinstance(tokens, (list, dict, type(None))) or any(
+                not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+                for ids in token_lists):
+            raise ValueError("trainable_token_indices must be a list of token ids or a dict {module name: [token "
+                             f"ids]}}, got {tokens!r}")
         if self.peft_type != self.PEFT_TYPE:
             raise ValueError(f"peft_type must be {self.PEFT_TYPE!r} for a {type(self).__name__}, got {self.peft_type!r}")
         if self.layers_pattern and self.layers_to_transform is None:

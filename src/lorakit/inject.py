@@ -21,6 +21,7 @@ from .config import LoraConfig
 from .layers import LoraLayer, lora_layer_class
 from .quant.nf4 import NF4Linear
 from .saved_modules import ModulesToSaveWrapper
+from .trainable_tokens import TrainableTokensWrapper
 from .utils import replace_module
 
 ALL_LINEAR = "all-linear"
@@ -72,13 +73,16 @@ def all_linear_names(model: nn.Module, task_type: str | None = None) -> list[str
             and not (isinstance(module, LoraLayer) and id(module.base_layer) in heads)]
 
 
+WRAPPERS = (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)  # modules lorakit puts in a model
+
+
 def _plain_modules(model: nn.Module):
-    """named_modules(), without the insides of LoRA layers and modules_to_save wrappers."""
+    """named_modules(), without the insides of LoRA layers and the other wrappers."""
     skip: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in skip):
             continue
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if isinstance(module, WRAPPERS):
             skip.append(name + ".")
         yield name, module
 
@@ -133,6 +137,13 @@ def _check_names_exist(spec: str | list[str], modules: dict[str, nn.Module]) -> 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Add adapter `adapter_name` to every targeted module (wrapping it on first use). Returns the names."""
     targets = find_targets(model, config)
+    token_targets = trainable_token_targets(model, config)
+    for name, _ in token_targets:
+        module = model.get_submodule(name)
+        if name in targets or isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            kind = lora_layer_class(module) if name in targets else type(module)
+            raise TypeError(f"trainable_token_indices cannot be applied to modules of type {kind} ({name!r} is "
+                            "also a LoRA target or in modules_to_save); target one or the other")
     bases = [_base(model.get_submodule(n)) for n in targets]
     form = config.adapter_form([_in_out(b) for b in bases])
     for name, base in zip(targets, bases):  # refuse undefined form/layer pairs before any module is touched
@@ -150,7 +161,55 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             module = ModulesToSaveWrapper(module)
             replace_module(model, name, module)
         module.add_adapter(adapter_name)
+    for name, indices in token_targets:
+        add_trainable_tokens(model, name, indices, adapter_name)
     return targets
+
+
+def trainable_token_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, list[int]]]:
+    """(module name, token ids) per module whose rows `config.trainable_token_indices` trains: a list means
+    the input embedding (else `embed_tokens`), a dict maps module names (dotted suffixes) to ids, as in PEFT."""
+    spec = getattr(config, "trainable_token_indices", None)
+    if spec is None:
+        return []
+    modules = list(_plain_modules(model))
+    if isinstance(spec, dict):
+        found = []
+        for key, indices in spec.items():
+            names = [n for n, _ in modules if _suffix_match(n, [key])]
+            if not names:
+                raise ValueError(f"trainable_token_indices names module {key!r}, which is not in the model")
+            found += [(n, list(indices)) for n in names]
+        return found
+    get_input = getattr(model, "get_input_embeddings", None)
+    embedding = get_input() if callable(get_input) else None
+    names = [n for n, m in modules if m is embedding] or [n for n, _ in modules if _suffix_match(n, ["embed_tokens"])]
+    if not names:
+        raise ValueError("trainable_token_indices is a list but the model has no input embedding layer; "
+                         "give a dict {module name: [token ids]}")
+    return [(names[0], list(spec))]
+
+
+def add_trainable_tokens(model: nn.Module, name: str, indices: list[int], adapter_name: str) -> None:
+    """Wrap module `name` (once) and add the adapter's rows; an output head tied to this embedding (same weight
+    tensor) is wrapped too, sharing the rows, so the tie holds (PEFT does the same)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, TrainableTokensWrapper):
+        module = TrainableTokensWrapper(module)
+        replace_module(model, name, module)
+    module.add_adapter(adapter_name, indices)
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is None or head is module or module.token_adapter.is_tied:
+        return
+    if not isinstance(head, TrainableTokensWrapper):
+        if getattr(head, "weight", None) is not module.original_module.weight:
+            return
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        head = TrainableTokensWrapper(head, tied_to=module)
+        replace_module(model, head_name, head)
+    if head.token_adapter.is_tied:
+        head.add_adapter(adapter_name, indices)
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -183,8 +242,8 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def adapter_layers(model: nn.Module):
-    """(name, module) for every LoRA layer and modules_to_save wrapper in `model`."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+    """(name, module) for every LoRA layer, modules_to_save wrapper and trainable-tokens wrapper in `model`."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, WRAPPERS)]
 
 
 def unwrap(model: nn.Module, merge: bool, adapter_names: list[str] | None = None, safe_merge: bool = False,
@@ -200,5 +259,5 @@ def unwrap(model: nn.Module, merge: bool, adapter_names: list[str] | None = None
                 module.unmerge()
             replace_module(model, name, module.base_layer)
         else:
-            replace_module(model, name, module.unwrapped(use_trained_copy=merge))
+            replace_module(model, name, module.unwrapped(use_trained_copy=merge, adapter_names=adapter_names))
     return model

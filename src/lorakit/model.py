@@ -148,6 +148,9 @@ class LoraModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_known(name)
+        for layer in self._layers():  # refuse before any layer changes (trainable tokens: one active adapter)
+            if hasattr(layer, "check_active"):
+                layer.check_active(names)
         self._active = names
         for layer in self._layers():
             layer.set_active_adapters(names)
@@ -207,9 +210,9 @@ class LoraModel(nn.Module):
     def disable_adapter(self):
         """Run the base model: adapters off (merged ones are unmerged for the duration, then re-merged)."""
         layers = self._layers()
-        merged = {id(l): list(l.merged_adapters) for l in layers if isinstance(l, LoraLayer)}
+        merged = {id(l): list(l.merged_adapters) for l in layers if hasattr(l, "unmerge")}
         for layer in layers:
-            if isinstance(layer, LoraLayer):
+            if hasattr(layer, "unmerge"):
                 layer.unmerge()
             layer.disable_adapters = True
         try:
@@ -227,12 +230,12 @@ class LoraModel(nn.Module):
         for name in adapter_names or []:
             self._check_known(name)
         for layer in self._layers():
-            if isinstance(layer, LoraLayer):
+            if hasattr(layer, "merge"):  # LoRA layers and trainable-token rows; modules_to_save copies are not merged
                 layer.merge(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         for layer in self._layers():
-            if isinstance(layer, LoraLayer):
+            if hasattr(layer, "unmerge"):
                 layer.unmerge()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,

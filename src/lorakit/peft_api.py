@@ -15,7 +15,6 @@ from . import peft_io
 from .config import LoraConfig
 from .forms import read_config
 from .inject import adapter_layers, inject_adapter
-from .layers import LoraLayer
 from .quant.nf4 import NF4Linear
 
 
@@ -76,14 +75,9 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in adapter_layers(model):
-        if isinstance(layer, LoraLayer):
-            layer.set_active_adapters([adapter_name])
-            for p in layer.adapter_parameters(adapter_name).values():
-                p.requires_grad_(not peft_config.inference_mode)
-        else:
-            layer.set_active_adapters([adapter_name])
-            for p in layer.modules_to_save[adapter_name].parameters():
-                p.requires_grad_(not peft_config.inference_mode)
+        layer.set_active_adapters([adapter_name])
+        for p in layer.adapter_parameters(adapter_name).values():
+            p.requires_grad_(not peft_config.inference_mode)
     if state_dict is not None:
         peft_io.load_adapter_weights(model, adapter_name, state_dict, source="state_dict")
     return model

@@ -55,7 +55,7 @@ class ModulesToSaveWrapper(nn.Module):
             return {}
         return dict(self.modules_to_save[name].named_parameters())
 
-    def unwrapped(self, use_trained_copy: bool) -> nn.Module:
+    def unwrapped(self, use_trained_copy: bool, adapter_names: list[str] | None = None) -> nn.Module:
         return self._current() if use_trained_copy else self.original_module
 
     def forward(self, x, *args, **kwargs):
