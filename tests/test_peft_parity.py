@@ -345,3 +345,31 @@ def test_trainable_tokens_with_several_adapters_as_in_peft(ids):
     with pytest.raises(ValueError, match=r"\[0, 128\)"):
         lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"],
                                                                 trainable_token_indices=[1, 128]))
+
+
+def test_ensure_weight_tying_warnings_errors_and_training_as_in_peft():
+    for lib in (lorakit, peft):
+        with pytest.warns(UserWarning, match="no tied modules were found"):
+            lib.get_peft_model(tiny_llama(), lib.LoraConfig(target_modules=["embed_tokens"], ensure_weight_tying=True))
+        with pytest.warns(UserWarning, match="`ensure_weight_tying` is not set to True"):
+            lib.get_peft_model(tiny_llama(tie=True), lib.LoraConfig(target_modules=["embed_tokens"]))
+        with pytest.raises(ValueError, match="different token indices"):
+            lib.get_peft_model(tiny_llama(tie=True), lib.LoraConfig(
+                target_modules=["q_proj"], ensure_weight_tying=True,
+                trainable_token_indices={"embed_tokens": [1], "lm_head": [2]}))
+        with pytest.raises(ValueError, match="already marked to be trained fully"):
+            lib.get_peft_model(tiny_llama(), lib.LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                                            trainable_token_indices={"embed_tokens": [1]}))
+    # training keeps a tied LoRA tied: the head's ΔW stays the embedding's after optimizer steps
+    model = lorakit.get_peft_model(tiny_llama(tie=True), lorakit.LoraConfig(
+        target_modules=["embed_tokens"], ensure_weight_tying=True, init_lora_weights="gaussian"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    inner = model.get_base_model()
+    head_delta = inner.lm_head.get_delta_weight("default")
+    assert head_delta.abs().max() > 0
+    torch.testing.assert_close(head_delta, inner.model.embed_tokens.get_delta_weight("default"))

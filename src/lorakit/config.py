@@ -27,7 +27,7 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 # PEFT fields we do not implement, with the value that means "feature off": such entries are silent.
 PEFT_INERT_FIELDS = {"auto_mapping": None, "peft_version": None, "megatron_config": None,
                      "megatron_core": "megatron.core", "qalora_group_size": 16, "use_qalora": False,
-                     "ensure_weight_tying": False, "use_bdlora": None}
+                     "use_bdlora": None}
 TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
@@ -58,6 +58,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    ensure_weight_tying: bool = False
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False

@@ -23,6 +23,7 @@ from .quant.nf4 import NF4Linear
 from .saved_modules import ModulesToSaveWrapper
 from .trainable_tokens import TrainableTokensWrapper
 from .utils import replace_module
+from .weight_tying import apply_tying, plan_tying
 
 ALL_LINEAR = "all-linear"
 
@@ -136,8 +137,9 @@ def _check_names_exist(spec: str | list[str], modules: dict[str, nn.Module]) -> 
 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Add adapter `adapter_name` to every targeted module (wrapping it on first use). Returns the names."""
-    targets = find_targets(model, config)
-    token_targets = trainable_token_targets(model, config)
+    targets, saved, token_targets = find_targets(model, config), find_modules_to_save(model, config), \
+        trainable_token_targets(model, config)
+    tie, targets, saved, token_targets = plan_tying(model, config, targets, saved, token_targets)
     for name, _ in token_targets:
         module = model.get_submodule(name)
         if name in targets or isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
@@ -155,14 +157,15 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             module = lora_layer_class(module)(module)
             replace_module(model, name, module)
         module.add_adapter(adapter_name, form, **config.layer_kwargs(name))
-    for name in find_modules_to_save(model, config):
+    for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSaveWrapper):
             module = ModulesToSaveWrapper(module)
             replace_module(model, name, module)
         module.add_adapter(adapter_name)
     for name, indices in token_targets:
-        add_trainable_tokens(model, name, indices, adapter_name)
+        add_trainable_tokens(model, name, indices, adapter_name, tie_head=tie.tokens)
+    apply_tying(model, tie, adapter_name)
     return targets
 
 
@@ -190,14 +193,17 @@ def trainable_token_targets(model: nn.Module, config: LoraConfig) -> list[tuple[
     return [(names[0], list(spec))]
 
 
-def add_trainable_tokens(model: nn.Module, name: str, indices: list[int], adapter_name: str) -> None:
-    """Wrap module `name` (once) and add the adapter's rows; an output head tied to this embedding (same weight
-    tensor) is wrapped too, sharing the rows, so the tie holds (PEFT does the same)."""
+def add_trainable_tokens(model: nn.Module, name: str, indices: list[int], adapter_name: str,
+                         tie_head: bool = True) -> None:
+    """Wrap module `name` (once) and add the adapter's rows; with `tie_head`, an output head tied to this
+    embedding (same weight tensor) is wrapped too, sharing the rows, so the tie holds (PEFT does the same)."""
     module = model.get_submodule(name)
     if not isinstance(module, TrainableTokensWrapper):
         module = TrainableTokensWrapper(module)
         replace_module(model, name, module)
     module.add_adapter(adapter_name, indices)
+    if not tie_head:
+        return
     get_output = getattr(model, "get_output_embeddings", None)
     head = get_output() if callable(get_output) else None
     if head is None or head is module or module.token_adapter.is_tied:

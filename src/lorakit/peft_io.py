@@ -151,7 +151,7 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, state_dict: dict[s
                          source: str = "adapter") -> None:
     """Copy file tensors into adapter `adapter_name`'s parameters, checking every key and shape."""
     targets = _adapter_parameters(model, adapter_name)
-    base_params = dict(model.named_parameters())
+    base_params = dict(model.named_parameters(remove_duplicate=False))  # a tied head's weight under its name too
     state_dict = dict(state_dict)
     form = adapter_form(model, adapter_name)
     if form is not None:

@@ -25,6 +25,7 @@ class LoraLayer(nn.Module):
         self.adapters: dict[str, Adapter] = {}
         self.adapter_layer_names: list[str] = []  # PEFT-named containers holding adapter parameters
         self.merged_adapters: list[str] = []
+        self.tied_adapters: set[str] = set()  # adapters whose ΔW another layer merges into this (shared) weight
         self.active_adapters: list[str] = []
         self.disable_adapters = False
         self.row_adapters: list[str | None] | None = None  # set by LoraModel for mixed-adapter batches
@@ -231,6 +232,9 @@ class LoraLayer(nn.Module):
                 warnings.warn(f"adapter {name!r} is already merged; merging it again is a no-op")
                 continue
             adapter = self.adapters[name]
+            if name in self.tied_adapters:  # the tied embedding writes this ΔW into the shared weight
+                self.merged_adapters.append(name)
+                continue
             with torch.no_grad():
                 merged, adapter.merge_state = adapter.form.merged(self, name, weight)
                 if safe_merge and not torch.isfinite(merged).all():
@@ -244,6 +248,8 @@ class LoraLayer(nn.Module):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             adapter = self.adapters[name]
+            if name in self.tied_adapters:
+                continue
             with torch.no_grad():
                 weight.copy_(adapter.form.unmerged(self, name, weight, adapter.merge_state))
             adapter.merge_state = None
