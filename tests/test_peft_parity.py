@@ -373,3 +373,55 @@ def test_ensure_weight_tying_warnings_errors_and_training_as_in_peft():
     head_delta = inner.lm_head.get_delta_weight("default")
     assert head_delta.abs().max() > 0
     torch.testing.assert_close(head_delta, inner.model.embed_tokens.get_delta_weight("default"))
+
+
+def test_adalora_training_loop_written_for_peft_gives_peft_numbers(tmp_path):
+    """PEFT's documented AdaLoRA loop (loss with the orthogonality term from forward, then
+    `model.base_model.update_and_allocate(step)` between optimizer.step() and zero_grad()) on both libraries:
+    same parameters, losses, rank allocation, saved files."""
+    cfg = dict(init_r=6, target_r=2, tinit=2, tfinal=3, deltaT=1, total_step=12, lora_alpha=8,
+               target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
+    models = {"lorakit": lorakit.get_peft_model(tiny_llama(), lorakit.AdaLoraConfig(**cfg)),
+              "peft": peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(**cfg))}
+    randomize_adapters(models["lorakit"], seed=3, scale=0.2)
+    copy_adapters_to_peft(models["lorakit"], models["peft"])
+    ours, theirs = models["lorakit"], models["peft"]
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert type(ours.base_model.rankallocator).__name__ == "RankAllocator"
+    assert ours.base_model.trainable_adapter_name == theirs.base_model.trainable_adapter_name == "default"
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for name, model in models.items():
+        model.train()
+        params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        losses[name] = []
+        for step in range(12):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            model.base_model.update_and_allocate(step)
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses["lorakit"]), torch.tensor(losses["peft"]), atol=1e-4, rtol=1e-4)
+    assert ours.peft_config["default"].rank_pattern == theirs.peft_config["default"].rank_pattern
+    theirs_state = theirs.state_dict()
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(value, theirs_state[key], atol=1e-4, rtol=1e-4, msg=key)
+    for name, model in models.items():
+        model.save_pretrained(str(tmp_path / name))
+    for name in models:
+        from_file = {}
+        for lib in (lorakit, peft):
+            loaded = lib.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / name))
+            from_file[lib.__name__] = _logits(loaded, ids)
+        torch.testing.assert_close(from_file["lorakit"], from_file["peft"], atol=1e-5, rtol=1e-5)
+    saved = [lorakit.PeftConfig.from_pretrained(str(tmp_path / name)).rank_pattern for name in models]
+    assert saved[0] == saved[1] and all(k.endswith(".lora_E") for k in saved[0])
+    ours.resize_modules_by_rank_pattern(ours.peft_config["default"].rank_pattern, "default")
+    assert sum(layer.r["default"] for layer in ours.base_model._layers()) == 2 * 2 * 3  # target_r x targets
+    with pytest.raises(TypeError):
+        ours.add_weighted_adapter(["default"], [1.0], "sum")
+    with pytest.raises(ValueError, match="only 1 trainable adapter"):
+        ours.add_adapter("second", lorakit.AdaLoraConfig(**cfg))

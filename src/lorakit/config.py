@@ -135,9 +135,16 @@ class LoraConfig:
         return dict(r=self.rank_for(module_name), lora_alpha=self.alpha_for(module_name),
                     lora_dropout=self.lora_dropout)
 
-    def with_total_steps(self, total_steps: int) -> "LoraConfig":
-        """This config for a run of `total_steps` optimizer steps (forms with a schedule need it)."""
-        return self
+    @classmethod
+    def run_settings(cls, settings: dict[str, Any], total_steps: int | None) -> dict[str, Any]:
+        """`settings` completed for a training run of `total_steps` optimizer steps (None: not known yet,
+        while settings are checked before the model loads). Forms with a schedule fill it in here."""
+        return settings
+
+    single_trainable = False  # at most one adapter of this form may be trainable in a model (PEFT's AdaLoRA)
+
+    def resize_by_rank_pattern(self, model, rank_pattern: dict, adapter_name: str) -> None:
+        raise TypeError(f"resize_modules_by_rank_pattern applies to AdaLoRA adapters, not {self.PEFT_TYPE}")
 
     regularization_weight = 0.0  # weight of `regularization` in the training loss
 

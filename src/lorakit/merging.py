@@ -85,8 +85,11 @@ def _factors(layer, name):
 
 def _require_plain_lora(model, name: str) -> None:
     config = model.peft_config[name]
-    if type(config) is not LoraConfig or config.use_dora:
-        kind = "DoRA" if config.use_dora else config.PEFT_TYPE
+    if type(config) is not LoraConfig:  # PEFT's AdaLoraModel raises TypeError here too
+        raise TypeError(f"adapter {name!r} is a {config.PEFT_TYPE} adapter: {config.PEFT_TYPE} models do not "
+                        "support add_weighted_adapter (adapter arithmetic works on plain LoRA adapters)")
+    if config.use_dora:
+        kind = "DoRA"
         raise ValueError(f"adapter {name!r} is a {kind} adapter; adapter arithmetic works on plain LoRA adapters")
 
 

@@ -126,7 +126,13 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"expected a lorakit LoraConfig, got {type(peft_config).__name__}")
-        with_bias = [c for c in (*self.peft_config.values(), peft_config) if c.bias != "none"]
+        configs = (*self.peft_config.values(), peft_config)
+        single = [c for c in configs if c.single_trainable and not c.inference_mode]
+        if len({type(c) for c in single}) == 1 and len(single) > 1:
+            raise ValueError(f"{peft_config.PEFT_TYPE} supports only 1 trainable adapter. When using multiple "
+                             "adapters, set inference_mode to True for all adapters except the one you want to "
+                             "train.")
+        with_bias = [c for c in configs if c.bias != "none"]
         if len(with_bias) > 1:  # base-layer biases are shared by all adapters (PEFT's rule)
             raise ValueError(f"{type(self).__name__} supports only 1 adapter with bias. When using multiple "
                              f"adapters, set bias to 'none' for all adapters (got bias={peft_config.bias!r})")
@@ -137,6 +143,38 @@ class LoraModel(nn.Module):
         for layer in self._layers():  # keep the current adapters active everywhere
             layer.set_active_adapters(self._active)
         self._set_trainable()
+
+    # --- per-step work of a form (PEFT's AdaLoRA surface) -------------------------------------------
+    @property
+    def trainable_adapter_name(self) -> str | None:
+        """The adapter being trained: the first active one not in inference mode."""
+        return next((n for n in self._active if not self.peft_config[n].inference_mode), None)
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Call after `optimizer.step()`, before `zero_grad()`, every step (PEFT's AdaLoRA call, on
+        `model.base_model` or the model): the trained adapter's per-step work (AdaLoRA: importance scores and
+        rank allocation). A no-op for forms without one."""
+        if self.step_hook is not None:
+            self.step_hook(self, global_step)
+
+    @property
+    def step_hook(self):
+        """The trained adapter's per-step callable (made once and kept: it holds state across steps), or None."""
+        name = self.trainable_adapter_name
+        hooks = self.__dict__.setdefault("_step_hooks", {})
+        if name is not None and name not in hooks:
+            hooks[name] = self.peft_config[name].step_callback(self, name)
+        return hooks.get(name)
+
+    @property
+    def rankallocator(self):
+        """AdaLoRA's rank allocator of the trained adapter (PEFT's attribute), or None."""
+        return getattr(self.step_hook, "__self__", None)
+
+    def resize_modules_by_rank_pattern(self, rank_pattern: dict, adapter_name: str) -> None:
+        """AdaLoRA: shrink adapter `adapter_name` to the singular triplets `rank_pattern` keeps (PEFT's method)."""
+        self._check_known(adapter_name)
+        self.peft_config[adapter_name].resize_by_rank_pattern(self, rank_pattern, adapter_name)
 
     def _check_known(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -175,6 +213,7 @@ class LoraModel(nn.Module):
         self._check_known(adapter_name)
         for layer in self._layers():
             layer.delete_adapter(adapter_name)
+        self.__dict__.get("_step_hooks", {}).pop(adapter_name, None)
         del self.peft_config[adapter_name]
         if adapter_name in self._active:
             still = [a for a in self._active if a != adapter_name]

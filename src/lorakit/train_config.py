@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from .config import LoraConfig
-from .forms import CONFIG_TYPES, config_from_dict
+from .forms import CONFIG_TYPES, config_class
 from .hardware import check_device_setting
 from .kernels.saved_activations import resolve_saved_activations
 from .utils import atomic_path
@@ -111,8 +111,9 @@ class TrainConfig:
     def lora_config(self, total_steps: int | None = None) -> LoraConfig:
         """The adapter config; `lora.peft_type` picks LORA (default), VERA or ADALORA. AdaLoRA's
         total_step defaults to the run's number of optimizer steps."""
-        config = config_from_dict({"task_type": "CAUSAL_LM", **self.lora})
-        return config.with_total_steps(total_steps) if total_steps else config
+        settings = {"task_type": "CAUSAL_LM", **self.lora}
+        config_type = config_class(settings.get("peft_type", "LORA"))
+        return config_type(**config_type.run_settings(settings, total_steps))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -162,7 +162,7 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
     run = Run(cfg, env, log, tokenizer, train_rows, val_rows, total_steps, adapter_config, peft_model,
               engine=engine, optimizer=optimizer, scheduler=scheduler, params=params,
               keep_activations=(lambda: compressed_activations(stored_as)) if stored_as != dtype else nullcontext,
-              after_step=adapter_config.step_callback(peft_model, "default"),
+              after_step=peft_model.step_hook,  # the same per-step object model.update_and_allocate drives
               checkpoints=not (env.world_size > 1 and cfg.distributed == "fsdp"), prompts=prompts, before=before)
     if adapter_config.svd_init and is_main and not cfg.resume:
         peft_model.save_pretrained(run.initial_dir)

@@ -12,6 +12,14 @@ from torch import nn
 from ..variants.form import Adapter, AdapterForm
 
 
+class Matrix(nn.Module):
+    """One bare adapter matrix kept in a ModuleDict (when another form on the layer stores modules there)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+
+
 class LoraLayer(nn.Module):
     """Adapter bookkeeping shared by every wrapped layer type."""
 
@@ -24,6 +32,7 @@ class LoraLayer(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.adapters: dict[str, Adapter] = {}
         self.adapter_layer_names: list[str] = []  # PEFT-named containers holding adapter parameters
+        self.other_param_names: list[str] = []    # containers of per-adapter state that is not trained or saved
         self.merged_adapters: list[str] = []
         self.tied_adapters: set[str] = set()  # adapters whose ΔW another layer merges into this (shared) weight
         self.active_adapters: list[str] = []
@@ -109,22 +118,41 @@ class LoraLayer(nn.Module):
         if not self.active_adapters:
             self.active_adapters = [name]
 
-    def container(self, attr: str, kind: type = nn.ParameterDict) -> nn.Module:
-        """The PEFT-named container `attr` (created on first use)."""
-        if attr not in self.adapter_layer_names:
+    def container(self, attr: str, kind: type = nn.ParameterDict, names: list[str] | None = None) -> nn.Module:
+        """The PEFT-named container `attr` (created on first use, listed in `names`: adapter_layer_names
+        by default). Forms store matrices bare (AdaLoRA's `lora_A.<name>`, as PEFT) or in modules (LoRA's
+        `lora_A.<name>.weight`); when both meet on one layer the container holds modules, bare ones wrapped."""
+        names = self.adapter_layer_names if names is None else names
+        if attr not in names:
             setattr(self, attr, kind())
-            self.adapter_layer_names.append(attr)
-        return getattr(self, attr)
+            names.append(attr)
+        found = getattr(self, attr)
+        if kind is nn.ModuleDict and isinstance(found, nn.ParameterDict):
+            found = nn.ModuleDict({n: Matrix(p) for n, p in found.items()})  # same Parameter objects
+            setattr(self, attr, found)
+        return found
 
     def add_param(self, attr: str, name: str, value: torch.Tensor) -> None:
-        self.container(attr)[name] = nn.Parameter(value)
+        """A bare matrix for adapter `name` (wrapped in a Matrix module where `attr` holds modules)."""
+        container = self.container(attr)
+        container[name] = Matrix(value) if isinstance(container, nn.ModuleDict) else nn.Parameter(value)
+
+    def add_other(self, attr: str, name: str, value: torch.Tensor) -> None:
+        """Per-adapter state that is neither trained nor saved (AdaLoRA's `ranknum`), in PEFT's place."""
+        self.container(attr, names=self.other_param_names)[name] = nn.Parameter(value, requires_grad=False)
+
+    def matrix(self, attr: str, name: str) -> torch.Tensor:
+        """Adapter `name`'s matrix in container `attr`: a module's weight or a bare parameter."""
+        item = getattr(self, attr)[name]
+        return item if isinstance(item, nn.Parameter) else item.weight
 
     def _to_base_device(self, name: str) -> None:
         # Adapters live on the base layer's device, in fp32 (stable optimisation for bf16/fp16 bases).
         device = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()])).device
-        for _, container, item in self._adapter_items(name):
+        for _, container, item in self._adapter_items(name, extra=tuple(self.other_param_names)):
             if isinstance(item, nn.Parameter):
-                container[name] = nn.Parameter(item.detach().to(device=device, dtype=torch.float32))
+                container[name] = nn.Parameter(item.detach().to(device=device, dtype=torch.float32),
+                                               requires_grad=item.requires_grad)
             else:
                 item.to(device=device, dtype=torch.float32)
 
@@ -165,7 +193,7 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting")
-        for _, container, _ in self._adapter_items(name, extra=("lora_dropout",)):
+        for _, container, _ in self._adapter_items(name, extra=("lora_dropout", *self.other_param_names)):
             del container[name]
         self.adapters.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]

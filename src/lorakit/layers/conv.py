@@ -20,18 +20,16 @@ class LoraConv(LoraLayer):
             warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
         super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        self.lora_A = self.container("lora_A", nn.ModuleDict)
-        self.lora_B = self.container("lora_B", nn.ModuleDict)
 
     def make_pair(self, name, r, bias=False):
         base = self.base_layer
         conv = type(base)
         ones = (1,) * len(base.kernel_size)
-        self.lora_A[name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
+        self.container("lora_A", nn.ModuleDict)[name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
                                  dilation=base.dilation, bias=False)
         # Grouped convs (PEFT's layout): A is a full conv, B a grouped 1x1 conv. B A is then not a weight of the
         # base's grouped shape, so such an adapter cannot be merged.
-        self.lora_B[name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=bias)
+        self.container("lora_B", nn.ModuleDict)[name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=bias)
 
     @staticmethod
     def check_rank(target: str, base: nn.Module, r: int) -> None:

@@ -29,15 +29,13 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base_layer.weight.shape
         else:  # nn.Linear, or a quantized linear exposing the same attributes
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.lora_A = self.container("lora_A", nn.ModuleDict)
-        self.lora_B = self.container("lora_B", nn.ModuleDict)
 
     def make_pair(self, name, r, bias=False):
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=bias)
+        self.container("lora_A", nn.ModuleDict)[name] = nn.Linear(self.in_features, r, bias=False)
+        self.container("lora_B", nn.ModuleDict)[name] = nn.Linear(r, self.out_features, bias=bias)
 
     def pair(self, name):
-        return self.lora_A[name].weight, self.lora_B[name].weight
+        return self.matrix("lora_A", name), self.matrix("lora_B", name)
 
     def lowrank(self, h, name, A, B):
         return F.linear(F.linear(h, A), B)

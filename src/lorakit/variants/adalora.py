@@ -10,7 +10,8 @@ mask is frozen (`config.rank_pattern`) and re-applied every step until the end.
 
 from __future__ import annotations
 
-import dataclasses
+import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,14 +33,21 @@ class AdaLoraForm(AdapterForm):
         return lora_alpha / (self.config.init_r + 1e-5)
 
     def create(self, layer, name):
+        """PEFT's SVDLinear layout: bare matrices lora_A (r, d_in), lora_E (r, 1), lora_B (d_out, r), and a
+        frozen, unsaved `ranknum` (= r at creation)."""
         r = layer.adapters[name].r
-        layer.make_pair(name, r)
+        layer.add_param("lora_A", name, torch.randn(r, layer.in_features))
         layer.add_param("lora_E", name, torch.randn(r, 1))
+        layer.add_param("lora_B", name, torch.randn(layer.out_features, r))
+        layer.add_other("ranknum", name, torch.full((1,), float(r)))
         if self.config.init_lora_weights is False:
             return
         nn.init.zeros_(layer.lora_E[name])
         for factor in layer.pair(name):
             nn.init.normal_(factor, std=0.02)
+
+    def file_key(self, key):  # PEFT stores bare matrices (`lora_A`); beside a LoRA adapter ours sit in modules
+        return key.removesuffix(".weight")
 
     def factors(self, layer, name):
         A, B = layer.pair(name)
@@ -48,15 +56,12 @@ class AdaLoraForm(AdapterForm):
     def tensors(self, layer, name):
         return [*layer.pair(name), layer.lora_E[name]]
 
-    def file_key(self, key):  # PEFT's AdaLoRA stores bare matrices: `lora_A`, not `lora_A.weight`
-        return key.removesuffix(".weight")
-
     def to_file(self, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
         """Keep only the kept singular triplets (PEFT's truncated layout): rows of lora_A / lora_E,
         columns of lora_B, per `rank_pattern`."""
         out = dict(state)
         for key, mask in (self.config.rank_pattern or {}).items():
-            module = key.removesuffix(".lora_E")
+            module = pattern_module(key)
             keep = torch.tensor(mask, dtype=torch.bool)
             for part in ("lora_A", "lora_E", "lora_B"):
                 full = f"{prefix}{module}.{part}"
@@ -106,31 +111,52 @@ class AdaLoraConfig(LoraConfig):
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
-        if self.total_step is not None:
-            if not isinstance(self.total_step, int) or self.total_step <= 0:
-                raise ValueError(f"total_step must be an integer > 0, got {self.total_step!r}")
-            if self.tinit >= self.total_step - self.tfinal:
-                raise ValueError(f"tinit={self.tinit} and tfinal={self.tfinal} leave no budgeting phase in "
-                                 f"total_step={self.total_step}: need tinit < total_step - tfinal")
+        if self.total_step is None or isinstance(self.total_step, bool) or not isinstance(self.total_step, int) \
+                or self.total_step <= 0:
+            raise ValueError("AdaLoRA does not work when `total_step` is None, supply a value > 0 (the number of "
+                             f"optimizer steps; got {self.total_step!r}).")
+        if self.tinit >= self.total_step - self.tfinal:
+            raise ValueError("The supplied schedule values don't allow for a budgeting phase. Decrease `tfinal`/"
+                             f"`tinit` or increase `total_step` (tinit={self.tinit}, tfinal={self.tfinal}, "
+                             f"total_step={self.total_step}: need tinit < total_step - tfinal).")
         if self.deltaT < 1:
             raise ValueError(f"deltaT must be >= 1, got {self.deltaT!r}")
 
     def __post_init__(self):
         rank_pattern = self.rank_pattern
+        if self.r != 8:  # LoraConfig's default
+            warnings.warn("Note that `r` is not used in AdaLora and will be ignored. If you intended to set the "
+                          "initial rank, use `init_r` instead.")
         super().__post_init__()
         self.rank_pattern = {k: list(v) for k, v in rank_pattern.items()} if rank_pattern else None
 
     def rank_for(self, module_name: str) -> int:
-        mask = (self.rank_pattern or {}).get(f"{module_name}.lora_E")
-        return self.init_r if mask is None else int(sum(mask))
+        masks = [m for k, m in (self.rank_pattern or {}).items() if pattern_module(k) == module_name]
+        return self.init_r if not masks else int(sum(masks[0]))
+
+    def to_dict(self):
+        """Saved without the adapter name in rank_pattern keys, as PEFT saves it."""
+        out = super().to_dict()
+        if out.get("rank_pattern"):
+            out["rank_pattern"] = {f"{pattern_module(k)}.lora_E": v for k, v in out["rank_pattern"].items()}
+        return out
 
     def adapter_form(self, target_shapes: list[tuple[int, int]]) -> AdaLoraForm:
-        if self.total_step is None and not self.inference_mode:
-            raise ValueError("AdaLoRA needs total_step (the number of optimizer steps) to schedule its rank budget")
         return AdaLoraForm(self)
 
-    def with_total_steps(self, total_steps: int) -> "AdaLoraConfig":
-        return self if self.total_step is not None else dataclasses.replace(self, total_step=total_steps)
+    @classmethod
+    def run_settings(cls, settings, total_steps):
+        """total_step defaults to the run's number of optimizer steps (a stand-in that allows a budgeting phase
+        while the settings are checked, before that number is known)."""
+        if settings.get("total_step") is not None:
+            return settings
+        stand_in = settings.get("tinit", cls.tinit) + settings.get("tfinal", cls.tfinal) + 1
+        return {**settings, "total_step": total_steps or stand_in}
+
+    single_trainable = True
+
+    def resize_by_rank_pattern(self, model, rank_pattern, adapter_name):
+        resize_by_rank_pattern(model, rank_pattern, adapter_name)
 
     @property
     def regularization_weight(self) -> float:
@@ -141,6 +167,11 @@ class AdaLoraConfig(LoraConfig):
 
     def step_callback(self, model, adapter_name: str):
         return RankAllocator(model, adapter_name).update_and_allocate
+
+
+def pattern_module(key: str) -> str:
+    """The module a rank_pattern key names: '<module>.lora_E' (saved) or '<module>.lora_E.<adapter>' (training)."""
+    return re.sub(r"\.lora_E(\.[^.]+)?$", "", key)
 
 
 def triplets(model, adapter_name: str):
@@ -155,7 +186,7 @@ def orthogonal_regularization(model, adapter_name: str) -> torch.Tensor:
     """Mean over A and B matrices of ||P Pᵀ - I||_F (A rows, B columns orthonormal)."""
     terms = []
     for _, layer in triplets(model, adapter_name):
-        A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        A, B = layer.pair(adapter_name)
         for cov in (A @ A.T, B.T @ B):
             terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
     if not terms:
@@ -185,8 +216,9 @@ class RankAllocator:
     def _params(self):
         name = self.adapter_name
         for key, layer in self.layers:
-            yield key, "A", layer.lora_A[name].weight
-            yield key, "B", layer.lora_B[name].weight
+            A, B = layer.pair(name)
+            yield key, "A", A
+            yield key, "B", B
             yield key, "E", layer.lora_E[name]
 
     def budget_schedule(self, step: int) -> tuple[int, bool]:
@@ -235,13 +267,14 @@ class RankAllocator:
         for key, layer in self.layers:
             keep = scores[key] > threshold
             layer.lora_E[self.adapter_name].masked_fill_(~keep.view(-1, 1), 0.0)
-            pattern[key] = keep.tolist()
+            pattern[f"{key}.{self.adapter_name}"] = keep.tolist()  # PEFT's keys while training
         return pattern
 
     @torch.no_grad()
     def apply_rank_pattern(self) -> None:
+        masks = {pattern_module(k): m for k, m in self.config.rank_pattern.items()}
         for key, layer in self.layers:
-            keep = torch.tensor(self.config.rank_pattern[key], device=layer.lora_E[self.adapter_name].device)
+            keep = torch.tensor(masks[pattern_module(key)], device=layer.lora_E[self.adapter_name].device)
             layer.lora_E[self.adapter_name].masked_fill_(~keep.view(-1, 1), 0.0)
 
     def update_and_allocate(self, model, step: int) -> int:
@@ -261,3 +294,22 @@ class RankAllocator:
         elif c.rank_pattern:
             self.apply_rank_pattern()
         return budget
+
+
+def resize_by_rank_pattern(model, rank_pattern: dict, adapter_name: str) -> None:
+    """PEFT's `resize_modules_by_rank_pattern`: shrink each layer's adapter to its kept singular triplets
+    (keys '<module>.lora_E[.<adapter>]', masks as lists of bools or tensors). Outputs do not change: the
+    dropped triplets are the masked (E_i = 0) ones and the scaling stays alpha / init_r."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for key, mask in rank_pattern.items():
+        if not isinstance(mask, (list, torch.Tensor)):
+            raise TypeError(f"rank_pattern[{key!r}] must be a list of bools or a tensor, got {type(mask).__name__}")
+        keep = torch.as_tensor(mask, dtype=torch.bool).view(-1)
+        layer = base.get_submodule(pattern_module(key))
+        A, B = layer.pair(adapter_name)
+        E = layer.lora_E[adapter_name]
+        keep = keep.to(E.device)
+        for attr, kept in (("lora_A", A[keep]), ("lora_E", E[keep]), ("lora_B", B[:, keep])):
+            layer.add_param(attr, adapter_name, kept.detach().clone())
+            layer.matrix(attr, adapter_name).requires_grad_(E.requires_grad)
+        layer.adapters[adapter_name].r = int(keep.sum())
