@@ -1,6 +1,7 @@
 """PEFT's public API, side by side: the same call on lorakit and on PEFT 0.21, same tiny models, same answers
 (outputs, trainable parameters, files, training/eval mode, return values)."""
 
+import copy
 import os
 
 import peft
@@ -425,3 +426,69 @@ def test_adalora_training_loop_written_for_peft_gives_peft_numbers(tmp_path):
         ours.add_weighted_adapter(["default"], [1.0], "sum")
     with pytest.raises(ValueError, match="only 1 trainable adapter"):
         ours.add_adapter("second", lorakit.AdaLoraConfig(**cfg))
+
+
+class _AttentionNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        mixed, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(mixed)
+
+
+def test_lora_on_multihead_attention_is_w_plus_delta_and_uses_peft_names(tmp_path):
+    """in_proj's adapter on the layer, out_proj's on a nested LoRA Linear (PEFT's names, files, counts).
+    PEFT 0.21 adds out_proj's ΔW twice (huggingface/peft#3774, open): outputs are compared with PEFT where
+    out_proj's adapter is zero, and with the exact W + ΔW reference everywhere."""
+    cfg = dict(target_modules=["attn", "head"], r=3, lora_alpha=6)
+    ours = lorakit.get_peft_model(_AttentionNet(), lorakit.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(_AttentionNet(), peft.LoraConfig(**cfg))
+    randomize_adapters(ours, seed=5, scale=0.3)
+    copy_adapters_to_peft(ours, theirs)
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    assert _trainable(ours) == _trainable(theirs)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    # the reference: a plain copy with W + ΔW written into in_proj and out_proj, autograd through A and B
+    attn = ours.get_base_model().attn
+    reference = _AttentionNet()
+    weights = {"attn.in_proj_weight": reference.attn.in_proj_weight + attn.get_delta_weight("default"),
+               "attn.out_proj.weight": reference.attn.out_proj.weight + attn.out_proj.get_delta_weight("default"),
+               "head.weight": reference.head.weight + ours.get_base_model().head.get_delta_weight("default")}
+    expected = torch.func.functional_call(reference, weights, (x,))
+    got = ours(x)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    params = [p for _, p in sorted(ours.named_parameters()) if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(got.square().sum(), params),
+                    torch.autograd.grad(expected.square().sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(copy.deepcopy(ours).merge_and_unload()(x), got.detach(), atol=1e-5, rtol=1e-5)
+    # beside PEFT, with out_proj's adapter at zero (where PEFT's double count makes no difference)
+    for model in (ours, theirs):
+        torch.nn.init.zeros_(model.get_base_model().attn.base_layer.out_proj.lora_B["default"].weight)
+    out_ours, out_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(out_ours, out_theirs, atol=1e-5, rtol=1e-5)
+    out_ours.square().sum().backward()
+    out_theirs.square().sum().backward()
+    theirs_grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, theirs_grads[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    for lib, other in ((peft, "ours"), (lorakit, "theirs")):
+        loaded = lib.PeftModel.from_pretrained(_AttentionNet(), str(tmp_path / other))
+        torch.testing.assert_close(loaded(x), out_ours.detach(), atol=1e-5, rtol=1e-5)
+    plain = ours.merge_and_unload()
+    assert type(plain.attn) is torch.nn.MultiheadAttention and type(plain.attn.out_proj) is not lorakit.LoraLinear
+    with pytest.raises(ValueError, match="DoRA"):
+        lorakit.get_peft_model(_AttentionNet(), lorakit.LoraConfig(target_modules=["attn"], use_dora=True))
+    with pytest.raises(ValueError, match="_qkv_same_embed_dim"):
+        net = torch.nn.Module()
+        net.attn = torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=8)
+        lorakit.get_peft_model(net, lorakit.LoraConfig(target_modules=["attn"]))

@@ -110,7 +110,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if not isinstance(module, LoraLayer) and lora_layer_class(module) is None:
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) matched target_modules but LoRA supports only "
-                "Linear, Conv1D, Embedding and Conv1d/2d/3d layers; narrow target_modules"
+                "Linear, Conv1D, Embedding, Conv1d/2d/3d and MultiheadAttention layers; narrow target_modules"
             )
         targets.append(name)
     if not targets:
@@ -229,6 +229,8 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
         return module.num_embeddings, module.embedding_dim
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.in_channels, module.out_channels
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim, 3 * module.embed_dim
     return module.in_features, module.out_features
 
 
@@ -255,7 +257,8 @@ def adapter_layers(model: nn.Module):
 def unwrap(model: nn.Module, merge: bool, adapter_names: list[str] | None = None, safe_merge: bool = False,
            progressbar: bool = False) -> nn.Module:
     """Replace every LoRA layer by its base layer (merging its adapters first if `merge`)."""
-    for name, module in tqdm(adapter_layers(model), disable=not progressbar, unit="module", desc="merging"):
+    # innermost first: a LoRA layer may hold another (nn.MultiheadAttention's out_proj)
+    for name, module in tqdm(adapter_layers(model)[::-1], disable=not progressbar, unit="module", desc="merging"):
         if isinstance(module, LoraLayer):
             if merge:
                 if isinstance(module.base_layer, NF4Linear):  # merge into a dequantized float copy

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..quant.nf4 import NF4Linear
+from .attention import LoraMultiheadAttention
 from .base import LoraLayer
 from .conv import LoraConv
 from .embedding import LoraEmbedding
@@ -24,7 +25,7 @@ from .linear import LoraLinear
 # Base layer type -> LoRA wrapper (the first match wins).
 LAYER_TYPES: list[tuple[type, type]] = [
     (NF4Linear, LoraLinear), (nn.Linear, LoraLinear), (Conv1D, LoraLinear), (nn.Embedding, LoraEmbedding),
-    (nn.Conv1d, LoraConv), (nn.Conv2d, LoraConv), (nn.Conv3d, LoraConv)]
+    (nn.Conv1d, LoraConv), (nn.Conv2d, LoraConv), (nn.Conv3d, LoraConv), (nn.MultiheadAttention, LoraMultiheadAttention)]
 
 
 def lora_layer_class(module: nn.Module) -> type | None:
@@ -34,4 +35,5 @@ def lora_layer_class(module: nn.Module) -> type | None:
     return None
 
 
-__all__ = ["LAYER_TYPES", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "lora_layer_class"]
+__all__ = ["LAYER_TYPES", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraMultiheadAttention",
+           "lora_layer_class"]

@@ -96,6 +96,10 @@ class LoraLayer(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         # Code that reads `module.weight` (dtype/device probes, tied-weight checks) sees the base weight.
+        return self.base_weight()
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight the adapters' ΔW applies to."""
         return self.base_layer.weight
 
     @property
@@ -165,7 +169,7 @@ class LoraLayer(nn.Module):
 
     def oriented_weight(self) -> torch.Tensor:
         """The base weight as (d_out, d_in, *kernel), whatever the layer's storage convention."""
-        return self.stored_orientation(self.base_layer.weight)
+        return self.stored_orientation(self.base_weight())
 
     def stored_orientation(self, oriented: torch.Tensor) -> torch.Tensor:
         return oriented.T if self.fan_in_fan_out else oriented
@@ -179,7 +183,7 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """ΔW of adapter `name`, shaped like the base weight, in `dtype` (default: the base weight's)."""
-        return self.delta(*self.effective_factors(name)).to(dtype or self.base_layer.weight.dtype)
+        return self.delta(*self.effective_factors(name)).to(dtype or self.base_weight().dtype)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """PEFT's name for `delta_weight`."""
@@ -249,10 +253,10 @@ class LoraLayer(nn.Module):
         """Add the adapters' ΔW into the base weight. Merging an adapter twice warns and does nothing.
         `safe_merge`: check the merged weight for NaN/inf before writing it (PEFT's option; raises ValueError)."""
         names = self.active_adapters if adapter_names is None else adapter_names
-        if not isinstance(self.base_layer.weight, nn.Parameter):
+        if not isinstance(self.base_weight(), nn.Parameter):
             raise ValueError(f"cannot merge in place into a {type(self.base_layer).__name__} (quantized) weight; "
                              "use merge_and_unload(), which dequantizes first")
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         for name in names:
             if name not in self.adapters:
                 continue
@@ -272,7 +276,7 @@ class LoraLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's ΔW (last merged first). A no-op when nothing is merged."""
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             adapter = self.adapters[name]
