@@ -43,10 +43,33 @@ CASES = {
     "tied_saved_embedding": (lambda: tiny_llama(tie=True), dict(target_modules=["q_proj"], r=4, lora_alpha=8,
                                                                 modules_to_save=["embed_tokens"],
                                                                 ensure_weight_tying=True)),
+    # a sequence classifier: the `score` head is trained and saved whole (modules_to_save), as PEFT does
+    "llama_seq_cls": (lambda: tiny_llama_classifier(), dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
+                                                            task_type="SEQ_CLS")),
+    "grouped_conv": (lambda: GroupedConvNet().eval(), dict(target_modules=["conv", "head"], r=4, lora_alpha=8)),
 }
 # PEFT adds a tied LoRA's ΔW to the shared weight twice when merging (its merged model is wrong); lorakit
 # merges it once: test_tied_lora_merges_once checks lorakit's merge against its own unmerged outputs.
-MERGEABLE = set(CASES) - {"tied_lora_embedding", "tied_lora_head"}
+MERGEABLE = set(CASES) - {"tied_lora_embedding", "tied_lora_head", "grouped_conv"}  # grouped: PEFT refuses too
+
+
+def tiny_llama_classifier():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+class GroupedConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.head = torch.nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
 
 
 class MLP(torch.nn.Module):
@@ -63,6 +86,8 @@ def _inputs(case):
     torch.manual_seed(5)
     if case.startswith("convnet"):
         return torch.randn(2, 3, 16, 16)
+    if case == "grouped_conv":
+        return torch.randn(2, 4, 5, 5)
     if case.startswith("mlp"):
         return torch.randn(2, 5, 10)
     return torch.randint(0, 128, (2, 9))
