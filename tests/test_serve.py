@@ -1,5 +1,6 @@
 """The real server in a subprocess on 127.0.0.1, driven by the official openai client and httpx."""
 
+import collections
 import concurrent.futures
 import os
 import socket
@@ -47,27 +48,35 @@ def serve_model_dir(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, serve_model_dir):
-    tiny_model_dir = serve_model_dir
-    yes = _train_adapter(tmp_path_factory, tiny_model_dir, "yes yes yes", "yes")
-    no = _train_adapter(tmp_path_factory, tiny_model_dir, "no no no", "no")
+def adapters(tmp_path_factory, serve_model_dir):
+    """Two trained adapters under one adapter root: (yes, no) directories."""
+    return (_train_adapter(tmp_path_factory, serve_model_dir, "yes yes yes", "yes"),
+            _train_adapter(tmp_path_factory, serve_model_dir, "no no no", "no"))
+
+
+def _start_server(model_dir, *args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", f"--model={tiny_model_dir}",
-                             f"--adapter=yes={yes}", f"--adapter-root={os.path.dirname(no)}", f"--port={port}",
-                             "--max-tokens-cap=16", "--max-body-bytes=4096", "--max-batch-size=8"],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", f"--model={model_dir}", f"--port={port}",
+                             *args], env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
             if httpx.get(f"{base}/health").status_code == 200:
-                break
+                return proc, base
         except httpx.TransportError:
             time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError(proc.stderr.read())
+    proc.kill()
+    raise RuntimeError(proc.stderr.read())
+
+
+@pytest.fixture(scope="module")
+def server(serve_model_dir, adapters):
+    tiny_model_dir = serve_model_dir
+    yes, no = adapters
+    proc, base = _start_server(tiny_model_dir, f"--adapter=yes={yes}", f"--adapter-root={os.path.dirname(no)}",
+                               "--max-tokens-cap=16", "--max-body-bytes=4096", "--max-batch-size=8")
     from transformers import AutoModelForCausalLM
 
     import lorakit
@@ -76,6 +85,16 @@ def server(tmp_path_factory, serve_model_dir):
                                   lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     dora.save_pretrained(os.path.join(os.path.dirname(no), "dora"))  # under the adapter root
     yield base, os.path.basename(tiny_model_dir)
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def long_server(serve_model_dir, adapters):
+    """A server that decodes long answers (cap 512 tokens), adapters loaded at runtime from the root."""
+    proc, base = _start_server(serve_model_dir, f"--adapter-root={os.path.dirname(adapters[0])}",
+                               "--max-tokens-cap=512", "--max-batch-size=4")
+    yield base, os.path.basename(serve_model_dir)
     proc.terminate()
     proc.wait(10)
 
@@ -168,3 +187,184 @@ def test_bounded_load_mixed_adapters_and_bad_requests(server):
     p50, p95 = statistics.median(latencies), latencies[int(0.95 * len(latencies))]
     print(f"\nload: 200 requests, 16 concurrent: {200 / elapsed:.1f} req/s, p50 {p50 * 1000:.0f} ms, "
           f"p95 {p95 * 1000:.0f} ms")
+
+
+def test_deleting_an_adapter_lets_accepted_requests_finish_and_refuses_later_ones(long_server):
+    """Requests for `ad1`, `yes` and the base are queued (more than one batch); DELETE ad1 meanwhile:
+    every accepted request is answered by its own adapter, later ones for ad1 get 404, and the name is
+    free again once its requests are done."""
+    base, base_name = long_server
+    client = _client(base)
+    for name, path in (("ad1", "no"), ("yes", "yes")):
+        assert httpx.post(f"{base}/v1/adapters", json={"name": name, "path": path}).status_code == 200
+    expected = {m: _chat(client, m, max_tokens=40).choices[0].message.content for m in ("ad1", "yes", base_name)}
+    assert expected["ad1"] != expected["yes"] != expected[base_name]
+    kinds = ["ad1", "yes", base_name] * 6  # 18 requests, batches of 4: most are queued when DELETE arrives
+
+    def one(kind):
+        try:
+            return kind, _chat(client, kind, max_tokens=40).choices[0].message.content
+        except openai.APIStatusError as e:
+            return kind, e.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(18) as pool:
+        futures = [pool.submit(one, k) for k in kinds]
+        time.sleep(0.3)  # the requests are in
+        deleted = httpx.delete(f"{base}/v1/adapters/ad1")
+        assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+        with pytest.raises(openai.NotFoundError):  # from now on: 404, never another adapter's answer
+            _chat(client, "ad1")
+        results = [f.result() for f in futures]
+    for kind, answer in results:
+        assert answer == expected[kind], (kind, answer)  # accepted before the delete: answered by ad1 itself
+    assert "ad1" not in {m.id for m in client.models.list()}
+    assert httpx.post(f"{base}/v1/adapters", json={"name": "ad1", "path": "yes"}).status_code == 200
+    assert _chat(client, "ad1", max_tokens=40).choices[0].message.content == expected["yes"]
+    for name in ("ad1", "yes"):
+        assert httpx.delete(f"{base}/v1/adapters/{name}").status_code == 200
+
+
+def test_a_disconnected_stream_stops_decoding_at_once(long_server):
+    """A client that leaves a 500-token stream after the first chunk must not hold the batch: the next short
+    request is answered in a fraction of the time the 500 tokens take."""
+    base, base_name = long_server
+    client = _client(base)
+    body = {"model": base_name, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 500,
+            "ignore_eos": True}
+    start = time.perf_counter()
+    full = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).json()
+    full_seconds = time.perf_counter() - start
+    assert full["usage"]["completion_tokens"] == 500
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break  # leave after the first chunk: the connection closes
+    start = time.perf_counter()
+    _chat(client, base_name, max_tokens=3)
+    after = time.perf_counter() - start
+    assert after < 0.5 * full_seconds, (after, full_seconds)
+
+
+def test_malformed_requests_get_openai_style_4xx_never_500(server):
+    base, base_name = server
+    cases = [
+        ("POST", "/v1/chat/completions", dict(content=b'{"model": "caf\xe9"}'), 400, "invalid_json"),  # not UTF-8
+        ("POST", "/v1/adapters", dict(json={"name": "x", "path": "a\x00b"}), 400, "invalid_path"),
+        ("POST", "/v1/adapters", dict(json={"name": "a.b", "path": "no"}), 400, "invalid_name"),
+        ("POST", "/v1/adapters", dict(json={"name": "..", "path": "no"}), 400, "invalid_name"),
+        ("GET", "/v1/nothing-here", {}, 404, "unknown_route"),
+        ("DELETE", "/v1/models", {}, 405, "method_not_allowed"),
+        ("POST", "/v1/chat/completions", dict(json={"model": base_name, "n": 5, "messages": [
+            {"role": "user", "content": "hi"}]}), 400, "invalid_n"),
+    ]
+    for method, path, kw, status, code in cases:
+        r = httpx.request(method, f"{base}{path}", **kw)
+        assert r.status_code == status, (path, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["code"] == code and error["message"] and error["type"], r.text
+    assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_fuzz_http_bodies(server):
+    """Random JSON bodies (fields of the API with random values) and random bytes: a 2xx or an OpenAI-style
+    4xx every time, never a 500, and the server keeps answering."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base, base_name = server
+    values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                          | st.text(max_size=10),
+                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                       max_size=3), max_leaves=5)
+    fields = st.sampled_from(["model", "messages", "prompt", "max_tokens", "temperature", "stream", "n", "name",
+                              "path", "top_p", "stop"])
+    good = {"model": base_name, "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "max_tokens": 2}
+    outcomes = {}
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(route=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/adapters"]),
+           changes=st.dictionaries(fields, values, max_size=3), raw=st.one_of(st.none(), st.binary(max_size=40)))
+    def one(route, changes, raw):
+        kw = dict(content=raw) if raw is not None else dict(json={**good, **changes})
+        r = httpx.post(f"{base}{route}", timeout=60, **kw)
+        assert r.status_code < 500, (route, changes, raw, r.text)
+        if r.status_code >= 400:
+            error = r.json()["error"]
+            assert error["message"] and error["code"], r.text
+        outcomes[r.status_code] = outcomes.get(r.status_code, 0) + 1
+
+    one()
+    assert httpx.get(f"{base}/health").status_code == 200
+    print(f"\nHTTP fuzz outcomes by status: {dict(sorted(outcomes.items()))}")
+
+
+def test_load_1000_requests_with_adapters_coming_and_going_and_streams_dropped(long_server):
+    """1,000 requests, 32 at a time, over the base and adapters that are loaded and deleted during the run;
+    one streaming client in ten leaves after the first chunk. Every request gets its adapter's answer or a
+    clean 404 (only for an adapter deleted before it was accepted), none is lost, and afterwards requests
+    are as fast as before (none slower than 3x the median measured before the run)."""
+    import random
+    import threading
+
+    base, base_name = long_server
+    client = _client(base)
+    for name, path in (("yes", "yes"), ("no", "no")):
+        assert httpx.post(f"{base}/v1/adapters", json={"name": name, "path": path}).status_code == 200
+    answer = {m: _chat(client, m, max_tokens=4).choices[0].message.content for m in (base_name, "yes", "no")}
+
+    def timed_probe():
+        start = time.perf_counter()
+        _chat(client, base_name, max_tokens=4)
+        return time.perf_counter() - start
+
+    before = statistics.median(timed_probe() for _ in range(10))
+    transient = [f"t{i}" for i in range(6)]  # loaded and deleted while requests run; each answers as "no"
+    stop = threading.Event()
+
+    def churn():
+        rng = random.Random(0)
+        while not stop.is_set():
+            name = rng.choice(transient)
+            if httpx.delete(f"{base}/v1/adapters/{name}").status_code == 404:
+                httpx.post(f"{base}/v1/adapters", json={"name": name, "path": "no"})
+            time.sleep(0.05)
+
+    rng = random.Random(1)
+    jobs = [(rng.choice([base_name, "yes", "no", *transient]), rng.random() < 0.2, rng.random() < 0.5)
+            for _ in range(1000)]  # (model, streaming, drop the stream early)
+
+    def one(job):
+        model, streaming, drop = job
+        expected = answer["no"] if model in transient else answer[model]
+        body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
+        try:
+            if streaming and drop:
+                with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True},
+                                  timeout=120) as r:
+                    if r.status_code == 404:
+                        return "404" if model in transient else "unexpected 404"
+                    next(line for line in r.iter_lines() if line.startswith("data:"))
+                return "dropped"
+            if streaming:
+                text = "".join(c.choices[0].delta.content or "" for c in _chat(client, model, stream=True,
+                                                                                max_tokens=4))
+            else:
+                text = _chat(client, model, max_tokens=4).choices[0].message.content
+            return "ok" if text == expected else f"wrong answer for {model}: {text!r}"
+        except openai.NotFoundError:
+            return "404" if model in transient else "unexpected 404"
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            outcomes = list(pool.map(one, jobs))
+    finally:
+        stop.set()
+        churner.join()
+    counts = collections.Counter(outcomes)
+    print(f"\nload test: {dict(counts)}")
+    assert len(outcomes) == 1000 and set(counts) <= {"ok", "404", "dropped"}, counts
+    after = [timed_probe() for _ in range(10)]
+    assert max(after) < 3 * before, (after, before)
+    assert httpx.get(f"{base}/health").status_code == 200

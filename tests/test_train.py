@@ -56,6 +56,53 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path, tiny_tokenizer):
         assert torch.equal(got[name], value), name
 
 
+def _interrupt_during_step(model, step_to_interrupt, times=1):
+    """on_step callback + forward hook: Ctrl-C (a real SIGINT) arrives `times` times inside the first forward
+    of optimizer step `step_to_interrupt`, i.e. mid-step, not at a step boundary."""
+    import signal
+
+    state = {"armed": False}
+
+    def on_step(step, record):
+        state["armed"] = step == step_to_interrupt - 1
+
+    def hook(module, args):
+        if state["armed"]:
+            state["armed"] = False
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+
+    model.model.embed_tokens.register_forward_pre_hook(hook)  # (a module the fused kernels do not swap)
+    return on_step
+
+
+@pytest.mark.parametrize("lora", [dict(), dict(use_dora=True)], ids=["lora", "dora"])
+def test_ctrl_c_mid_step_then_resume_equals_an_uninterrupted_run_with_dropout(tmp_path, tiny_tokenizer, lora):
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"]) | lora
+    straight = train(_cfg(tmp_path / "a", grad_accum=2, lora=lora), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint to resume
+    model = tiny_llama_for(tiny_tokenizer)
+    first = train(_cfg(tmp_path / "b", grad_accum=2, lora=lora), model, tiny_tokenizer,
+                  on_step=_interrupt_during_step(model, 6))
+    assert first["interrupted"] and first["steps"] == 6  # the step under way when Ctrl-C came was finished
+    resumed = train(_cfg(tmp_path / "b", grad_accum=2, resume=True, lora=lora), tiny_llama_for(tiny_tokenizer),
+                    tiny_tokenizer)
+    expected, got = _adapter(straight), _adapter(resumed)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(0, 11))  # no step written twice
+
+
+def test_second_ctrl_c_stops_mid_step_without_writing_a_checkpoint(tmp_path, tiny_tokenizer, capsys):
+    model = tiny_llama_for(tiny_tokenizer)
+    result = train(_cfg(tmp_path, grad_accum=2), model, tiny_tokenizer, on_step=_interrupt_during_step(model, 4, 2))
+    assert result["interrupted"] and result["steps"] == 3
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "adapter").exists()
+    assert "no checkpoint written" in capsys.readouterr().out
+
+
 def test_packing_and_gradient_checkpointing_train(tmp_path, tiny_tokenizer):
     result = train(_cfg(tmp_path, packing=True, gradient_checkpointing=True, max_steps=6, lora=dict(
         r=4, lora_alpha=8, target_modules="all-linear")), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)

@@ -97,14 +97,24 @@ def get_arch(name_or_config: str) -> Arch:
     if not os.path.isfile(path):
         raise ValueError(f"unknown architecture {name_or_config!r}: use one of {sorted(ARCHITECTURES)} "
                          "or a path to a config.json")
-    with open(path) as f:
-        c = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            c = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON config file ({e})") from None
+    if not isinstance(c, dict):
+        raise ValueError(f"{path} must hold a JSON object (a transformers config), got {type(c).__name__}")
     try:
         heads = c["num_attention_heads"]
-        return Arch(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], heads,
+        arch = Arch(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], heads,
                     c.get("num_key_value_heads") or heads, c["vocab_size"], bool(c.get("tie_word_embeddings")))
     except KeyError as e:
         raise ValueError(f"{path} lacks {e.args[0]!r}: not a decoder config lorakit can size") from None
+    for field_name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
+        value = getattr(arch, field_name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{path}: {field_name} must be a positive integer, got {value!r}")
+    return arch
 
 
 def model_lora_params(arch: Arch, targets: list[str], r: int, layers: int | None = None) -> int:

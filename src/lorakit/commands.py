@@ -130,6 +130,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_merge_adapters(args) -> int:
+    from . import export
     from .model import LoraModel
     from .model_loading import load_model
 
@@ -138,8 +139,7 @@ def cmd_merge_adapters(args) -> int:
         weights = [float(w) for w in args.weights.split(",")]
     except ValueError:
         raise ValueError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
-    if os.path.exists(args.out) and not args.force:
-        raise FileExistsError(f"{args.out} exists; pass --force to overwrite")
+    export.check_target(args.out, args.force, "adapter_dir")
     (first, first_path), rest = pairs[0], pairs[1:]
     model = LoraModel.from_pretrained(load_model(args.model), first_path, adapter_name=first)
     for name, path in rest:

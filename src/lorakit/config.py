@@ -69,7 +69,35 @@ class LoraConfig:
     PEFT_TYPE = "LORA"
     resumable = True  # a run with this adapter can continue from a checkpoint
 
+    # Fields whose type is checked before anything else reads them: (accepted types, how errors say it).
+    FIELD_TYPES = {
+        "rank_pattern": ((dict, type(None)), "a mapping {module pattern: rank}"),
+        "alpha_pattern": ((dict, type(None)), "a mapping {module pattern: alpha}"),
+        "modules_to_save": ((list, tuple, set, type(None)), "a list of module names or null"),
+        "layers_to_transform": ((int, list, type(None)), "a layer index, a list of them, or null"),
+        "layers_pattern": ((str, list, type(None)), "a name, a list of names, or null"),
+        "use_rslora": ((bool,), "true or false"), "use_dora": ((bool,), "true or false"),
+        "fan_in_fan_out": ((bool,), "true or false"), "lora_bias": ((bool,), "true or false"),
+        "inference_mode": ((bool,), "true or false"), "ensure_weight_tying": ((bool,), "true or false"),
+        "base_model_name_or_path": ((str, type(None)), "a string or null"),
+        "revision": ((str, type(None)), "a string or null"),
+    }
+
+    def check_field_types(self) -> None:
+        for name, (types, wanted) in self.FIELD_TYPES.items():
+            value = getattr(self, name, None)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise ValueError(f"{name} must be {wanted}, got {value!r}")
+        for name in ("modules_to_save", "layers_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, set)) and not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must hold names (strings), got {value!r}")
+        layers = self.layers_to_transform
+        if isinstance(layers, list) and not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
+
     def __post_init__(self):
+        self.check_field_types()
         for name in ("task_type", "peft_type"):  # PEFT's TaskType / PeftType enums are str subclasses
             value = getattr(self, name)
             if isinstance(value, str) and type(value) is not str:

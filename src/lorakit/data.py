@@ -45,32 +45,44 @@ class DataError(ValueError):
     """A malformed data file or row; the message names the file and line."""
 
 
+def read_text(path: str) -> str:
+    """The file as UTF-8 text; a byte that is not UTF-8 is reported with its line and column."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); "
+                        "save the file as UTF-8") from None
+
+
 def read_rows(path: str) -> list[tuple[int, dict | str]]:
     """(line number, row) pairs. JSON arrays give each element's index + 1 as its 'line'."""
     if not os.path.isfile(path):
         raise DataError(f"data file {path} does not exist")
+    text = read_text(path)
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            blocks = [b.strip() for b in f.read().split("\n\n")]
+        blocks = [b.strip() for b in text.split("\n\n")]
         return [(i + 1, {"text": b}) for i, b in enumerate(blocks) if b]
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-            return list(enumerate(data, start=1))
-        rows = []
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        return rows
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+        return list(enumerate(data, start=1))
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    return rows
 
 
 def row_to_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
@@ -116,8 +128,9 @@ def _messages(row: dict) -> list[dict]:
 
 def read_prompts(path: str) -> list[str]:
     """The non-empty lines of a prompts file."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    if not os.path.isfile(path):
+        raise DataError(f"prompts file {path} does not exist")
+    return [line.strip() for line in read_text(path).split("\n") if line.strip()]
 
 
 def render_prompt(messages: list[dict], tokenizer) -> str:

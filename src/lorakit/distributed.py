@@ -43,6 +43,13 @@ def teardown(env: Env) -> None:
         dist.destroy_process_group()
 
 
+def leave_together(env: Env) -> None:
+    """Wait for every rank (after a successful run): a rank that shuts gloo down while another still saves
+    was seen to abort at exit ("terminate called without an active exception")."""
+    if env.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+
+
 def wrap(model: torch.nn.Module, env: Env, kind: str) -> torch.nn.Module:
     """The module the loop calls: the model itself, or its DDP / FSDP wrapper."""
     if env.world_size == 1:
@@ -72,3 +79,12 @@ def no_sync_unless_last(engine, last: bool):
         return engine.no_sync()
     return contextlib.nullcontext()
 
+
+
+def gather_objects(value, env: Env) -> list:
+    """Every rank's `value`, in rank order (every rank must call this)."""
+    if env.world_size == 1:
+        return [value]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, value)
+    return out

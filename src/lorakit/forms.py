@@ -21,7 +21,7 @@ CONFIG_TYPES: dict[str, type[LoraConfig]] = {c.PEFT_TYPE: c for c in (
 
 
 def config_class(peft_type: Any, source: str = "settings") -> type[LoraConfig]:
-    if peft_type not in CONFIG_TYPES:
+    if not isinstance(peft_type, str) or peft_type not in CONFIG_TYPES:
         raise ValueError(f"{source}: peft_type must be one of {sorted(CONFIG_TYPES)}, got {peft_type!r}")
     return CONFIG_TYPES[peft_type]
 

@@ -113,9 +113,13 @@ def _embedding_layer_weights(model: nn.Module, targeted: bool) -> dict[str, torc
 
 def write_adapter(directory: str, config: LoraConfig, state_dict: dict[str, torch.Tensor],
                   safe_serialization: bool = True) -> None:
-    """Write config + weights into `directory` (created if needed); each file appears whole or not at all.
+    """Write config + weights into `directory`. A new directory appears whole or not at all (built aside,
+    renamed into place); into an existing one (which may hold other files) each file is replaced whole.
     `safe_serialization=False` writes PEFT's pickle file `adapter_model.bin` instead of safetensors."""
-    os.makedirs(directory, exist_ok=True)
+    if not os.path.isdir(directory):
+        with atomic_path(directory, directory=True) as tmp:
+            write_adapter(tmp, config, state_dict, safe_serialization)
+        return
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     with atomic_path(os.path.join(directory, WEIGHTS_NAME if safe_serialization else PICKLE_WEIGHTS_NAME)) as tmp:
         if safe_serialization:

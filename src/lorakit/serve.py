@@ -28,7 +28,7 @@ def _int_param(body: dict, name: str, default: int, low: int, high: int) -> int:
     return min(value, high)
 
 
-def _request_params(engine: Engine, body: dict) -> tuple[str | None, int, float, bool]:
+def _request_params(engine: Engine, body: dict) -> tuple[str | None, int, float, bool, bool]:
     adapter = engine.resolve(body.get("model"))
     max_tokens = _int_param(body, "max_tokens", 128, 1, engine.config.max_tokens_cap)
     temperature = body.get("temperature", 0.0) if body.get("temperature") is not None else 0.0
@@ -37,12 +37,20 @@ def _request_params(engine: Engine, body: dict) -> tuple[str | None, int, float,
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, f"stream must be true or false, got {stream!r}", "invalid_stream")
-    return adapter, max_tokens, float(temperature), stream
+    n = body.get("n", 1)
+    if n is not None and n != 1 or isinstance(n, bool):
+        raise APIError(400, f"n must be 1 (one choice per request; send n requests for n answers), got {n!r}",
+                       "invalid_n")
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: decode max_tokens tokens (benchmarks)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}", "invalid_ignore_eos")
+    return adapter, max_tokens, float(temperature), stream, ignore_eos
 
 
 def create_app(engine: Engine):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="lorakit", version="0.1.0")
 
@@ -53,6 +61,18 @@ def create_app(engine: Engine):
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
         return error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):  # unknown routes, wrong methods
+        codes = {404: "unknown_route", 405: "method_not_allowed"}
+        message = (f"no route {request.method} {request.url.path}; see GET /v1/models, POST /v1/completions, "
+                   "POST /v1/chat/completions, POST /v1/adapters, DELETE /v1/adapters/{name}"
+                   if e.status_code in (404, 405) else str(e.detail))
+        return error(APIError(e.status_code, message, codes.get(e.status_code, "http_error")))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):  # a bug: still an OpenAI-style answer, and the server keeps going
+        return error(APIError(500, f"internal error ({type(e).__name__}: {e})", "internal_error", "server_error"))
 
     async def read_json(request: Request) -> dict:
         limit = engine.config.max_body_bytes
@@ -66,6 +86,8 @@ def create_app(engine: Engine):
             body = json.loads(raw or b"{}")
         except json.JSONDecodeError as e:
             raise APIError(400, f"request body is not valid JSON: {e.msg}", "invalid_json") from None
+        except UnicodeDecodeError:
+            raise APIError(400, "request body is not UTF-8 text", "invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object", "invalid_json")
         return body
@@ -82,7 +104,7 @@ def create_app(engine: Engine):
 
     async def run(request: Request, chat: bool):
         body = await read_json(request)
-        adapter, max_tokens, temperature, stream = _request_params(engine, body)
+        adapter, max_tokens, temperature, stream, ignore_eos = _request_params(engine, body)
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages or not all(
@@ -95,7 +117,7 @@ def create_app(engine: Engine):
             if not isinstance(text, str) or not text:
                 raise APIError(400, "prompt must be a non-empty string", "invalid_prompt")
         ids = engine.tokenizer(text, add_special_tokens=not chat)["input_ids"]
-        job = engine.submit(ids, adapter, max_tokens, temperature)
+        job = engine.submit(ids, adapter, max_tokens, temperature, ignore_eos)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         model_name = body.get("model") or engine.base_name
         created = int(time.time())
@@ -104,7 +126,7 @@ def create_app(engine: Engine):
                                      media_type="text/event-stream")
         finish = "length"
         while True:
-            item = await job.out.get()
+            item = await _next_item(job, request)
             if isinstance(item, Exception):
                 raise APIError(500, f"generation failed: {item}", "generation_failed", "server_error")
             token, finished = item
@@ -140,13 +162,35 @@ def create_app(engine: Engine):
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str):
-        await asyncio.get_running_loop().run_in_executor(None, engine.delete_adapter, name)
-        return {"id": name, "object": "model", "deleted": True}
+        """Later requests naming it get 404 at once; requests already accepted finish with it, then it is freed."""
+        removed = await asyncio.get_running_loop().run_in_executor(None, engine.delete_adapter, name)
+        return {"id": name, "object": "model", "deleted": True, "pending_requests": not removed}
 
     return app
 
 
+async def _next_item(job: Job, request) -> object:
+    """The job's next output; a client that disconnected cancels the job (checked twice a second)."""
+    getter = asyncio.ensure_future(job.out.get())
+    while True:
+        done, _ = await asyncio.wait({getter}, timeout=0.5)
+        if done:
+            return getter.result()
+        if await request.is_disconnected():
+            getter.cancel()
+            job.cancel()
+            raise APIError(499, "client disconnected", "client_disconnected")
+
+
 async def _stream(engine: Engine, job: Job, rid: str, model_name: str, created: int, chat: bool):
+    try:
+        async for chunk in _stream_chunks(engine, job, rid, model_name, created, chat):
+            yield chunk
+    finally:  # the client went away (the server closes this generator) or the answer is complete
+        job.cancel()
+
+
+async def _stream_chunks(engine: Engine, job: Job, rid: str, model_name: str, created: int, chat: bool):
     sent = ""
     kind = "chat.completion.chunk" if chat else "text_completion"
     if chat:

@@ -3,6 +3,11 @@
 Requests that arrive together are decoded together (each row with its own adapter, see multi.py):
 the worker collects up to `max_batch_size` jobs, waiting at most `max_wait_ms` for more. serve.py is
 the HTTP side.
+
+Adapter lifecycle: a request holds its adapter from submission until it finishes. Deleting an adapter
+hides it at once (later requests get 404, a new adapter cannot take its name yet) and removes it when its
+last request finishes, so no request fails or runs under another adapter. A cancelled job (its client
+disconnected) stops decoding at the next step; a batch whose rows are all done or cancelled ends there.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +25,9 @@ import torch
 from .forms import read_config
 from .model import LoraModel
 from .model_loading import load_model, load_tokenizer
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a module-dict key: no '.', no '/'
 
 
 class APIError(Exception):
@@ -62,6 +71,11 @@ class Job:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     generated: list[int] = field(default_factory=list)
+    ignore_eos: bool = False  # decode max_tokens tokens even past end-of-text (vLLM's option)
+    cancelled: bool = False  # set from the HTTP side when the client is gone
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 class Engine:
@@ -72,20 +86,33 @@ class Engine:
         self.base_name = os.path.basename(str(config.model).rstrip("/")) or "base"
         self.tokenizer = tokenizer or load_tokenizer(config.model)
         self.model = model if model is not None else load_model(config.model)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()       # the model: decoding, loading, deleting
+        self.registry = threading.Lock()   # in_use / deleting (never held while waiting for `lock`)
+        self.in_use: dict[str, int] = {}   # adapter -> requests submitted and not finished
+        self.deleting: set[str] = set()    # deleted by a client, removed when its last request finishes
         self.jobs: queue.Queue[Job] = queue.Queue()
         for name, path in config.adapters.items():
             self.load_adapter(name, path, check_root=False)
         threading.Thread(target=self._worker, daemon=True).start()
 
     # --- adapters --------------------------------------------------------------------------
-    def adapter_names(self) -> list[str]:
+    def _loaded(self) -> list[str]:
         return sorted(getattr(self.model, "peft_config", {}))
 
+    def adapter_names(self) -> list[str]:
+        """The adapters requests may name (loaded and not being deleted)."""
+        return [n for n in self._loaded() if n not in self.deleting]
+
     def load_adapter(self, name: str, path: str, check_root: bool = True) -> None:
-        if not name or name == self.base_name or "/" in name:
-            raise APIError(400, f"invalid adapter name {name!r}", "invalid_name")
-        if name in self.adapter_names():
+        if not ADAPTER_NAME.fullmatch(name) or name == self.base_name:
+            raise APIError(400, f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-' (starting with a "
+                           f"letter or digit), other than the base model's name {self.base_name!r}", "invalid_name")
+        if "\x00" in path:
+            raise APIError(400, "adapter path must not contain a NUL character", "invalid_path")
+        if name in self.deleting:
+            raise APIError(409, f"adapter {name!r} is being deleted (requests still use it); retry shortly",
+                           "adapter_being_deleted")
+        if name in self._loaded():
             raise APIError(409, f"adapter {name!r} is already loaded", "adapter_exists")
         if check_root:
             path = self._under_root(path)
@@ -119,11 +146,39 @@ class Engine:
                            "permission_error")
         return real
 
-    def delete_adapter(self, name: str) -> None:
-        if name not in self.adapter_names():
-            raise APIError(404, f"adapter {name!r} is not loaded", "adapter_not_found")
-        with self.lock:
-            self.model.delete_adapter(name)
+    def delete_adapter(self, name: str) -> bool:
+        """Hide adapter `name` now; remove it now if no request uses it, else when the last one finishes.
+        Returns True when it was removed now."""
+        with self.registry:
+            if name not in self.adapter_names():
+                raise APIError(404, f"adapter {name!r} is not loaded", "adapter_not_found")
+            self.deleting.add(name)
+            now = not self.in_use.get(name)
+        if now:
+            with self.lock:
+                self._remove(name)
+        return now
+
+    def _remove(self, name: str) -> None:
+        """Delete a hidden adapter from the model (the caller holds `lock`)."""
+        self.model.delete_adapter(name)
+        with self.registry:
+            self.deleting.discard(name)
+
+    def _release(self, jobs: list[Job]) -> None:
+        """The jobs are finished: drop their hold on their adapters, removing deleted ones no request
+        uses any more (the caller holds `lock`)."""
+        to_remove = []
+        with self.registry:
+            for job in jobs:
+                if job.adapter is not None:
+                    self.in_use[job.adapter] -= 1
+                    if not self.in_use[job.adapter]:
+                        del self.in_use[job.adapter]
+                        if job.adapter in self.deleting:
+                            to_remove.append(job.adapter)
+        for name in to_remove:
+            self._remove(name)
 
     def resolve(self, model_name: str | None) -> str | None:
         if model_name in (None, "", self.base_name):
@@ -134,11 +189,19 @@ class Engine:
         return model_name
 
     # --- generation ------------------------------------------------------------------------
-    def submit(self, ids: list[int], adapter: str | None, max_tokens: int, temperature: float) -> Job:
+    def submit(self, ids: list[int], adapter: str | None, max_tokens: int, temperature: float,
+               ignore_eos: bool = False) -> Job:
         if len(ids) > self.config.max_prompt_tokens:
             raise APIError(400, f"prompt has {len(ids)} tokens; the limit is {self.config.max_prompt_tokens}",
                            "prompt_too_long")
-        job = Job(ids, adapter, max_tokens, temperature, asyncio.get_running_loop(), asyncio.Queue())
+        job = Job(ids, adapter, max_tokens, temperature, asyncio.get_running_loop(), asyncio.Queue(),
+                  ignore_eos=ignore_eos)
+        with self.registry:  # checked again here: the adapter may have been deleted since resolve()
+            if adapter is not None and adapter not in self.adapter_names():
+                raise APIError(404, f"model {adapter!r} not found (deleted); available: "
+                               f"{[self.base_name, *self.adapter_names()]}", "model_not_found")
+            if adapter is not None:
+                self.in_use[adapter] = self.in_use.get(adapter, 0) + 1
         self.jobs.put(job)
         return job
 
@@ -151,12 +214,17 @@ class Engine:
                     batch.append(self.jobs.get(timeout=max(0.0, deadline - time.perf_counter())))
                 except queue.Empty:
                     break
-            try:
-                with self.lock, torch.inference_mode():
-                    self._decode(batch)
-            except Exception as e:  # a failed batch fails its requests, never the server
-                for job in batch:
-                    job.loop.call_soon_threadsafe(job.out.put_nowait, e)
+            with self.lock:
+                try:
+                    live = [job for job in batch if not job.cancelled]
+                    if live:
+                        with torch.inference_mode():
+                            self._decode(live)
+                except Exception as e:  # a failed batch fails its requests, never the server
+                    for job in batch:
+                        job.loop.call_soon_threadsafe(job.out.put_nowait, e)
+                finally:
+                    self._release(batch)
 
     def _decode(self, batch: list[Job]) -> None:
         pad = self.tokenizer.pad_token_id
@@ -165,7 +233,7 @@ class Engine:
         ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in batch])
         mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch])
         names = [j.adapter for j in batch]
-        kwargs = {"adapter_names": names} if self.adapter_names() else {}
+        kwargs = {"adapter_names": names} if self._loaded() else {}
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         done = [False] * len(batch)
@@ -175,10 +243,11 @@ class Engine:
             for i, job in enumerate(batch):
                 token = _pick(logits[i], job.temperature)
                 next_ids.append(token)
+                done[i] = done[i] or job.cancelled  # its client is gone: stop spending steps on it
                 if done[i]:
                     continue
                 job.generated.append(token)
-                finished = token == eos or len(job.generated) >= job.max_tokens
+                finished = (token == eos and not job.ignore_eos) or len(job.generated) >= job.max_tokens
                 job.loop.call_soon_threadsafe(job.out.put_nowait, (token, finished))
                 done[i] = finished
             if all(done):

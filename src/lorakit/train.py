@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -21,7 +23,7 @@ from .hardware import attention_backends, release_freed_memory
 from .plot import plot_losses
 from .train_config import TrainConfig
 from .train_setup import Run, prepare_run
-from .utils import progress_bar
+from .utils import atomic_path, progress_bar
 
 
 def count_targets(batch: dict) -> int:
@@ -64,6 +66,35 @@ def micro_batches(run: Run, step: int) -> tuple[list[dict], int]:
     return batches, tokens
 
 
+def optimizer_step(run: Run, step: int) -> tuple[float, float, int]:
+    """Optimizer step `step`: forward/backward over its micro-batches, clip, update, the form's per-step work.
+    Returns (mean train loss per target token, gradient norm, this process's tokens)."""
+    env = run.env
+    batches, tokens = micro_batches(run, step)
+    # Normalise by the global number of target tokens so every setup sums to the same gradient.
+    n_targets = dist_utils.all_reduce_sum(sum(count_targets(b) for b in batches), env)
+    loss_sum = 0.0
+    for i, batch in enumerate(batches):
+        with dist_utils.no_sync_unless_last(run.engine, i == len(batches) - 1):
+            with run.keep_activations(), attention_backends(env.device):
+                loss = run.engine(**batch)
+            objective = loss * env.world_size / n_targets
+            regularization = run.model.weighted_regularization()  # e.g. AdaLoRA's, once per step
+            if regularization is not None:
+                objective = objective + regularization / len(batches)
+            objective.backward()
+        loss_sum += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.clip_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.after_step is not None:  # sees this step's gradients (AdaLoRA's importance scores)
+        run.after_step(run.model, step)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.cfg.trim_memory and (step + 1) % int(run.cfg.trim_memory) == 0:
+        release_freed_memory()
+    return dist_utils.all_reduce_sum(loss_sum, env) / n_targets, float(grad_norm), tokens
+
+
 def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     """Fine-tune a LoRA adapter as `cfg` says. Returns a summary dict (losses, paths, timings, model).
 
@@ -81,60 +112,78 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
             history.append({"step": 0, "eval_loss": evaluate(run.engine, run.val_rows, cfg.batch_size, pad_id,
                                                              env.device)})
             _write_metrics(run, metrics_path, history[-1], mode="w")
+        if cfg.resume:  # the metrics of steps after the checkpoint (a killed run) are redone: rewrite the file
+            for i, record in enumerate(history):
+                _write_metrics(run, metrics_path, record, mode="w" if i == 0 else "a")
         progress = progress_bar(run.total_steps, step, enabled=run.is_main and cfg.progress)
-        started, tokens_seen, interrupted = time.perf_counter(), 0, False
-        try:
-            while step < run.total_steps:
-                batches, tokens = micro_batches(run, step)
-                tokens_seen += tokens
-                # Normalise by the global number of target tokens so every setup sums to the same gradient.
-                n_targets = dist_utils.all_reduce_sum(sum(count_targets(b) for b in batches), env)
-                loss_sum = 0.0
-                for i, batch in enumerate(batches):
-                    with dist_utils.no_sync_unless_last(run.engine, i == len(batches) - 1):
-                        with run.keep_activations(), attention_backends(env.device):
-                            loss = run.engine(**batch)
-                        objective = loss * env.world_size / n_targets
-                        regularization = run.model.weighted_regularization()  # e.g. AdaLoRA's, once per step
-                        if regularization is not None:
-                            objective = objective + regularization / len(batches)
-                        objective.backward()
-                    loss_sum += loss.item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.clip_grad_norm)
-                run.optimizer.step()
-                run.scheduler.step()
-                if run.after_step is not None:  # sees this step's gradients (AdaLoRA's importance scores)
-                    run.after_step(run.model, step)
-                run.optimizer.zero_grad(set_to_none=True)
-                if cfg.trim_memory and (step + 1) % int(cfg.trim_memory) == 0:
-                    release_freed_memory()
-                step += 1
-                train_loss = dist_utils.all_reduce_sum(loss_sum, env) / n_targets
-                record = {"step": step, "train_loss": train_loss, "lr": run.scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm),
-                          "tokens_per_s": tokens_seen * env.world_size / (time.perf_counter() - started)}
-                if run.val_rows and (step % cfg.eval_every == 0 or step == run.total_steps):
-                    record["eval_loss"] = evaluate(run.engine, run.val_rows, cfg.batch_size, pad_id, env.device)
-                history.append(record)
-                _write_metrics(run, metrics_path, record)
-                progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                progress.update(1)
-                if run.checkpoints and step % cfg.save_every == 0 and step < run.total_steps:
-                    ckpt.save(cfg.output_dir, run.model, run.optimizer, run.scheduler, step, history, run.is_main)
-                if on_step is not None:
-                    on_step(step, record)
-        except KeyboardInterrupt:
-            interrupted = True
-            if run.checkpoints:
-                ckpt.save(cfg.output_dir, run.model, run.optimizer, run.scheduler, step, history, run.is_main)
-                run.log(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
-            else:
-                run.log(f"\ninterrupted at step {step} (no checkpoint under FSDP)")
-        finally:
-            progress.close()
-        return _finish(run, step, interrupted, time.perf_counter() - started)
+        started, tokens_seen, interrupted, at_step_boundary = time.perf_counter(), 0, False, True
+        with StopRequest(run.log) as stop:
+            try:
+                while step < run.total_steps:
+                    at_step_boundary = False
+                    train_loss, grad_norm, tokens = optimizer_step(run, step)
+                    step, tokens_seen, at_step_boundary = step + 1, tokens_seen + tokens, True
+                    record = {"step": step, "train_loss": train_loss, "lr": run.scheduler.get_last_lr()[0],
+                              "grad_norm": grad_norm,
+                              "tokens_per_s": tokens_seen * env.world_size / (time.perf_counter() - started)}
+                    if run.val_rows and (step % cfg.eval_every == 0 or step == run.total_steps):
+                        record["eval_loss"] = evaluate(run.engine, run.val_rows, cfg.batch_size, pad_id, env.device)
+                    history.append(record)
+                    _write_metrics(run, metrics_path, record)
+                    progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    progress.update(1)
+                    if run.checkpoints and step % cfg.save_every == 0 and step < run.total_steps:
+                        ckpt.save(cfg.output_dir, run.model, run.optimizer, run.scheduler, step, history, env)
+                    if on_step is not None:
+                        on_step(step, record)
+                    if dist_utils.all_reduce_sum(float(stop.requested), env) > 0 and step < run.total_steps:
+                        raise KeyboardInterrupt  # every process stops after the same step
+            except KeyboardInterrupt:
+                interrupted = True
+                _save_on_interrupt(run, step, at_step_boundary)
+            finally:
+                progress.close()
+        summary = _finish(run, step, interrupted, time.perf_counter() - started)
+        dist_utils.leave_together(env)
+        return summary
     finally:
         dist_utils.teardown(env)
+
+
+class StopRequest:
+    """Ctrl-C during training: the first finishes the current optimizer step and stops there with a checkpoint
+    (the state then is exactly a step boundary's, so --resume continues bit for bit, dropout included); a
+    second stops at once without one. Outside the main thread (no signal handler possible) Ctrl-C stops at
+    once, as before."""
+
+    def __init__(self, log=print):
+        self.requested, self.log, self.previous = False, log, None
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("\nstopping after this step (Ctrl-C again to stop now, without a checkpoint)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _save_on_interrupt(run: Run, step: int, at_step_boundary: bool) -> None:
+    if not run.checkpoints:
+        run.log(f"\ninterrupted at step {step} (no checkpoint under FSDP)")
+    elif not at_step_boundary:  # mid-step: parameters, optimizer and RNG belong to no single step
+        run.log(f"\ninterrupted during step {step + 1}: no checkpoint written (the last one, if any, is kept); "
+                "continue with --resume from it")
+    else:
+        ckpt.save(run.cfg.output_dir, run.model, run.optimizer, run.scheduler, step, run.history, run.env)
+        run.log(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
 
 
 def _write_metrics(run: Run, path: str, record: dict, mode: str = "a") -> None:
@@ -153,9 +202,11 @@ def _finish(run: Run, step: int, interrupted: bool, seconds: float) -> dict:
                "model": run.model}
     if not interrupted:
         if run.is_main:  # PiSSA/OLoRA are saved as a plain LoRA on the original base (portable)
-            run.model.save_pretrained(adapter_dir, path_initial_model_for_weight_conversion=run.initial_dir
-                                      if run.adapter_config.svd_init else None)
+            with atomic_path(adapter_dir, directory=True) as tmp:  # the whole adapter/ or the previous one
+                run.model.save_pretrained(tmp, path_initial_model_for_weight_conversion=run.initial_dir
+                                          if run.adapter_config.svd_init else None)
             plot_losses(run.history, os.path.join(run.cfg.output_dir, "loss.png"))
+            ckpt.remove(run.cfg.output_dir)  # finished: a later --resume must not retrain from a stale step
         summary["after"] = answer_prompts(run.model, run.tokenizer, run.prompts, run.cfg.max_new_tokens)
         summary["prompts"] = run.prompts
     return summary

@@ -24,6 +24,17 @@ DEMO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
 
 
 FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "min_lr_ratio", "clip_grad_norm", "val_fraction")  # + optional ones
+# What each declared field type accepts, and how an error says it (checked before anything loads).
+FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"),
+    "str": ((str,), "a non-empty string"),
+    "str | None": ((str, type(None)), "a string or null"),
+    "bool": ((bool,), "true or false"),
+    "dict[str, Any]": ((dict,), "a mapping of adapter settings (e.g. lora.r: 16)"),
+    "float | None": ((int, float, type(None)), "a number or null"),
+    "bool | str": ((bool, str), "true, false or a name"),
+    "bool | int": ((bool, int), "true, false or an integer"),
+}
 
 
 @dataclass
@@ -71,7 +82,17 @@ class TrainConfig:
     device: str = "auto"                  # auto = the GPU when one is visible, else cpu; "cpu" | "cuda"
     progress: bool = True
 
+    def _check_types(self) -> None:
+        """Every setting has the type its field declares (a one-line error naming it otherwise)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed, wanted = FIELD_TYPES.get(f.type, ((object,), ""))
+            wrong_bool = isinstance(value, bool) and bool not in allowed and (int in allowed or float in allowed)
+            if not isinstance(value, allowed) or wrong_bool or (f.type == "str" and not value.strip()):
+                raise ValueError(f"{f.name} must be {wanted}, got {value!r}")
+
     def __post_init__(self):
+        self._check_types()
         for name in FLOAT_FIELDS:  # YAML 1.1 reads "1e-3" (no dot) as a string
             value = getattr(self, name)
             try:
@@ -123,8 +144,19 @@ class TrainConfig:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+def yaml_error(source: str, e: yaml.YAMLError) -> ValueError:
+    """One line: where (line, column) and what, instead of PyYAML's multi-line report."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return ValueError(f"{source}: invalid YAML{where}: {what}")
+
+
+def _parse_value(text: str, item: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise yaml_error(f"override {item!r}", e) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -139,7 +171,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = _parse_value(raw, item)
     return data
 
 
@@ -153,7 +185,7 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
             try:
                 data = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ValueError(f"{path}: invalid YAML ({e})") from None
+                raise yaml_error(path, e) from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
@@ -162,7 +194,10 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; known settings: {sorted(known)}")
     lora = dict(DEMO_LORA)
-    lora.update(data.pop("lora", None) or {})
+    given = data.pop("lora", None) or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"lora must be a mapping of adapter settings (e.g. --lora.r=16), got {given!r}")
+    lora.update(given)
     lora_known = {f.name for cls in CONFIG_TYPES.values() for f in dataclasses.fields(cls)}
     bad = sorted(set(lora) - lora_known)
     if bad:

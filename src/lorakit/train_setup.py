@@ -166,8 +166,10 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
               checkpoints=not (env.world_size > 1 and cfg.distributed == "fsdp"), prompts=prompts, before=before)
     if adapter_config.svd_init and is_main and not cfg.resume:
         peft_model.save_pretrained(run.initial_dir)
+    if env.world_size > 1:  # each process its own dropout stream (the adapters were initialised alike above)
+        torch.manual_seed(cfg.seed + 1 + env.rank)
     if cfg.resume:
-        run.step, run.history = ckpt.load(cfg.output_dir, peft_model, optimizer, scheduler)
+        run.step, run.history = ckpt.load(cfg.output_dir, peft_model, optimizer, scheduler, env.rank)
         log(f"resumed from step {run.step}")
     if is_main:
         cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))

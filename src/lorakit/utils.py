@@ -27,12 +27,58 @@ def swap_modules(model: nn.Module, matches: Callable[[nn.Module], bool], make: C
     return len(names)
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _clean_leftovers(path: str) -> None:
+    """Temp files / directories a killed writer left beside `path`; a backup of a directory whose swap was
+    interrupted (old moved aside, new not yet in place) is put back."""
+    parent, name = os.path.split(os.path.abspath(path))
+    backup = os.path.join(parent, f".{name}.old")
+    if os.path.isdir(backup):
+        if os.path.lexists(path):
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(backup, path)
+    for entry in os.listdir(parent):
+        if entry.startswith(f".{name}.") and entry.endswith(".tmp"):
+            stale = os.path.join(parent, entry)
+            shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
+
+
+def _apply_umask(path: str) -> None:
+    """Give `path` (and, for a directory, everything in it) the modes open()/mkdir() give under the umask."""
+    mask = _umask()
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
     """Yield a temp file (or, with `directory`, a temp directory) beside `path`; it replaces `path` only
-    if the block succeeds, so readers see the old output or the whole new one, never a part."""
+    if the block succeeds, so readers see the old output or the whole new one, never a part. The result has
+    the permissions a plain open()/mkdir() would give (the umask), not the temp file's 0600. Leftovers of a
+    writer killed earlier are cleaned first. A directory is swapped in two renames with the old one kept
+    aside until the new one is in place (a kill between them is repaired by the next call)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    _clean_leftovers(path)
     prefix = f".{os.path.basename(os.path.abspath(path))}."
     if directory:
         tmp = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent)
@@ -41,11 +87,16 @@ def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
         os.close(fd)
     try:
         yield tmp
+        _apply_umask(tmp)  # writers (safetensors) may have created the files 0600
         if directory and os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)  # a directory cannot be renamed onto a non-empty one
-        elif directory and os.path.lexists(path):
-            os.remove(path)
-        os.replace(tmp, path)
+            backup = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.old")
+            os.replace(path, backup)  # a directory cannot be renamed onto a non-empty one
+            os.replace(tmp, path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            if directory and os.path.lexists(path):
+                os.remove(path)
+            os.replace(tmp, path)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)

@@ -92,6 +92,10 @@ class AdaLoraConfig(LoraConfig):
 
     PEFT_TYPE = "ADALORA"
     resumable = False  # its importance scores are not checkpointed
+    FIELD_TYPES = {**LoraConfig.FIELD_TYPES,
+                   **{name: ((int,), "an integer") for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT")},
+                   **{name: ((int, float), "a number") for name in ("beta1", "beta2", "orth_reg_weight")},
+                   "total_step": ((int, type(None)), "an integer > 0 (the number of optimizer steps)")}
 
     def validate(self) -> None:
         patterns, self.rank_pattern = self.rank_pattern, {}
@@ -99,6 +103,13 @@ class AdaLoraConfig(LoraConfig):
             super().validate()
         finally:
             self.rank_pattern = patterns or None
+        for key, mask in (self.rank_pattern or {}).items():
+            if not isinstance(mask, (list, tuple)) or not all(isinstance(b, (bool, int)) for b in mask):
+                raise ValueError(f"rank_pattern[{key!r}] must be a list of booleans (the kept singular values), "
+                                 f"got {mask!r}")
+        for name in ("tinit", "tfinal"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.use_dora or self.svd_init or self.alpha_pattern:
             raise ValueError("AdaLoRA has its own SVD form: use_dora, PiSSA/OLoRA init and alpha_pattern "
                              "do not apply to an AdaLoraConfig")

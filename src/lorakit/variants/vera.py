@@ -118,6 +118,9 @@ class VeraConfig(LoraConfig):
     peft_type: str = "VERA"
 
     PEFT_TYPE = "VERA"
+    FIELD_TYPES = {**LoraConfig.FIELD_TYPES, "projection_prng_key": ((int,), "an integer"),
+                   "save_projection": ((bool,), "true or false"), "init_weights": ((bool,), "true or false"),
+                   "vera_dropout": ((int, float), "a number in [0, 1)"), "d_initial": ((int, float), "a number > 0")}
     SAVED = ("r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
              "fan_in_fan_out", "bias", "modules_to_save", "init_weights", "layers_to_transform", "layers_pattern",
              "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_type")
