@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from .default_targets import LORA_DEFAULTS
 from .variants.dora import DoraForm
 from .variants.form import AdapterForm
 from .variants.lora import LoraForm
@@ -67,6 +68,7 @@ class LoraConfig:
     extra_fields: dict[str, Any] = field(default_factory=dict, repr=False)
 
     PEFT_TYPE = "LORA"
+    DEFAULT_TARGETS = LORA_DEFAULTS  # target_modules=None: PEFT's modules per model_type
     resumable = True  # a run with this adapter can continue from a checkpoint
 
     # Fields whose type is checked before anything else reads them: (accepted types, how errors say it).

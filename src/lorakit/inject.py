@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig
+from .default_targets import fill_default_targets
 from .layers import LoraLayer, lora_layer_class
 from .quant.nf4 import NF4Linear
 from .saved_modules import ModulesToSaveWrapper
@@ -137,6 +138,11 @@ def _check_names_exist(spec: str | list[str], modules: dict[str, nn.Module]) -> 
 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Add adapter `adapter_name` to every targeted module (wrapping it on first use). Returns the names."""
+    fill_default_targets(model, config, config.DEFAULT_TARGETS)
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+        config.target_modules = sorted(all_linear_names(model, config.task_type))  # PEFT saves the names too
+    if isinstance(config.target_modules, list) and len(config.target_modules) >= CONDENSE_FROM:
+        config.target_modules = condensed_targets(config.target_modules, [n for n, _ in model.named_modules()])
     targets, saved, token_targets = find_targets(model, config), find_modules_to_save(model, config), \
         trainable_token_targets(model, config)
     tie, targets, saved, token_targets = plan_tying(model, config, targets, saved, token_targets)
@@ -167,6 +173,31 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         add_trainable_tokens(model, name, indices, adapter_name, tie_head=tie.tokens)
     apply_tying(model, tie, adapter_name)
     return targets
+
+
+CONDENSE_FROM = 20  # PEFT rewrites target_modules lists this long into short suffixes (same modules)
+
+
+def _suffixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))][::-1]  # shortest first
+
+
+def condensed_targets(targets: list[str], module_names: list[str]) -> list[str]:
+    """PEFT's condensation of a long target list: per target, the shortest dotted suffix that no other module
+    ends with; the suffixes select the same modules (so saved configs equal PEFT's)."""
+    wanted = set(targets)
+    ends = tuple("." + t for t in wanted)
+    taken = {s for name in module_names if name not in wanted and not name.endswith(ends) for s in _suffixes(name)}
+    chosen: set[str] = set()
+    for name, suffixes in sorted(((n, _suffixes(n)) for n in wanted), key=lambda pair: pair[1]):
+        for suffix in suffixes:
+            if suffix in chosen or suffix in taken:
+                continue
+            if not any(name.endswith("." + c) for c in chosen):
+                chosen.add(suffix)
+                break
+    return sorted(chosen) if chosen and len(chosen) < len(wanted) else sorted(wanted)
 
 
 def trainable_token_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, list[int]]]:

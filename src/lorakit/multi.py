@@ -58,8 +58,10 @@ def gathered_factors(layer, names: tuple[str, ...], row_adapters: list[str | Non
 
 
 def mixed_linear_update(layer, x: torch.Tensor, row_adapters: list[str | None]) -> torch.Tensor:
-    """Σ over rows of s_row * B_row A_row x_row, as gathered batched matmuls. x: (batch, ..., d_in)."""
-    if x.shape[0] != len(row_adapters):
+    """Σ over rows of s_row * B_row A_row x_row, as gathered batched matmuls. x: (batch, ..., d_in), or the
+    batch's tokens flattened row by row, (batch * tokens, d_in), as OPT's MLP feeds its Linear layers."""
+    flattened = x.dim() == 2 and x.shape[0] != len(row_adapters) and x.shape[0] % len(row_adapters) == 0
+    if x.shape[0] != len(row_adapters) and not flattened:
         raise ValueError(f"adapter_names has {len(row_adapters)} entries but the batch has {x.shape[0]} rows "
                          "(beam search / num_return_sequences > 1 are not supported with adapter_names)")
     names = tuple(sorted({n for n in row_adapters if n is not BASE and n in layer.adapters}))
@@ -68,7 +70,7 @@ def mixed_linear_update(layer, x: torch.Tensor, row_adapters: list[str | None]) 
     # The update runs in the adapters' fp32 even on a bf16 base: CPU bf16 bmm converts its operands on
     # every call (measured 3x slower than fp32 bmm at decode shapes); x is cast up, the sum cast back.
     A_rows_t, B_rows_t = gathered_factors(layer, names, row_adapters)
-    rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(A_rows_t.dtype)  # (batch, tokens, d_in)
+    rows = x.reshape(len(row_adapters), -1, x.shape[-1]).to(A_rows_t.dtype)  # (batch, tokens, d_in)
     after_A = torch.bmm(rows, A_rows_t)                                 # (batch, tokens, r_max)
     update = torch.bmm(after_A, B_rows_t)                               # (batch, tokens, d_out)
     return update.view(*x.shape[:-1], update.shape[-1])

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig, check_rank
+from ..default_targets import ADALORA_DEFAULTS
 from ..layers import LoraLayer
 from .form import AdapterForm
 
@@ -91,6 +92,7 @@ class AdaLoraConfig(LoraConfig):
     peft_type: str = "ADALORA"
 
     PEFT_TYPE = "ADALORA"
+    DEFAULT_TARGETS = ADALORA_DEFAULTS
     resumable = False  # its importance scores are not checkpointed
     FIELD_TYPES = {**LoraConfig.FIELD_TYPES,
                    **{name: ((int,), "an integer") for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT")},

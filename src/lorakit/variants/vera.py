@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..config import LoraConfig
+from ..default_targets import VERA_DEFAULTS
 from .form import AdapterForm
 
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
@@ -118,6 +119,7 @@ class VeraConfig(LoraConfig):
     peft_type: str = "VERA"
 
     PEFT_TYPE = "VERA"
+    DEFAULT_TARGETS = VERA_DEFAULTS
     FIELD_TYPES = {**LoraConfig.FIELD_TYPES, "projection_prng_key": ((int,), "an integer"),
                    "save_projection": ((bool,), "true or false"), "init_weights": ((bool,), "true or false"),
                    "vera_dropout": ((int, float), "a number in [0, 1)"), "d_initial": ((int, float), "a number > 0")}
