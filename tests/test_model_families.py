@@ -14,12 +14,12 @@ from conftest import copy_adapters_to_peft, randomize_adapters
 import lorakit
 from lorakit.quant.nf4 import quantize_model_nf4
 
-SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
 
 
 def _causal(config_cls, model_cls, **kw):
-    return lambda: model_cls(config_cls(**{**SMALL, **kw}))
+    return lambda v=96: model_cls(config_cls(**{**SMALL, "vocab_size": v, **kw}))
 
 
 FAMILIES = {  # name: (build, task_type, PEFT has a default for target_modules, inputs kind)
@@ -30,30 +30,30 @@ FAMILIES = {  # name: (build, task_type, PEFT has a default for target_modules, 
     "gemma": (_causal(T.GemmaConfig, T.GemmaForCausalLM, head_dim=8), "CAUSAL_LM", True, "ids"),
     "gemma2": (_causal(T.Gemma2Config, T.Gemma2ForCausalLM, head_dim=8), "CAUSAL_LM", True, "ids"),
     "phi3": (_causal(T.Phi3Config, T.Phi3ForCausalLM, pad_token_id=0), "CAUSAL_LM", False, "ids"),
-    "gpt_neox": (lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)),
+    "gpt_neox": (lambda v=96: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
+        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)),
         "CAUSAL_LM", True, "ids"),
-    "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(
-        vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
-        max_position_embeddings=64)), "CAUSAL_LM", True, "ids"),
-    "falcon": (lambda: T.FalconForCausalLM(T.FalconConfig(
-        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)), "CAUSAL_LM", True, "ids"),
-    "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "opt": (lambda v=96: T.OPTForCausalLM(T.OPTConfig(
+        vocab_size=v, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+        max_position_embeddings=256)), "CAUSAL_LM", True, "ids"),
+    "falcon": (lambda v=96: T.FalconForCausalLM(T.FalconConfig(
+        vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)), "CAUSAL_LM", True, "ids"),
+    "gpt2": (lambda v=96: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=4, n_positions=256)),
              "CAUSAL_LM", True, "ids"),
-    "bert_seq_cls": (lambda: T.BertForSequenceClassification(T.BertConfig(
-        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    "bert_seq_cls": (lambda v=96: T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         num_labels=3)), "SEQ_CLS", True, "ids"),
-    "roberta_token_cls": (lambda: T.RobertaForTokenClassification(T.RobertaConfig(
-        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    "roberta_token_cls": (lambda v=96: T.RobertaForTokenClassification(T.RobertaConfig(
+        vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         num_labels=5, max_position_embeddings=70)), "TOKEN_CLS", True, "ids"),
-    "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(
-        vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)),
+    "t5": (lambda v=96: T.T5ForConditionalGeneration(T.T5Config(
+        vocab_size=v, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)),
         "SEQ_2_SEQ_LM", True, "seq2seq"),
-    "bart": (lambda: T.BartForConditionalGeneration(T.BartConfig(
-        vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
+    "bart": (lambda v=96: T.BartForConditionalGeneration(T.BartConfig(
+        vocab_size=v, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256)),
         "SEQ_2_SEQ_LM", True, "seq2seq"),
-    "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(
+    "vit": (lambda v=96: T.ViTForImageClassification(T.ViTConfig(
         image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         num_labels=4)), None, False, "pixels"),
 }
@@ -159,3 +159,36 @@ def test_causal_family_mixed_batches_and_nf4_base(name):
     loss.backward()
     grads = [p.grad for p in qlora.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_fused_training_path_equals_the_reference_path(name, tiny_tokenizer):
+    """The training fast path (fused norms / MLPs where the family has Llama's, chunked lm_head + loss where the
+    head is a plain Linear; the rest stays on the reference path) changes nothing: one step's loss and every
+    adapter gradient equal fused_kernels=false (< 1e-4 relative, fp32)."""
+    from lorakit import data as D
+    from lorakit.kernels.rms_norm import fuse_rms_norms
+    from lorakit.kernels.swiglu import fuse_swiglu_mlps
+    from lorakit.loss import CausalLMLoss
+    from lorakit.train_config import DEMO_DATA
+
+    rows, _ = D.load_examples(DEMO_DATA, tiny_tokenizer, max_length=48)
+    batch = D.collate(rows[:4], tiny_tokenizer.pad_token_id)
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        base = FAMILIES[name][0](len(tiny_tokenizer)).eval()
+        if fused:
+            fuse_rms_norms(base)
+            fuse_swiglu_mlps(base)
+        model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        randomize_adapters(model, seed=2, scale=0.1)
+        loss = CausalLMLoss(model, fused=fused)(**batch)
+        loss.backward()
+        runs[fused] = loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    (loss_fused, grads_fused), (loss_ref, grads_ref) = runs[True], runs[False]
+    assert abs(loss_fused - loss_ref) <= 1e-4 * abs(loss_ref)
+    assert grads_fused.keys() == grads_ref.keys()
+    for key, grad in grads_ref.items():
+        scale = grad.abs().max().item() or 1.0
+        assert (grads_fused[key] - grad).abs().max().item() <= 1e-4 * scale, key
