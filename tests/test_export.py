@@ -129,3 +129,24 @@ def test_llama_cpp_runs_exported_base_plus_adapter_like_lorakit(tmp_path, tiny_t
         if len(theirs) == 8:
             break
     assert theirs == ours
+
+
+def test_gguf_export_keeps_the_source_gguf_pre_tokenizer_and_bos_flags(tmp_path, tiny_tokenizer):
+    """llama.cpp splits text by `tokenizer.ggml.pre` before BPE: an export of a model converted from a GGUF
+    carries the source's name (SmolLM2's file says "smollm"), not "default", and its add_bos/add_eos flags."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from lorakit.model_loading import GGUF_TOKENIZER_FILE, embedded_gguf_path, gguf_tokenizer_settings
+
+    smollm = gguf_tokenizer_settings(embedded_gguf_path("smollm2-135m"))
+    assert smollm["pre"] == "smollm" and smollm["add_bos_token"] is False
+    source = tmp_path / "converted"  # what model_loading caches for a GGUF source
+    tiny_tokenizer.save_pretrained(source)
+    (source / GGUF_TOKENIZER_FILE).write_text('{"pre": "smollm", "add_bos_token": false}')
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    path = export.export_gguf(_adapted(tiny_tokenizer), tokenizer, str(tmp_path / "m.gguf"), "f32")
+    meta = _fields(gguf.GGUFReader(path))
+    assert meta["tokenizer.ggml.pre"] == "smollm" and meta["tokenizer.ggml.add_bos_token"] == [False]
+    plain = export.export_gguf(_adapted(tiny_tokenizer), tiny_tokenizer, str(tmp_path / "p.gguf"), "f32")
+    assert _fields(gguf.GGUFReader(plain))["tokenizer.ggml.pre"] == "default"  # no source file: llama.cpp's default

@@ -232,6 +232,17 @@ def export_gguf(peft_model, tokenizer, path: str, out_type: str = "f16", force: 
     return _write_gguf(path, fill, force)
 
 
+def _source_gguf_tokenizer(tokenizer) -> dict:
+    """The tokenizer settings of the GGUF file the model was converted from (model_loading keeps them)."""
+    from .model_loading import GGUF_TOKENIZER_FILE
+
+    path = os.path.join(str(getattr(tokenizer, "name_or_path", "") or ""), GGUF_TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def _add_tokenizer(writer, tokenizer, config) -> None:
     """GPT-2-style BPE vocabulary (as SmolLM2 and Llama-3 use) with merges, special ids, chat template."""
     import gguf
@@ -252,8 +263,13 @@ def _add_tokenizer(writer, tokenizer, config) -> None:
         tokens[added["id"]] = added["content"]
         types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    source = _source_gguf_tokenizer(tokenizer)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    # llama.cpp splits text before BPE by this name; the source GGUF's own (SmolLM2: "smollm"), else "default"
+    writer.add_tokenizer_pre(source.get("pre", "default"))
+    for flag in ("add_bos_token", "add_eos_token"):
+        if flag in source:
+            getattr(writer, f"add_{flag}")(bool(source[flag]))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -9,6 +9,7 @@ Any local HF model directory or `.gguf` file path works wherever a model name is
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import os
 
@@ -60,9 +61,35 @@ def resolve_model_dir(name_or_path: str) -> str:
     )
 
 
+GGUF_TOKENIZER_FILE = "gguf_tokenizer.json"  # the source GGUF's tokenizer settings transformers does not keep
+GGUF_TOKENIZER_KEYS = {"pre": "tokenizer.ggml.pre", "add_bos_token": "tokenizer.ggml.add_bos_token",
+                       "add_eos_token": "tokenizer.ggml.add_eos_token"}
+
+
+def gguf_tokenizer_settings(gguf_path: str) -> dict:
+    """llama.cpp's pre-tokenizer name and BOS/EOS flags as the GGUF file states them (absent keys left out)."""
+    import gguf
+
+    fields = gguf.GGUFReader(gguf_path).fields
+    out = {}
+    for name, key in GGUF_TOKENIZER_KEYS.items():
+        field = fields.get(key)
+        value = field.contents() if field is not None else None
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _write_gguf_tokenizer_settings(directory: str, gguf_path: str) -> None:
+    with atomic_path(os.path.join(directory, GGUF_TOKENIZER_FILE)) as tmp, open(tmp, "w") as f:
+        json.dump(gguf_tokenizer_settings(gguf_path), f)
+
+
 def _gguf_to_hf_dir(gguf_path: str, cache_name: str) -> str:
     target = os.path.join(cache_root(), cache_name)
     if os.path.isfile(os.path.join(target, ".complete")):
+        if not os.path.isfile(os.path.join(target, GGUF_TOKENIZER_FILE)):  # a cache made before this file existed
+            _write_gguf_tokenizer_settings(target, gguf_path)
         return target
     directory, filename = os.path.split(os.path.abspath(gguf_path))
     print(f"lorakit: converting {filename} to a cached transformers model in {target} (once)", flush=True)
@@ -75,6 +102,7 @@ def _gguf_to_hf_dir(gguf_path: str, cache_name: str) -> str:
     with atomic_path(target, directory=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _write_gguf_tokenizer_settings(tmp, gguf_path)
         open(os.path.join(tmp, ".complete"), "w").close()
     return target
 
