@@ -113,3 +113,28 @@ def test_merge_adapters_cli(capsys, tmp_path, tiny_model_dir):
     code, _, err = _run(capsys, "merge-adapters", f"--model={tiny_model_dir}", f"--adapter=a={a}",
                         "--weights=x", f"--out={tmp_path}/m2")
     assert code == 2 and "--weights must be comma-separated numbers" in err
+
+
+def test_dtype_and_device_options_load_the_base_as_asked(tiny_model_dir, tmp_path, tiny_tokenizer):
+    """--dtype: bf16 / fp32 base (auto = bf16 only where this CPU has fast bf16); adapters stay fp32 on the
+    base's device; the server's engine takes the same settings."""
+    import torch
+
+    import lorakit
+    from conftest import tiny_llama_for
+
+    from lorakit.commands import _load
+    from lorakit.hardware import fast_bf16
+    from lorakit.serve_engine import Engine, ServeConfig
+
+    adapter = lorakit.get_peft_model(tiny_llama_for(tiny_tokenizer), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    adapter.save_pretrained(str(tmp_path / "a"))
+    for dtype, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32),
+                            ("auto", torch.bfloat16 if fast_bf16("cpu") else torch.float32)):
+        model, _ = _load(tiny_model_dir, str(tmp_path / "a"), dtype=dtype, device="cpu")
+        assert model.get_base_model().model.embed_tokens.weight.dtype == expected
+        assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    engine = Engine(ServeConfig(model=tiny_model_dir, dtype="fp32", device="cpu"))
+    assert next(engine.model.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        ServeConfig(model=tiny_model_dir, dtype="int8")

@@ -44,6 +44,13 @@ def name_and_dir(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _add_runtime_args(p: argparse.ArgumentParser, default_dtype: str = "auto") -> None:
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default=default_dtype,
+                   help="base model dtype (auto: bf16 where the CPU/GPU has fast bf16, else fp32; adapters stay fp32)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model runs (auto: the GPU when one is visible)")
+
+
 def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="model name (smollm2-135m), local transformers directory, or .gguf file")
@@ -74,11 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="user message (sent through the chat template)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    _add_runtime_args(p)
 
     p = sub.add_parser("chat", help="interactive chat, streaming tokens (empty line or Ctrl-D quits)")
     _add_model_args(p, adapter_required=False)
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    _add_runtime_args(p)
 
     p = sub.add_parser("export", help="merged model (HF or GGUF) or a llama.cpp adapter GGUF",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -107,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-cap", type=positive_int, default=512, help="upper bound on max_tokens")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=2048)
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20)
+    _add_runtime_args(p)
 
     p = sub.add_parser("merge-adapters", help="combine adapters into one (linear, cat, svd, ties, dare, ...)")
     p.add_argument("--model", default="smollm2-135m", help="base model the adapters were trained on")
@@ -162,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data file (any training format)")
     p.add_argument("--max-length", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=8)
+    _add_runtime_args(p, default_dtype="fp32")  # losses comparable across machines by default
     return parser
 
 

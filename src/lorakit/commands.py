@@ -10,14 +10,19 @@ import math
 import os
 
 
-def _load(model_name: str, adapter: str | None, quantize: str | None = None):
+def _load(model_name: str, adapter: str | None, quantize: str | None = None, dtype: str = "fp32",
+          device: str = "cpu"):
+    """Model (+ adapter, fp32 adapters on the base's device) and tokenizer; `dtype` / `device` as the CLI's
+    --dtype / --device (auto: bf16 where the device has fast bf16; the GPU when torch sees one)."""
+    from .hardware import resolve_device_type, resolve_dtype
     from .model import PeftModel
     from .model_loading import load_model, load_tokenizer
 
     if adapter and not os.path.isdir(adapter):
         raise FileNotFoundError(f"adapter directory {adapter} does not exist")
+    device_type = resolve_device_type(device)
     tokenizer = load_tokenizer(model_name)
-    model = load_model(model_name, quantize=quantize)
+    model = load_model(model_name, quantize=quantize, dtype=resolve_dtype(dtype, device_type), device=device_type)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval(), tokenizer
@@ -49,7 +54,7 @@ def cmd_train(args, overrides: list[str]) -> int:
 def cmd_generate(args) -> int:
     from .generation import generate_reply
 
-    model, tokenizer = _load(args.model, args.adapter)
+    model, tokenizer = _load(args.model, args.adapter, dtype=args.dtype, device=args.device)
     print(generate_reply(model, tokenizer, [{"role": "user", "content": args.prompt}], args.max_new_tokens,
                          args.temperature))
     return 0
@@ -62,7 +67,7 @@ def cmd_chat(args) -> int:
 
     from .generation import generate_reply
 
-    model, tokenizer = _load(args.model, args.adapter)
+    model, tokenizer = _load(args.model, args.adapter, dtype=args.dtype, device=args.device)
     messages: list[dict] = []
     while True:
         try:
@@ -92,7 +97,7 @@ def cmd_eval(args) -> int:
     from .loss import CausalLMLoss
     from .train import evaluate
 
-    model, tokenizer = _load(args.model, args.adapter)
+    model, tokenizer = _load(args.model, args.adapter, dtype=args.dtype, device=args.device)
     examples, stats = D.load_examples(args.data, tokenizer, args.max_length)
     loss = evaluate(CausalLMLoss(model), examples, args.batch_size, tokenizer.pad_token_id,
                     next(model.parameters()).device)
@@ -125,7 +130,8 @@ def cmd_serve(args) -> int:
     serve(ServeConfig(model=args.model, adapters=dict(args.adapter), adapter_root=args.adapter_root,
                       max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                       max_tokens_cap=args.max_tokens_cap, max_prompt_tokens=args.max_prompt_tokens,
-                      max_body_bytes=args.max_body_bytes), host=args.host, port=args.port)
+                      max_body_bytes=args.max_body_bytes, dtype=args.dtype, device=args.device),
+          host=args.host, port=args.port)
     return 0
 
 

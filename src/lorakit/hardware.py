@@ -56,6 +56,19 @@ def attention_backends(device: torch.device | str = "cpu") -> contextlib.Abstrac
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+RUNTIME_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(setting: str, device_type: str) -> torch.dtype:
+    """The base model's dtype for inference: `auto` = bf16 where the device has fast bf16 (AVX512-BF16, AMX,
+    CUDA), else fp32; or bf16 / fp16 / fp32 as asked."""
+    if setting == "auto":
+        return torch.bfloat16 if fast_bf16(device_type) else torch.float32
+    if setting not in RUNTIME_DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(RUNTIME_DTYPES)}, got {setting!r}")
+    return RUNTIME_DTYPES[setting]
+
+
 def resolve_bf16(setting: bool | str, device: torch.device | str = "cpu") -> bool:
     if setting == "auto":
         return fast_bf16(device)

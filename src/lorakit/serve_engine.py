@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .forms import read_config
+from .hardware import RUNTIME_DTYPES, check_device_setting, resolve_device_type, resolve_dtype
 from .model import LoraModel
 from .model_loading import load_model, load_tokenizer
 
@@ -48,6 +49,8 @@ class ServeConfig:
     max_tokens_cap: int = 512
     max_prompt_tokens: int = 2048
     max_body_bytes: int = 1 << 20
+    dtype: str = "auto"   # base model dtype: auto (bf16 where fast), bf16, fp16, fp32
+    device: str = "auto"  # auto (the GPU when visible), cpu, cuda
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_tokens_cap", "max_prompt_tokens", "max_body_bytes"):
@@ -57,6 +60,9 @@ class ServeConfig:
         if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
                 or not 0 <= self.max_wait_ms < float("inf"):
             raise ValueError(f"max_wait_ms must be a number >= 0, got {self.max_wait_ms!r}")
+        if self.dtype != "auto" and self.dtype not in RUNTIME_DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(RUNTIME_DTYPES)}, got {self.dtype!r}")
+        check_device_setting(self.device)
         for name, path in self.adapters.items():
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"adapter {name!r}: directory {path} does not exist")
@@ -85,7 +91,10 @@ class Engine:
         self.config = config
         self.base_name = os.path.basename(str(config.model).rstrip("/")) or "base"
         self.tokenizer = tokenizer or load_tokenizer(config.model)
-        self.model = model if model is not None else load_model(config.model)
+        device_type = resolve_device_type(config.device)
+        self.model = model if model is not None else load_model(
+            config.model, dtype=resolve_dtype(config.dtype, device_type), device=device_type)
+        self.device = next(self.model.parameters()).device
         self.lock = threading.Lock()       # the model: decoding, loading, deleting
         self.registry = threading.Lock()   # in_use / deleting (never held while waiting for `lock`)
         self.in_use: dict[str, int] = {}   # adapter -> requests submitted and not finished
@@ -230,8 +239,8 @@ class Engine:
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
         width = max(len(j.ids) for j in batch)
-        ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in batch])
-        mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch])
+        ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in batch], device=self.device)
+        mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch], device=self.device)
         names = [j.adapter for j in batch]
         kwargs = {"adapter_names": names} if self._loaded() else {}
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -252,9 +261,10 @@ class Engine:
                 done[i] = finished
             if all(done):
                 return
-            mask = torch.cat([mask, torch.ones(len(batch), 1, dtype=mask.dtype)], dim=1)
+            mask = torch.cat([mask, torch.ones(len(batch), 1, dtype=mask.dtype, device=self.device)], dim=1)
             positions = positions[:, -1:] + 1
-            out = self.model(input_ids=torch.tensor(next_ids)[:, None], attention_mask=mask, position_ids=positions,
+            out = self.model(input_ids=torch.tensor(next_ids, device=self.device)[:, None], attention_mask=mask,
+                             position_ids=positions,
                              past_key_values=out.past_key_values, use_cache=True, **kwargs)
 
 
