@@ -279,3 +279,37 @@ def test_refused_runs_are_refused_before_any_model_or_tokenizer_loads(tmp_path, 
         else:  # what each torchrun rank would see
             setup.prepare_run(cfg, Env(rank=0, world_size=world_size))
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_sequence_classification_task_trains_and_peft_loads_the_adapter(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """task: seq_cls — {"text", "label"} rows, the model as a classifier with a new score head (saved whole, as
+    PEFT's SEQ_CLS does): held-out loss falls, and PEFT loaded with the adapter gives lorakit's logits."""
+    import random
+
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    rng = random.Random(0)
+    words = {"pos": ["good", "great", "fine", "nice"], "neg": ["bad", "awful", "poor", "sad"]}
+    rows = []
+    for _ in range(120):
+        label = rng.choice(["pos", "neg"])
+        rows.append({"text": " ".join(rng.choice(words[label]) for _ in range(4)), "label": label})
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(tmp_path / "out", task="seq_cls", model=tiny_model_dir, data=str(data), max_steps=30, lr=1e-2,
+               eval_every=30, lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    result = train(cfg, tokenizer=tiny_tokenizer)
+    evals = [r["eval_loss"] for r in result["history"] if "eval_loss" in r]
+    assert evals[-1] < 0.5 * evals[0], evals
+    assert json.loads((tmp_path / "out" / "labels.json").read_text()) == {"id2label": {"0": "neg", "1": "pos"}}
+    ids = tiny_tokenizer(["good nice fine", "bad sad poor"], return_tensors="pt", padding=True)
+    ours = result["model"].eval()
+    theirs = peft.PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2,
+                                                           pad_token_id=tiny_tokenizer.pad_token_id),
+        result["adapter_dir"]).eval()
+    with torch.no_grad():
+        expected = theirs(**ids).logits
+        torch.testing.assert_close(ours(**ids).logits, expected, atol=1e-5, rtol=1e-4)
+    assert expected[0].argmax() == 1 and expected[1].argmax() == 0  # pos, neg

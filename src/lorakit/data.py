@@ -194,6 +194,35 @@ def load_examples(path: str, tokenizer, max_length: int, train_on_prompt: bool =
     return examples, stats
 
 
+def load_classification_examples(path: str, tokenizer, max_length: int, label_names: list | None = None):
+    """Rows {"text": ..., "label": ...} for sequence classification. Labels are class indices (integers >= 0)
+    or names (strings, numbered in sorted order; pass the training file's `label_names` for its eval file).
+    Each Example carries its class at its last token (other positions IGNORE), so batches collate as usual.
+    Returns (examples, stats, label_names)."""
+    rows = read_rows(path)
+    labels = [row.get("label") if isinstance(row, dict) else None for _, row in rows]
+    named = any(isinstance(label, str) for label in labels)
+    if label_names is None:
+        label_names = sorted({l for l in labels if isinstance(l, str)}) if named else \
+            list(range(max([l for l in labels if isinstance(l, int) and not isinstance(l, bool)], default=0) + 1))
+    index = {name: i for i, name in enumerate(label_names)}
+    stats, examples = DataStats(), []
+    for (lineno, row), label in zip(rows, labels):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise DataError(f"{path}:{lineno}: a classification row needs a non-empty \"text\" string and a "
+                            "\"label\"")
+        if isinstance(label, bool) or label not in index:
+            known = label_names if len(label_names) <= 10 else f"{len(label_names)} classes"
+            raise DataError(f"{path}:{lineno}: label {label!r} is not one of the classes ({known}); labels are "
+                            "integers >= 0 or names, one kind per file")
+        ids = tokenizer(row["text"])["input_ids"]
+        stats.rows += 1
+        stats.truncated += len(ids) > max_length
+        ids = ids[:max_length]
+        examples.append(Example(ids, [IGNORE] * (len(ids) - 1) + [index[label]]))
+    return examples, stats, label_names
+
+
 def split(examples: list[Example], val_fraction: float, seed: int):
     """Deterministic train/validation split. With val_fraction 0 the rows keep their file order
     (batches are shuffled per epoch by the training loop either way)."""

@@ -39,8 +39,14 @@ def fused_head_supported(model: nn.Module) -> bool:
             and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS))
 
 
+def count_next_token_targets(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 class CausalLMLoss(nn.Module):
     """forward(batch) -> (sum of next-token losses over labelled positions) for a LoraModel."""
+
+    count_targets = staticmethod(count_next_token_targets)  # what the loss sums over (the loop normalises by it)
 
     def __init__(self, peft_model: nn.Module, fused: bool = True, chunk_rows: int = 256):
         super().__init__()
@@ -62,3 +68,27 @@ class CausalLMLoss(nn.Module):
             return linear_cross_entropy_sum(hidden[keep], head.weight, targets[keep], self.chunk_rows)
         logits = self.peft_model(**inputs).logits[:, :-1]
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def row_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The class of each row of a classification batch (data.py puts it at the row's last token)."""
+    return labels.max(dim=1).values
+
+
+class SequenceClassificationLoss(nn.Module):
+    """forward(batch) -> sum over rows of the cross-entropy of the model's class logits (task: seq_cls)."""
+
+    def __init__(self, peft_model: nn.Module, fused: bool = True):
+        super().__init__()
+        self.peft_model = peft_model
+
+    @staticmethod
+    def count_targets(batch: dict) -> int:
+        return int(batch["labels"].shape[0])
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+        logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return F.cross_entropy(logits.float(), row_labels(labels), reduction="sum")
+
+
+LOSSES = {"causal_lm": CausalLMLoss, "seq_cls": SequenceClassificationLoss}

@@ -26,8 +26,10 @@ from .train_setup import Run, prepare_run
 from .utils import atomic_path, progress_bar
 
 
-def count_targets(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != D.IGNORE).sum())
+def count_targets(engine, batch: dict) -> int:
+    """What the loss sums over in `batch` (target tokens; rows for classification); `engine` is the loss
+    module or its DDP wrapper."""
+    return getattr(engine, "module", engine).count_targets(batch)
 
 
 def batch_order(n_rows: int, micro_index: int, rows_per_micro: int, seed: int) -> list[int]:
@@ -49,7 +51,7 @@ def evaluate(loss_module, examples, batch_size: int, pad_id: int, device) -> flo
         batch = {k: v.to(device) for k, v in D.collate(examples[i:i + batch_size], pad_id).items()}
         with attention_backends(device):
             total += loss_module(**batch).item()
-        count += count_targets(batch)
+        count += count_targets(loss_module, batch)
     loss_module.train(was_training)
     return total / max(1, count)
 
@@ -72,7 +74,7 @@ def optimizer_step(run: Run, step: int) -> tuple[float, float, int]:
     env = run.env
     batches, tokens = micro_batches(run, step)
     # Normalise by the global number of target tokens so every setup sums to the same gradient.
-    n_targets = dist_utils.all_reduce_sum(sum(count_targets(b) for b in batches), env)
+    n_targets = dist_utils.all_reduce_sum(sum(count_targets(run.engine, b) for b in batches), env)
     loss_sum = 0.0
     for i, batch in enumerate(batches):
         with dist_utils.no_sync_unless_last(run.engine, i == len(batches) - 1):

@@ -23,6 +23,7 @@ DEMO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}  # task -> the adapter config's task_type
 FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "min_lr_ratio", "clip_grad_norm", "val_fraction")  # + optional ones
 # What each declared field type accepts, and how an error says it (checked before anything loads).
 FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
@@ -78,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     max_new_tokens: int = 40
     resume: bool = False
+    task: str = "causal_lm"               # causal_lm (chat / text data) or seq_cls ({"text", "label"} rows)
     distributed: str = "ddp"              # under torchrun: "ddp" or "fsdp"
     device: str = "auto"                  # auto = the GPU when one is visible, else cpu; "cpu" | "cuda"
     progress: bool = True
@@ -114,6 +116,11 @@ class TrainConfig:
         if self.quantize not in (None, "nf4"):
             raise ValueError(f"quantize must be null or 'nf4', got {self.quantize!r}")
         check_device_setting(self.device)
+        if self.task not in TASK_TYPES:
+            raise ValueError(f"task must be one of {sorted(TASK_TYPES)}, got {self.task!r}")
+        if self.task == "seq_cls" and (self.packing or self.quantize):
+            raise ValueError("task: seq_cls trains without packing and on an unquantized base (packing / quantize "
+                             "apply to causal_lm)")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if not (isinstance(self.trim_memory, int) and self.trim_memory >= 0):
@@ -132,7 +139,7 @@ class TrainConfig:
     def lora_config(self, total_steps: int | None = None) -> LoraConfig:
         """The adapter config; `lora.peft_type` picks LORA (default), VERA or ADALORA. AdaLoRA's
         total_step defaults to the run's number of optimizer steps."""
-        settings = {"task_type": "CAUSAL_LM", **self.lora}
+        settings = {"task_type": TASK_TYPES[self.task], **self.lora}
         config_type = config_class(settings.get("peft_type", "LORA"))
         return config_type(**config_type.run_settings(settings, total_steps))
 

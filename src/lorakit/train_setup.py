@@ -8,6 +8,7 @@ state to continue from (a checkpoint with `resume`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -27,12 +28,13 @@ from .hardware import resolve_bf16
 from .kernels.rms_norm import fuse_rms_norms
 from .kernels.saved_activations import compressed_activations, resolve_saved_activations
 from .kernels.swiglu import fuse_swiglu_mlps
-from .loss import CausalLMLoss
+from .loss import LOSSES
 from .model import LoraModel
 from .task_models import get_peft_model
 from .model_loading import load_model, load_tokenizer
 from .quant.nf4 import quantize_model_nf4
 from .train_config import TrainConfig
+from .utils import atomic_path
 from .variants import create_loraplus_optimizer
 
 
@@ -84,24 +86,33 @@ def check_run(cfg: TrainConfig, env: dist_utils.Env) -> None:
         raise ValueError("--resume is not supported with distributed=fsdp; use ddp for resumable runs")
 
 
-def load_rows(cfg: TrainConfig, tokenizer, log) -> tuple[list, list]:
-    """(train rows, held-out rows), tokenized; packed when `cfg.packing`."""
-    examples, stats = D.load_examples(cfg.data, tokenizer, cfg.max_length, cfg.train_on_prompt)
+def load_rows(cfg: TrainConfig, tokenizer, log) -> tuple[list, list, list | None]:
+    """(train rows, held-out rows, class names for seq_cls else None), tokenized; packed when `cfg.packing`."""
+    classes = None
+    if cfg.task == "seq_cls":
+        examples, stats, classes = D.load_classification_examples(cfg.data, tokenizer, cfg.max_length)
+        load_eval = lambda path: D.load_classification_examples(path, tokenizer, cfg.max_length, classes)[0]  # noqa: E731
+    else:
+        examples, stats = D.load_examples(cfg.data, tokenizer, cfg.max_length, cfg.train_on_prompt)
+        load_eval = lambda path: D.load_examples(path, tokenizer, cfg.max_length)[0]  # noqa: E731
     if cfg.eval_data:
-        train_rows, val_rows = examples, D.load_examples(cfg.eval_data, tokenizer, cfg.max_length)[0]
+        train_rows, val_rows = examples, load_eval(cfg.eval_data)
     else:
         train_rows, val_rows = D.split(examples, cfg.val_fraction, cfg.seed)
     if cfg.packing:
         train_rows = D.pack(train_rows, cfg.max_length)
     log(f"data: {stats.rows} rows from {cfg.data} ({stats.truncated} truncated to {cfg.max_length} tokens, "
-        f"{stats.dropped_empty} dropped with no response tokens); {len(train_rows)} train / {len(val_rows)} val")
-    return train_rows, val_rows
+        f"{stats.dropped_empty} dropped with no response tokens); {len(train_rows)} train / {len(val_rows)} val"
+        + (f"; {len(classes)} classes" if classes is not None else ""))
+    return train_rows, val_rows, classes
 
 
-def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=None) -> torch.nn.Module:
+def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=None,
+               num_labels: int | None = None) -> torch.nn.Module:
     """The frozen base on the run's device: loaded (or the one handed in), quantized, fused, checkpointed."""
     base = model if model is not None else load_model(cfg.model, dtype=dtype, quantize=cfg.quantize,
-                                                      attn_implementation=cfg.attn_implementation)
+                                                      attn_implementation=cfg.attn_implementation,
+                                                      num_labels=num_labels)
     if cfg.quantize is None:
         base.to(device=env.device, dtype=dtype)
     else:
@@ -141,7 +152,7 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
     log = print if is_main else (lambda *a, **k: None)
 
     tokenizer = tokenizer or load_tokenizer(cfg.model)
-    train_rows, val_rows = load_rows(cfg, tokenizer, log)
+    train_rows, val_rows, classes = load_rows(cfg, tokenizer, log)
     rows_per_micro = cfg.batch_size * env.world_size
     if len(train_rows) < rows_per_micro:
         raise ValueError(f"{len(train_rows)} training rows is fewer than one batch of {rows_per_micro} rows")
@@ -153,11 +164,17 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
         f"saved activations {'bf16' if stored_as == torch.bfloat16 else 'fp32'}); processes: {env.world_size}; "
         f"device: {env.device}")
     adapter_config = cfg.lora_config(total_steps)
-    peft_model = get_peft_model(build_base(cfg, env, dtype, model), adapter_config)
-    prompts = D.read_prompts(cfg.prompts) if is_main and cfg.prompts else []
+    base = build_base(cfg, env, dtype, model, num_labels=len(classes) if classes is not None else None)
+    if classes is not None:
+        base.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads each row's last real token
+        if is_main:
+            with atomic_path(os.path.join(cfg.output_dir, "labels.json")) as tmp, open(tmp, "w") as f:
+                json.dump({"id2label": {i: name for i, name in enumerate(classes)}}, f, indent=2)
+    peft_model = get_peft_model(base, adapter_config)
+    prompts = D.read_prompts(cfg.prompts) if is_main and cfg.prompts and classes is None else []
     before = answer_prompts(peft_model, tokenizer, prompts, cfg.max_new_tokens)
     peft_model.train()
-    engine = dist_utils.wrap(CausalLMLoss(peft_model, fused=cfg.fused_kernels), env, cfg.distributed)
+    engine = dist_utils.wrap(LOSSES[cfg.task](peft_model, fused=cfg.fused_kernels), env, cfg.distributed)
     optimizer, scheduler, params = build_optimizer(cfg, peft_model, env.device, total_steps)  # after FSDP's wrap
     run = Run(cfg, env, log, tokenizer, train_rows, val_rows, total_steps, adapter_config, peft_model,
               engine=engine, optimizer=optimizer, scheduler=scheduler, params=params,
