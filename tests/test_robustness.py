@@ -212,3 +212,12 @@ def _report_outcomes():
     yield
     if OUTCOMES:
         print("\nfuzz outcomes: " + ", ".join(f"{k}: {v}" for k, v in sorted(OUTCOMES.items())))
+
+
+def test_a_run_whose_weights_cannot_fit_is_refused_before_anything_is_written(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "out"
+    code, err = _run_cli(["train", f"--model={tiny_model_dir}", f"--output_dir={out}", "--prompts=null",
+                          "--memory_limit_gb=0.00001", "--bf16=false"], capsys)
+    _one_line_error(code, err, "train", "cannot fit")
+    assert "quantize: nf4" in err and "bf16: true" in err  # what would fit instead
+    assert not out.exists()

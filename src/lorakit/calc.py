@@ -89,6 +89,10 @@ def lora_params(d_out: int, d_in: int, r: int) -> int:
     return int(r * (d_in + d_out))
 
 
+class ArchUnknown(ValueError):
+    """A config.json that is not a decoder config the calculator can size."""
+
+
 def get_arch(name_or_config: str) -> Arch:
     """A built-in architecture name, or a path to a transformers config.json (or its directory)."""
     if name_or_config in ARCHITECTURES:
@@ -109,11 +113,11 @@ def get_arch(name_or_config: str) -> Arch:
         arch = Arch(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], heads,
                     c.get("num_key_value_heads") or heads, c["vocab_size"], bool(c.get("tie_word_embeddings")))
     except KeyError as e:
-        raise ValueError(f"{path} lacks {e.args[0]!r}: not a decoder config lorakit can size") from None
+        raise ArchUnknown(f"{path} lacks {e.args[0]!r}: not a decoder config lorakit can size") from None
     for field_name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
         value = getattr(arch, field_name, None)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{path}: {field_name} must be a positive integer, got {value!r}")
+            raise ArchUnknown(f"{path}: {field_name} must be a positive integer, got {value!r}")
     return arch
 
 

@@ -79,6 +79,8 @@ class TrainConfig:
     seed: int = 0
     max_new_tokens: int = 40
     resume: bool = False
+    memory_check: bool = True             # refuse, before loading, a model whose frozen weights cannot fit
+    memory_limit_gb: float | None = None  # the memory that check allows (default: the machine's available)
     task: str = "causal_lm"               # causal_lm (chat / text data) or seq_cls ({"text", "label"} rows)
     distributed: str = "ddp"              # under torchrun: "ddp" or "fsdp"
     device: str = "auto"                  # auto = the GPU when one is visible, else cpu; "cpu" | "cuda"

@@ -31,7 +31,9 @@ from .kernels.swiglu import fuse_swiglu_mlps
 from .loss import LOSSES
 from .model import LoraModel
 from .task_models import get_peft_model
-from .model_loading import load_model, load_tokenizer
+from . import calc
+from .memory_check import check_fits
+from .model_loading import load_model, load_tokenizer, resolve_model_dir
 from .quant.nf4 import quantize_model_nf4
 from .train_config import TrainConfig
 from .utils import atomic_path
@@ -84,6 +86,16 @@ def check_run(cfg: TrainConfig, env: dist_utils.Env) -> None:
     """Refuse what depends on the launch (TrainConfig refused the rest when it was made), before anything loads."""
     if cfg.resume and env.world_size > 1 and cfg.distributed == "fsdp":
         raise ValueError("--resume is not supported with distributed=fsdp; use ddp for resumable runs")
+
+
+def check_memory(cfg: TrainConfig) -> str | None:
+    """The memory floor of the run's model against what is available (see memory_check.py); None where the
+    model's config cannot be sized (not a decoder config the calculator knows)."""
+    storage = cfg.quantize or ("bf16" if cfg.bf16 else "fp32")
+    try:
+        return check_fits(resolve_model_dir(cfg.model), storage, cfg.memory_limit_gb)
+    except calc.ArchUnknown:
+        return None
 
 
 def load_rows(cfg: TrainConfig, tokenizer, log) -> tuple[list, list, list | None]:
@@ -144,12 +156,15 @@ def build_optimizer(cfg: TrainConfig, model: LoraModel, device: torch.device, to
 def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=None) -> Run:
     check_run(cfg, env)
     cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
+    memory_line = check_memory(cfg) if model is None and cfg.memory_check else None  # before anything is written
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
     is_main = env.rank == 0
     log = print if is_main else (lambda *a, **k: None)
+    if memory_line:
+        log(memory_line)
 
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     train_rows, val_rows, classes = load_rows(cfg, tokenizer, log)
