@@ -1,10 +1,11 @@
 """LoRA training speed and memory: lorakit's default path vs PEFT + transformers (fp32), same run.
 
-    python bench/train_vs_peft.py [--steps 50] [--json bench/train_vs_peft.json] [--device cpu|cuda]
+    python bench/train_vs_peft.py [--steps 50] [--workload long|short] [--json ...] [--device cpu|cuda]
 
 SmolLM2-135M-Instruct, LoRA r=16 (alpha 32, dropout --dropout) on q,k,v,o,gate,up,down, AdamW
 (lr 2e-4, warmup 5 + cosine), batch 8 rows of ~256 tokens (3-turn conversations built from the
-bundled demo data), loss on assistant tokens. Both runs see the same rows in the same order for
+bundled demo data; `--workload short`: the demo rows themselves, single chat turns of ~100 tokens, the
+shape of most fine-tuning data, where per-step fixed costs weigh most), loss on assistant tokens. Both runs see the same rows in the same order for
 the same number of optimizer steps; each runs in its own subprocess so peak RSS is its own.
 tokens/s counts real (non-padding) tokens and excludes the first (warm-up) step.
 
@@ -28,12 +29,16 @@ from common import LORA, machine_name  # noqa: E402  (lora_dropout comes from --
 LR, WARMUP, BATCH, MAX_LEN, TURNS = 2e-4, 5, 8, 320, 3
 
 
-def write_bench_data(path: str) -> None:
-    """3-turn conversations from the demo rows (~200 tokens each), as a JSONL data file."""
+def write_bench_data(path: str, workload: str = "long") -> None:
+    """3-turn conversations from the demo rows (~200 tokens each; `short`: the rows as they are), as JSONL."""
     from lorakit import data as D
     from lorakit.train_config import DEMO_DATA
 
     rows = [r for _, r in D.read_rows(DEMO_DATA)]
+    if workload == "short":
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return
     with open(path, "w") as f:
         for i in range(0, len(rows) - TURNS + 1, TURNS):
             f.write(json.dumps({"messages": [m for r in rows[i:i + TURNS] for m in r["messages"]]}) + "\n")
@@ -133,6 +138,8 @@ def matmul_peak_gflops(dtype, device: str = "cpu") -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--workload", choices=["long", "short"], default="long",
+                    help="long: 3-turn rows of ~200 tokens; short: the demo's single turns (~100 tokens)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dropout", type=float, default=0.0, help="lora_dropout for both (PEFT's default: 0)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "train_vs_peft.json"))
@@ -152,7 +159,7 @@ def main():
     import tempfile
 
     data_path = os.path.join(tempfile.mkdtemp(), "bench.jsonl")
-    write_bench_data(data_path)
+    write_bench_data(data_path, args.workload)
     env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}))
     results = {}
     for kind in (*PEERS[args.device], "lorakit"):
@@ -192,7 +199,7 @@ def main():
               for kind in PEERS[args.device]}
     table = {
         "machine": machine_name(args.device), "device": args.device,
-        "steps": args.steps, "batch": BATCH, "lora_dropout": args.dropout, "mean_tokens_per_row": round(k["mean_tokens_per_row"], 1),
+        "workload": args.workload, "steps": args.steps, "batch": BATCH, "lora_dropout": args.dropout, "mean_tokens_per_row": round(k["mean_tokens_per_row"], 1),
         **row_tables,
         **{name + ("" if kind == "peft" else f"_vs_{kind}"): value
            for kind, r in ratios.items() for name, value in r.items()},
