@@ -14,6 +14,8 @@ All writes go to a temp file/dir first and are renamed into place; existing outp
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any
 import os
 
 import numpy as np
@@ -24,7 +26,9 @@ from .layers import LoraLayer
 from .utils import atomic_path
 from .variants.dora import DoraForm
 
-LLAMA_FAMILY = ("llama", "mistral")
+# transformers model_type -> (llama.cpp architecture, q/k rows permuted as llama.cpp's LLaMA converter does).
+# Qwen2 uses llama.cpp's NEOX rotary layout, which is transformers' own half-split order: no permutation.
+GGUF_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
@@ -72,12 +76,21 @@ def export_hf(peft_model, tokenizer, out_dir: str, dtype: torch.dtype | None = N
 
 
 # --- GGUF -------------------------------------------------------------------------------------
-def _llama_config(model: nn.Module):
+@dataclass(frozen=True)
+class GGUFTarget:
+    """What the writer needs of a model: its config, llama.cpp architecture, and whether q/k rows permute."""
+
+    config: Any
+    arch: str
+    permute: bool
+
+
+def _gguf_target(model: nn.Module) -> GGUFTarget:
     config = model.config
-    if config.model_type not in LLAMA_FAMILY:
-        raise ValueError(f"GGUF export supports Llama-family models {LLAMA_FAMILY}; this model is "
-                         f"{config.model_type!r}")
-    return config
+    if config.model_type not in GGUF_ARCHS:
+        raise ValueError(f"GGUF export supports the Llama family and Qwen2 {sorted(GGUF_ARCHS)}; this "
+                         f"model is {config.model_type!r} (export --format hf instead)")
+    return GGUFTarget(config, *GGUF_ARCHS[config.model_type])
 
 
 def permute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -86,10 +99,11 @@ def permute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _name_map(config):
+def _name_map(target: GGUFTarget):
     import gguf
 
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+    return gguf.get_tensor_name_map(arch[target.arch], target.config.num_hidden_layers)
 
 
 def _gguf_base_name(hf_name: str, name_map) -> str:
@@ -101,7 +115,10 @@ def _gguf_base_name(hf_name: str, name_map) -> str:
     return name
 
 
-def _rotary_heads(gguf_name: str, config) -> int | None:
+def _rotary_heads(gguf_name: str, target: GGUFTarget) -> int | None:
+    if not target.permute:
+        return None
+    config = target.config
     if gguf_name.endswith("attn_q"):
         return config.num_attention_heads
     if gguf_name.endswith("attn_k"):
@@ -109,12 +126,12 @@ def _rotary_heads(gguf_name: str, config) -> int | None:
     return None
 
 
-def _write_gguf(path: str, writer_fn, force: bool) -> str:
+def _write_gguf(path: str, writer_fn, force: bool, arch: str = "llama") -> str:
     import gguf
 
     check_target(path, force, "file")
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, "llama")
+        writer = gguf.GGUFWriter(tmp, arch)
         writer_fn(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -129,11 +146,11 @@ def export_gguf_adapter(peft_model, path: str, adapter_name: str | None = None, 
     import gguf
 
     model = peft_model.get_base_model()
-    config = _llama_config(model)
+    target = _gguf_target(model)
     name = adapter_name or peft_model.active_adapter
     if name not in peft_model.peft_config:
         raise ValueError(f"unknown adapter {name!r}; loaded adapters: {sorted(peft_model.peft_config)}")
-    name_map = _name_map(config)
+    name_map = _name_map(target)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and name in m.adapters]
     if not layers:
         raise ValueError(f"adapter {name!r} has no LoRA layers")
@@ -160,13 +177,13 @@ def export_gguf_adapter(peft_model, path: str, adapter_name: str | None = None, 
             base = _gguf_base_name(hf_name, name_map)
             A, B, s = (t.detach().float() if torch.is_tensor(t) else t for t in layer.effective_factors(name))
             B = B * (s * layer.adapters[name].r / alpha)
-            heads = _rotary_heads(base, config)
+            heads = _rotary_heads(base, target)
             if heads:
                 B = permute_rotary(B, heads)
             writer.add_tensor(f"{base}.weight.lora_a", A.numpy().astype(np.float32))
             writer.add_tensor(f"{base}.weight.lora_b", B.numpy().astype(np.float32))
 
-    return _write_gguf(path, fill, force)
+    return _write_gguf(path, fill, force, target.arch)
 
 
 def _tensor_for_gguf(t: torch.Tensor, out_type: str):
@@ -190,8 +207,9 @@ def export_gguf(peft_model, tokenizer, path: str, out_type: str = "f16", force: 
     if out_type not in GGUF_TYPES:
         raise ValueError(f"GGUF type must be one of {GGUF_TYPES}, got {out_type!r}")
     model = peft_model.merge_and_unload() if hasattr(peft_model, "merge_and_unload") else peft_model
-    config = _llama_config(model)
-    name_map = _name_map(config)
+    target = _gguf_target(model)
+    config = target.config
+    name_map = _name_map(target)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -220,7 +238,7 @@ def export_gguf(peft_model, tokenizer, path: str, out_type: str = "f16", force: 
             name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise ValueError(f"tensor {hf_name!r} has no llama.cpp name")
-            heads = _rotary_heads(name.rsplit(".", 1)[0], config)
+            heads = _rotary_heads(name.rsplit(".", 1)[0], target)
             if heads:
                 tensor = permute_rotary(tensor, heads)
             data, kind = _tensor_for_gguf(tensor, out_type)
@@ -229,7 +247,7 @@ def export_gguf(peft_model, tokenizer, path: str, out_type: str = "f16", force: 
             else:
                 writer.add_tensor(name, data, raw_dtype=kind)  # byte shape -> element shape inside gguf
 
-    return _write_gguf(path, fill, force)
+    return _write_gguf(path, fill, force, target.arch)
 
 
 def _source_gguf_tokenizer(tokenizer) -> dict:
