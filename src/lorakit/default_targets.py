@@ -1,6 +1,6 @@
-"""`target_modules=None`: the modules PEFT adapts by default for a transformers `model_type` (its tables,
-so a config without target_modules means the same in both libraries). A model type missing here needs
-explicit target_modules, as in PEFT."""
+"""How target_modules is resolved as PEFT resolves it, so a config means (and saves) the same in both libraries:
+`None` becomes PEFT's default modules for the transformers `model_type` (its tables; a type missing here needs
+explicit target_modules, as in PEFT), and a long list is condensed to the suffixes that select it."""
 
 from __future__ import annotations
 
@@ -50,3 +50,28 @@ def fill_default_targets(model, config, defaults: dict[str, list[str] | str]) ->
                          f"{model_type!r} (defaults exist for {sorted(defaults)}); give module names, a regex, "
                          "or 'all-linear'")
     config.target_modules = targets if isinstance(targets, str) else sorted(targets)
+
+
+CONDENSE_FROM = 20  # PEFT rewrites target_modules lists this long into short suffixes (same modules)
+
+
+def _suffixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))][::-1]  # shortest first
+
+
+def condensed_targets(targets: list[str], module_names: list[str]) -> list[str]:
+    """PEFT's condensation of a long target list: per target, the shortest dotted suffix that no other module
+    ends with; the suffixes select the same modules (so saved configs equal PEFT's)."""
+    wanted = set(targets)
+    ends = tuple("." + t for t in wanted)
+    taken = {s for name in module_names if name not in wanted and not name.endswith(ends) for s in _suffixes(name)}
+    chosen: set[str] = set()
+    for name, suffixes in sorted(((n, _suffixes(n)) for n in wanted), key=lambda pair: pair[1]):
+        for suffix in suffixes:
+            if suffix in chosen or suffix in taken:
+                continue
+            if not any(name.endswith("." + c) for c in chosen):
+                chosen.add(suffix)
+                break
+    return sorted(chosen) if chosen and len(chosen) < len(wanted) else sorted(wanted)

@@ -59,13 +59,18 @@ def attention_backends(device: torch.device | str = "cpu") -> contextlib.Abstrac
 RUNTIME_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def check_dtype_setting(setting: str) -> None:
+    """`dtype` must be auto, bf16, fp16 or fp32."""
+    if setting != "auto" and setting not in RUNTIME_DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(RUNTIME_DTYPES)}, got {setting!r}")
+
+
 def resolve_dtype(setting: str, device_type: str) -> torch.dtype:
     """The base model's dtype for inference: `auto` = bf16 where the device has fast bf16 (AVX512-BF16, AMX,
     CUDA), else fp32; or bf16 / fp16 / fp32 as asked."""
+    check_dtype_setting(setting)
     if setting == "auto":
         return torch.bfloat16 if fast_bf16(device_type) else torch.float32
-    if setting not in RUNTIME_DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(RUNTIME_DTYPES)}, got {setting!r}")
     return RUNTIME_DTYPES[setting]
 
 

@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig
-from .default_targets import fill_default_targets
+from .default_targets import CONDENSE_FROM, condensed_targets, fill_default_targets
 from .layers import LoraLayer, lora_layer_class
 from .quant.nf4 import NF4Linear
 from .saved_modules import ModulesToSaveWrapper
-from .trainable_tokens import TrainableTokensWrapper
+from .trainable_tokens import TrainableTokensWrapper, add_trainable_tokens
 from .utils import replace_module
 from .weight_tying import apply_tying, plan_tying
 
@@ -170,34 +170,10 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             replace_module(model, name, module)
         module.add_adapter(adapter_name)
     for name, indices in token_targets:
-        add_trainable_tokens(model, name, indices, adapter_name, tie_head=tie.tokens)
+        head = tie.head if tie.tokens and name == tie.embedding else None
+        add_trainable_tokens(model, name, indices, adapter_name, tied_head=head)
     apply_tying(model, tie, adapter_name)
     return targets
-
-
-CONDENSE_FROM = 20  # PEFT rewrites target_modules lists this long into short suffixes (same modules)
-
-
-def _suffixes(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[i:]) for i in range(len(parts))][::-1]  # shortest first
-
-
-def condensed_targets(targets: list[str], module_names: list[str]) -> list[str]:
-    """PEFT's condensation of a long target list: per target, the shortest dotted suffix that no other module
-    ends with; the suffixes select the same modules (so saved configs equal PEFT's)."""
-    wanted = set(targets)
-    ends = tuple("." + t for t in wanted)
-    taken = {s for name in module_names if name not in wanted and not name.endswith(ends) for s in _suffixes(name)}
-    chosen: set[str] = set()
-    for name, suffixes in sorted(((n, _suffixes(n)) for n in wanted), key=lambda pair: pair[1]):
-        for suffix in suffixes:
-            if suffix in chosen or suffix in taken:
-                continue
-            if not any(name.endswith("." + c) for c in chosen):
-                chosen.add(suffix)
-                break
-    return sorted(chosen) if chosen and len(chosen) < len(wanted) else sorted(wanted)
 
 
 def trainable_token_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, list[int]]]:
@@ -222,31 +198,6 @@ def trainable_token_targets(model: nn.Module, config: LoraConfig) -> list[tuple[
         raise ValueError("trainable_token_indices is a list but the model has no input embedding layer; "
                          "give a dict {module name: [token ids]}")
     return [(names[0], list(spec))]
-
-
-def add_trainable_tokens(model: nn.Module, name: str, indices: list[int], adapter_name: str,
-                         tie_head: bool = True) -> None:
-    """Wrap module `name` (once) and add the adapter's rows; with `tie_head`, an output head tied to this
-    embedding (same weight tensor) is wrapped too, sharing the rows, so the tie holds (PEFT does the same)."""
-    module = model.get_submodule(name)
-    if not isinstance(module, TrainableTokensWrapper):
-        module = TrainableTokensWrapper(module)
-        replace_module(model, name, module)
-    module.add_adapter(adapter_name, indices)
-    if not tie_head:
-        return
-    get_output = getattr(model, "get_output_embeddings", None)
-    head = get_output() if callable(get_output) else None
-    if head is None or head is module or module.token_adapter.is_tied:
-        return
-    if not isinstance(head, TrainableTokensWrapper):
-        if getattr(head, "weight", None) is not module.original_module.weight:
-            return
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        head = TrainableTokensWrapper(head, tied_to=module)
-        replace_module(model, head_name, head)
-    if head.token_adapter.is_tied:
-        head.add_adapter(adapter_name, indices)
 
 
 def _base(module: nn.Module) -> nn.Module:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .forms import read_config
-from .hardware import RUNTIME_DTYPES, check_device_setting, resolve_device_type, resolve_dtype
+from .hardware import check_device_setting, check_dtype_setting, resolve_device_type, resolve_dtype
 from .model import LoraModel
 from .model_loading import load_model, load_tokenizer
 
@@ -60,8 +60,7 @@ class ServeConfig:
         if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
                 or not 0 <= self.max_wait_ms < float("inf"):
             raise ValueError(f"max_wait_ms must be a number >= 0, got {self.max_wait_ms!r}")
-        if self.dtype != "auto" and self.dtype not in RUNTIME_DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(RUNTIME_DTYPES)}, got {self.dtype!r}")
+        check_dtype_setting(self.dtype)
         check_device_setting(self.device)
         for name, path in self.adapters.items():
             if not os.path.isdir(path):

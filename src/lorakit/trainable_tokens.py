@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .utils import replace_module
+
 DELTA_KEY = "token_adapter.trainable_tokens_delta"
 
 
@@ -202,3 +204,22 @@ class TrainableTokensWrapper(nn.Module):
             return layer.base_layer(x, *args, **kwargs)
         layer.check_disjoint(self.merged_adapters + names)
         return layer.compute(x, layer.weight_with(names))
+
+
+def add_trainable_tokens(model: nn.Module, name: str, indices: list[int], adapter_name: str,
+                         tied_head: str | None = None) -> None:
+    """Wrap module `name` (once) and add the adapter's rows; `tied_head` (the output head sharing this
+    embedding's weight, as weight_tying.py found it) is wrapped too, sharing the rows, so the tie holds."""
+    module = model.get_submodule(name)
+    if not isinstance(module, TrainableTokensWrapper):
+        module = TrainableTokensWrapper(module)
+        replace_module(model, name, module)
+    module.add_adapter(adapter_name, indices)
+    if tied_head is None:
+        return
+    head = model.get_submodule(tied_head)
+    if not isinstance(head, TrainableTokensWrapper):
+        head = TrainableTokensWrapper(head, tied_to=module)
+        replace_module(model, tied_head, head)
+    if head.token_adapter.is_tied:
+        head.add_adapter(adapter_name, indices)
