@@ -31,6 +31,27 @@ def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int, 
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers to each prompt, each as a single user turn."""
-    return [generate_reply(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens) for p in prompts]
+@torch.no_grad()
+def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy answers to each prompt, each as a single user turn, generated `batch_size` prompts at a time
+    (left-padded: one decode pass serves the whole batch, ~10x faster on a CPU than prompt by prompt)."""
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    answers = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            rows = [tokenizer(render_prompt([{"role": "user", "content": p}], tokenizer), add_special_tokens=False
+                              ).input_ids for p in prompts[i:i + batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 temperature=None, top_p=None, top_k=None, pad_token_id=pad_id)
+            answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    finally:
+        model.train(was_training)
+    return answers

@@ -21,6 +21,7 @@ from . import distributed as dist_utils
 from .generation import answer_prompts
 from .hardware import attention_backends, release_freed_memory
 from .plot import plot_losses
+from .projection_groups import grouped_projections
 from .train_config import TrainConfig
 from .train_setup import Run, prepare_run
 from .utils import atomic_path, progress_bar
@@ -119,7 +120,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
                 _write_metrics(run, metrics_path, record, mode="w" if i == 0 else "a")
         progress = progress_bar(run.total_steps, step, enabled=run.is_main and cfg.progress)
         started, tokens_seen, interrupted, at_step_boundary = time.perf_counter(), 0, False, True
-        with StopRequest(run.log) as stop:
+        # q/k/v and gate/up as one matmul each while training (not under FSDP, which shards each weight itself)
+        grouping = run.cfg.fused_kernels and not (env.world_size > 1 and cfg.distributed == "fsdp")
+        with StopRequest(run.log) as stop, grouped_projections(run.model, enabled=grouping):
             try:
                 while step < run.total_steps:
                     at_step_boundary = False

@@ -27,6 +27,15 @@ class SavedBytes:
     stored: int = 0
 
 
+EXACT = "_lorakit_keep_exact"
+
+
+def keep_exact(t: torch.Tensor) -> torch.Tensor:
+    """Mark `t` (e.g. adapter factors stacked for one call) to be saved for backward as it is, like a parameter."""
+    setattr(t, EXACT, True)
+    return t
+
+
 class _Packed:
     __slots__ = ("tensor", "dtype")
 
@@ -51,7 +60,7 @@ class compressed_activations(torch.autograd.graph.saved_tensors_hooks):
         packed_before: dict[int, tuple] = {}
 
         def pack(t: torch.Tensor):
-            if isinstance(t, nn.Parameter):  # kept by the model anyway: no copy, not counted
+            if isinstance(t, nn.Parameter) or getattr(t, EXACT, False):  # parameters (kept anyway), or marked
                 return t
             kept = t
             if t.dtype is torch.float32 and stored_as is not torch.float32 and t.numel() >= min_numel:

@@ -21,6 +21,7 @@ class LoraLinear(LoraLayer):
     """nn.Linear, NF4Linear or transformers' Conv1D (fan_in_fan_out) + adapters of any form."""
 
     geometry = "linear"
+    projection_group = None  # a projection_groups.ProjectionGroup while q/k/v (gate/up) train as one matmul
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -62,6 +63,10 @@ class LoraLinear(LoraLayer):
 
     def fused_forward(self, x, names):
         """Training with one plain LoRA adapter on an nn.Linear: base + update in one autograd function."""
+        if self.projection_group is not None:
+            grouped = self.projection_group.output(self, x)
+            if grouped is not None:
+                return grouped
         base = self.base_layer
         if not (len(names) == 1 and self.adapters[names[0]].form.fusable and type(base) is nn.Linear
                 and torch.is_grad_enabled() and x.dtype == base.weight.dtype
