@@ -7,7 +7,8 @@ SmolLM2-135M-Instruct, LoRA r=16 (alpha 32, dropout --dropout) on q,k,v,o,gate,u
 bundled demo data; `--workload short`: the demo rows themselves, single chat turns of ~100 tokens, the
 shape of most fine-tuning data, where per-step fixed costs weigh most), loss on assistant tokens. Both runs see the same rows in the same order for
 the same number of optimizer steps; each runs in its own subprocess so peak RSS is its own.
-tokens/s counts real (non-padding) tokens and excludes the first (warm-up) step.
+tokens/s counts real (non-padding) tokens and excludes the first (warm-up) step and the second, whose
+operators are counted (kernels/step: aten calls below autograd, and how many of them are matmuls).
 
 --device cuda runs all workers on the GPU, adds PEFT on a bf16 base (what GPU users of PEFT
 run) as a second peer, and compares peak GPU memory (torch.cuda.max_memory_allocated) instead
@@ -63,6 +64,7 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
     rows, _ = D.load_examples(data_path, tokenizer, MAX_LEN)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     losses, times, tokens = [], [], []
+    counter = KernelCounter()  # counts the operators of step 2 (excluded from tokens/s with step 1)
     if kind.startswith("peft"):  # what a PEFT user runs: fp32 (or bf16) model, labels= loss (mean over labelled tokens)
         import peft
 
@@ -75,6 +77,8 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
         opt = torch.optim.AdamW(params, lr=LR)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, WARMUP, steps, 0.1))
         for step in range(steps):
+            if step == 1:
+                counter.__enter__()
             start = time.perf_counter()
             idx = batch_order(len(rows), step, BATCH, seed)
             batch = D.collate([rows[i] for i in idx], tokenizer.pad_token_id)
@@ -86,6 +90,8 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             times.append(time.perf_counter() - start)
+            if step == 1:
+                counter.__exit__(None, None, None)
             tokens.append(sum(len(rows[i]) for i in idx))
             print(f"  {kind} step {step + 1}/{steps} loss {losses[-1]:.4f} ({times[-1]:.1f} s)", file=sys.stderr)
     else:  # lorakit's default training path: the library's own loop, default settings
@@ -95,9 +101,13 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
         last = [time.perf_counter()]
 
         def on_step(step, record):
+            if step == 2:
+                counter.__exit__(None, None, None)
             now = time.perf_counter()
             times.append(now - last[0])
-            last[0] = now
+            if step == 1:
+                counter.__enter__()
+            last[0] = time.perf_counter()
             losses.append(record["train_loss"])
             tokens.append(sum(len(rows[i]) for i in batch_order(len(rows), step - 1, BATCH, seed)))
             print(f"  lorakit step {step}/{steps} loss {losses[-1]:.4f} ({times[-1]:.1f} s)", file=sys.stderr)
@@ -109,13 +119,31 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
         # step 1's interval includes set-up; it is excluded from tokens/s for both runs anyway
         train(cfg, on_step=on_step)  # picks the GPU when one is visible (distributed.setup)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # tokens/s over steps 2.. (step 1 is warm-up for all); each step ends in loss.item(), a device sync
-    result = {"kind": kind, "tokens_per_s": sum(tokens[1:]) / sum(times[1:]), "peak_rss_gb": peak_kb / 2**20,
+    # tokens/s over steps 3.. (step 1 is warm-up, step 2 counted kernels); each step ends in loss.item(), a sync
+    result = {"kind": kind, "tokens_per_s": sum(tokens[2:]) / sum(times[2:]), "peak_rss_gb": peak_kb / 2**20,
+              "kernels_per_step": counter.total, "matmuls_per_step": counter.matmuls,
               "losses": losses, "mean_tokens_per_row": sum(len(r) for r in rows) / len(rows),
               "threads": torch.get_num_threads()}
     if device.type == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return result
+
+
+class KernelCounter:
+    """Operators dispatched to kernels (aten calls below autograd) while active; matmuls counted apart."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Counter(TorchDispatchMode):
+            total = matmuls = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.total += 1
+                self.matmuls += func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "baddbmm")
+                return func(*args, **(kwargs or {}))
+
+        return Counter()
 
 
 def matmul_peak_gflops(dtype, device: str = "cpu") -> float:
@@ -150,6 +178,8 @@ def main():
     ap.add_argument("--worker", choices=["peft", "peft_bf16", "lorakit"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steps < 3:
+        ap.error(f"--steps must be >= 3 (step 1 warms up, step 2 counts kernels), got {args.steps}")
     if args.worker:
         import yaml
 
@@ -191,6 +221,7 @@ def main():
     fraction = k["tokens_per_s"] * flops_per_token / (peak * 1e9)
     row_tables = {("peft_fp32" if kind == "peft" else kind): {
         "tokens_per_s": r["tokens_per_s"], "peak_rss_gb": r["peak_rss_gb"], "final_loss": final[kind],
+        "kernels_per_step": r["kernels_per_step"], "matmuls_per_step": r["matmuls_per_step"],
         **({"peak_gpu_gb": r["peak_gpu_gb"]} if "peak_gpu_gb" in r else {})} for kind, r in results.items()}
     # lorakit against each peer: PEFT fp32 (keys without suffix) and, on cuda, PEFT bf16 (suffix _vs_peft_bf16)
     ratios = {kind: {"speedup": k["tokens_per_s"] / results[kind]["tokens_per_s"],
@@ -211,10 +242,11 @@ def main():
     }
     print(f"\n{table['machine']}; {args.steps} steps of {BATCH} rows x ~{table['mean_tokens_per_row']:.0f} tokens, "
           f"lora_dropout {args.dropout}")
-    print(f"{'':<20}{'tokens/s':>10}{label:>13}{'final loss':>12}")
+    print(f"{'':<20}{'tokens/s':>10}{label:>13}{'final loss':>12}{'kernels/step':>14}{'matmuls':>9}")
     for kind in results:
         r = results[kind]
-        print(f"{PEER_NAMES.get(kind, kind):<20}{r['tokens_per_s']:>10.0f}{r[memory]:>13.2f}{final[kind]:>12.4f}")
+        print(f"{PEER_NAMES.get(kind, kind):<20}{r['tokens_per_s']:>10.0f}{r[memory]:>13.2f}{final[kind]:>12.4f}"
+              f"{r['kernels_per_step']:>14}{r['matmuls_per_step']:>9}")
     for kind, r in ratios.items():
         print(f"{'lorakit / ' + PEER_NAMES[kind]:<20}{r['speedup']:>9.2f}x{r['memory_ratio']:>12.2f}x"
               f"{100 * r['final_loss_rel_diff']:>10.1f} %")

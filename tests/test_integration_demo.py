@@ -10,7 +10,7 @@ SIGNATURE = "Happy trails"
 
 
 def test_demo_teaches_the_house_style_on_held_out_prompts(tmp_path):
-    # A shortened demo (30 steps instead of 66) keeps the suite fast; the full demo is `lorakit train`.
+    # A shortened demo (30 steps instead of 33) keeps the suite fast; the full demo is `lorakit train`.
     result = train(TrainConfig(output_dir=str(tmp_path), max_steps=30, eval_every=30, save_every=1000,
                                max_new_tokens=40, progress=False))
     evals = [r["eval_loss"] for r in result["history"] if "eval_loss" in r]

@@ -170,7 +170,7 @@ def test_groups_are_found_only_among_plain_linear_siblings():
 
 @pytest.mark.parametrize("saved", ["bf16", "fp32"])
 def test_train_with_grouped_projections_equals_train_without(tmp_path, saved):
-    """The training loop (fused kernels: grouped) against fused_kernels: false, 3 steps, fp32 base."""
+    """The training loop (fused kernels, projections grouped) against fused_kernels: false, 3 steps, fp32 base."""
     from conftest import tiny_train_config
 
     from lorakit.train import train
@@ -178,6 +178,7 @@ def test_train_with_grouped_projections_equals_train_without(tmp_path, saved):
     finals = []
     for fused in (True, False):
         cfg = tiny_train_config(tmp_path / f"{fused}", max_steps=3, fused_kernels=fused, saved_activations=saved,
+                                group_projections=True,
                                 lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
         out = train(cfg, model=__import__("conftest").tiny_llama_for(_tokenizer()), tokenizer=_tokenizer())
         finals.append([r["train_loss"] for r in out["history"] if "train_loss" in r])
@@ -190,3 +191,17 @@ def _tokenizer():
     from conftest import make_tiny_tokenizer
 
     return make_tiny_tokenizer()
+
+
+def test_group_projections_setting_auto_means_a_bf16_base():
+    from lorakit.distributed import Env
+    from lorakit.train import group_projections_enabled
+    from lorakit.train_config import TrainConfig
+
+    single = Env()
+    assert group_projections_enabled(TrainConfig(bf16=True), single)
+    assert not group_projections_enabled(TrainConfig(bf16=False), single)
+    assert group_projections_enabled(TrainConfig(bf16=False, group_projections=True), single)
+    assert not group_projections_enabled(TrainConfig(bf16=True, fused_kernels=False), single)
+    with pytest.raises(ValueError, match="group_projections must be true, false or 'auto', got 'yes'"):
+        TrainConfig(group_projections="yes")

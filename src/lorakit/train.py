@@ -120,8 +120,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
                 _write_metrics(run, metrics_path, record, mode="w" if i == 0 else "a")
         progress = progress_bar(run.total_steps, step, enabled=run.is_main and cfg.progress)
         started, tokens_seen, interrupted, at_step_boundary = time.perf_counter(), 0, False, True
-        # q/k/v and gate/up as one matmul each while training (not under FSDP, which shards each weight itself)
-        grouping = run.cfg.fused_kernels and not (env.world_size > 1 and cfg.distributed == "fsdp")
+        grouping = group_projections_enabled(cfg, env)
         with StopRequest(run.log) as stop, grouped_projections(run.model, enabled=grouping):
             try:
                 while step < run.total_steps:
@@ -153,6 +152,16 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
         return summary
     finally:
         dist_utils.teardown(env)
+
+
+def group_projections_enabled(cfg: TrainConfig, env) -> bool:
+    """q/k/v and gate/up as one matmul each while training: with the fused kernels, not under FSDP (which
+    shards each weight itself); `auto` = where the base computes in bf16 (cfg.bf16 is resolved by now). On an
+    fp32 base loaded from the cache the weights stay memory-mapped, so their concatenation is a second copy
+    (measured on an AVX2 EPYC: +0.28 GB of 1.9 GB and no speed change)."""
+    if not cfg.fused_kernels or (env.world_size > 1 and cfg.distributed == "fsdp"):
+        return False
+    return bool(cfg.bf16) if cfg.group_projections == "auto" else bool(cfg.group_projections)
 
 
 class StopRequest:

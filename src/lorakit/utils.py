@@ -105,5 +105,6 @@ def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
-    """A step counter with rate and ETA (a no-op object when not `enabled`, e.g. on non-main ranks)."""
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    """A step counter with rate and ETA (a no-op object when not `enabled`, e.g. on non-main ranks). The rate is the
+    mean over all steps so far (smoothing=0): periodic evaluation steps spread over the ETA instead of swinging it."""
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, smoothing=0)
