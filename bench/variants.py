@@ -75,7 +75,7 @@ def main():
         with open(args.out) as f:
             new = {r["variant"]: r for r in rows}
             rows = [new.pop(r["variant"], r) for r in json.load(f)["rows"]] + list(new.values())
-    header = f"| variant | trainable params | tokens/s | train loss (last 5) | held-out loss before -> after |"
+    header = "| variant | trainable params | tokens/s | train loss (last 5) | held-out loss before -> after |"
     lines = [header, "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['trainable_params']:,} | {r['tokens_per_s']:.0f} | "

@@ -140,7 +140,7 @@ CAUSAL = [n for n, (_, task, _, _) in FAMILIES.items() if task == "CAUSAL_LM"]
 
 
 @pytest.mark.parametrize("name", CAUSAL)
-def test_causal_family_mixed_batches_and_nf4_base(name):
+def test_causal_family_mixed_batches(name):
     model = lorakit.get_peft_model(_build(name), _config(lorakit, name, "all-linear"), "a")
     model.add_adapter("b", _config(lorakit, name, "all-linear"))
     randomize_adapters(model, seed=5, scale=0.2)
@@ -151,25 +151,52 @@ def test_causal_family_mixed_batches_and_nf4_base(name):
         for row, adapter in enumerate(["b", "a"]):
             model.set_adapter(adapter)
             torch.testing.assert_close(mixed[row], model(input_ids=ids[row:row + 1]).logits[0], atol=1e-5, rtol=1e-4)
-    # QLoRA: the frozen Linear layers in 4-bit NF4, adapters in fp32, a step trains them
-    base = quantize_model_nf4(_build(name), compute_dtype=torch.float32)
-    qlora = lorakit.get_peft_model(base, _config(lorakit, name, "all-linear"))
-    qlora.train()
-    loss = qlora(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = [p.grad for p in qlora.parameters() if p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+HEADS = ("lm_head", "classifier", "score")  # output heads stay unquantized (classifier heads train whole)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_nf4_base(name, record_property):
+    """QLoRA: every nn.Linear but the head in 4-bit NF4, adapters in fp32. Outputs and one step's adapter
+    gradients equal the same adapters on a base holding the dequantized weights (the reference)."""
+    base = _build(name)
+    quantized = quantize_model_nf4(copy.deepcopy(base), compute_dtype=torch.float32, skip=HEADS)
+    names = [n for n, m in quantized.named_modules() if type(m).__name__ == "NF4Linear"]
+    if not names:
+        assert name == "gpt2"
+        record_property("refused", "no nn.Linear layers to quantize (transformers' Conv1D projections)")
+        return
+    with torch.no_grad():
+        for n in names:
+            base.get_submodule(n).weight.copy_(quantized.get_submodule(n).dense_weight(torch.float32))
+    inputs = _inputs(FAMILIES[name][3])
+    results = []
+    for model in (quantized, base):
+        peft_model = lorakit.get_peft_model(model, _config(lorakit, name, "all-linear"))
+        randomize_adapters(peft_model, seed=6, scale=0.2)
+        peft_model.eval()
+        out = _out(peft_model, inputs)
+        out.float().square().mean().backward()
+        results.append((out.detach(), {k: p.grad for k, p in peft_model.named_parameters() if p.requires_grad}))
+    (out_q, grads_q), (out_r, grads_r) = results
+    torch.testing.assert_close(out_q, out_r, atol=1e-5, rtol=1e-4)
+    assert grads_q.keys() == grads_r.keys() and grads_q
+    for key, grad in grads_r.items():
+        torch.testing.assert_close(grads_q[key], grad, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", CAUSAL)
 def test_fused_training_path_equals_the_reference_path(name, tiny_tokenizer):
     """The training fast path (fused norms / MLPs where the family has Llama's, chunked lm_head + loss where the
-    head is a plain Linear; the rest stays on the reference path) changes nothing: one step's loss and every
-    adapter gradient equal fused_kernels=false (< 1e-4 relative, fp32)."""
+    head is a plain Linear, q/k/v and gate/up grouped into one matmul where the family has them; the rest stays
+    on the reference path) changes nothing: one step's loss and every adapter gradient equal
+    fused_kernels=false (< 1e-4 relative, fp32)."""
     from lorakit import data as D
     from lorakit.kernels.rms_norm import fuse_rms_norms
     from lorakit.kernels.swiglu import fuse_swiglu_mlps
     from lorakit.loss import CausalLMLoss
+    from lorakit.projection_groups import grouped_projections
     from lorakit.train_config import DEMO_DATA
 
     rows, _ = D.load_examples(DEMO_DATA, tiny_tokenizer, max_length=48)
@@ -183,8 +210,9 @@ def test_fused_training_path_equals_the_reference_path(name, tiny_tokenizer):
             fuse_swiglu_mlps(base)
         model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
         randomize_adapters(model, seed=2, scale=0.1)
-        loss = CausalLMLoss(model, fused=fused)(**batch)
-        loss.backward()
+        with grouped_projections(model, enabled=fused):
+            loss = CausalLMLoss(model, fused=fused)(**batch)
+            loss.backward()
         runs[fused] = loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     (loss_fused, grads_fused), (loss_ref, grads_ref) = runs[True], runs[False]
     assert abs(loss_fused - loss_ref) <= 1e-4 * abs(loss_ref)
@@ -192,3 +220,49 @@ def test_fused_training_path_equals_the_reference_path(name, tiny_tokenizer):
     for key, grad in grads_ref.items():
         scale = grad.abs().max().item() or 1.0
         assert (grads_fused[key] - grad).abs().max().item() <= 1e-4 * scale, key
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_causal_family_gguf_export(name, tiny_tokenizer, tmp_path, record_property):
+    """The merged model as GGUF, reloaded by transformers' GGUF loader with the same logits (< 1e-4 of the
+    largest, f32); families llama.cpp's export does not cover are refused with a reason and no file."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import export
+
+    torch.manual_seed(0)
+    base = FAMILIES[name][0](len(tiny_tokenizer)).eval()
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model, seed=4, scale=0.1)
+    ids = torch.randint(3, len(tiny_tokenizer), (2, 9), generator=torch.Generator().manual_seed(1))
+    path = tmp_path / f"{name}.gguf"
+    if name not in export.GGUF_ARCHS:
+        with pytest.raises(ValueError, match="GGUF export supports") as refusal:
+            export.export_gguf(model, tiny_tokenizer, str(path), "f32")
+        assert not path.exists()
+        record_property("refused", str(refusal.value).split(";")[0])  # the reason, without the model's name
+        return
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    export.export_gguf(model, tiny_tokenizer, str(path), "f32")
+    import gguf
+
+    assert gguf.GGUFReader(str(path)).fields["general.architecture"].contents() == export.GGUF_ARCHS[name][0]
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name).eval()
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits.float()
+    assert (got - expected).abs().max() < 1e-4 * max(1.0, expected.abs().max().item())
+
+
+def test_readme_matrix_has_a_row_per_family_and_a_column_per_operation():
+    """The README's table comes from `python tests/family_matrix.py`; a family or column added since must be
+    regenerated there."""
+    import os
+
+    from family_matrix import COLUMNS, END, START
+
+    readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")).read()
+    table = readme.split(START, 1)[1].split(END, 1)[0].strip().splitlines()
+    assert table[0] == "| family | " + " | ".join(COLUMNS) + " |"
+    rows = [line.split("|")[1].strip() for line in table[2:] if line.startswith("| ")]
+    assert rows == list(FAMILIES)

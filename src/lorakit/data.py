@@ -35,6 +35,17 @@ class Example:
 
 
 @dataclass
+class Seq2SeqExample:
+    """An encoder input and the decoder's target tokens (task: seq2seq)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids) + len(self.labels)
+
+
+@dataclass
 class DataStats:
     rows: int = 0
     truncated: int = 0
@@ -223,6 +234,22 @@ def load_classification_examples(path: str, tokenizer, max_length: int, label_na
     return examples, stats, label_names
 
 
+def load_seq2seq_examples(path: str, tokenizer, max_length: int):
+    """Rows {"input": ..., "target": ...} for an encoder-decoder model (T5, BART): the input tokenized as the
+    encoder's, the target as the decoder's labels (each truncated to max_length). Returns (examples, stats)."""
+    stats, examples = DataStats(), []
+    for lineno, row in read_rows(path):
+        if not (isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k].strip()
+                                              for k in ("input", "target"))):
+            raise DataError(f"{path}:{lineno}: a seq2seq row needs non-empty \"input\" and \"target\" strings")
+        ids = tokenizer(row["input"])["input_ids"]
+        labels = tokenizer(text_target=row["target"])["input_ids"]
+        stats.rows += 1
+        stats.truncated += len(ids) > max_length or len(labels) > max_length
+        examples.append(Seq2SeqExample(ids[:max_length], labels[:max_length]))
+    return examples, stats
+
+
 def split(examples: list[Example], val_fraction: float, seed: int):
     """Deterministic train/validation split. With val_fraction 0 the rows keep their file order
     (batches are shuffled per epoch by the training loop either way)."""
@@ -256,7 +283,10 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row. Packed rows get position_ids and no attention mask."""
+    """Right-pad to the longest row. Packed rows get position_ids and no attention mask. Seq2seq rows: inputs
+    (with their mask) and labels padded each to their own longest."""
+    if isinstance(examples[0], Seq2SeqExample):
+        return _collate_seq2seq(examples, pad_token_id)
     width = max(len(e) for e in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -273,4 +303,16 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
             positions[i, n:] = torch.arange(width - n)  # padding forms its own block
     if packed:
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _collate_seq2seq(examples: list[Seq2SeqExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    width, target_width = max(len(e.input_ids) for e in examples), max(len(e.labels) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), target_width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[i, :len(e.input_ids)] = 1
+        labels[i, :len(e.labels)] = torch.tensor(e.labels)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}

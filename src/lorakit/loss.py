@@ -91,4 +91,21 @@ class SequenceClassificationLoss(nn.Module):
         return F.cross_entropy(logits.float(), row_labels(labels), reduction="sum")
 
 
-LOSSES = {"causal_lm": CausalLMLoss, "seq_cls": SequenceClassificationLoss}
+class Seq2SeqLMLoss(nn.Module):
+    """forward(batch) -> sum of the cross-entropy over target tokens of an encoder-decoder model (task: seq2seq);
+    the model shifts the labels right into its decoder inputs, as transformers' seq2seq models do."""
+
+    def __init__(self, peft_model: nn.Module, fused: bool = True):
+        super().__init__()
+        self.peft_model = peft_model
+
+    @staticmethod
+    def count_targets(batch: dict) -> int:
+        return int((batch["labels"] != IGNORE).sum())
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+        logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+LOSSES = {"causal_lm": CausalLMLoss, "seq_cls": SequenceClassificationLoss, "seq2seq": Seq2SeqLMLoss}

@@ -16,7 +16,7 @@ import importlib.util
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .quant.load import load_nf4_model
 from .utils import atomic_path
@@ -137,13 +137,14 @@ def _gguf_to_hf_dir(gguf_path: str, cache_name: str) -> str:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None = None, quantize: str | None = None,
-               attn_implementation: str | None = None, num_labels: int | None = None):
+               attn_implementation: str | None = None, num_labels: int | None = None, seq2seq: bool = False):
     """Load a causal LM by name or path (see module doc). `dtype` e.g. torch.bfloat16.
 
     `quantize="nf4"` stores every Linear except the output head in 4-bit NF4 (double-quantized),
     streaming the weights so peak memory stays near the quantized size; `dtype` is then the
     compute dtype (default bf16). `num_labels`: the model as a sequence classifier with that many classes
-    (AutoModelForSequenceClassification: the same body, a new score head).
+    (AutoModelForSequenceClassification: the same body, a new score head). `seq2seq`: an encoder-decoder model
+    (AutoModelForSeq2SeqLM: T5, BART).
     """
     directory = resolve_model_dir(name_or_path)
     if quantize not in (None, "nf4"):
@@ -154,7 +155,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if num_labels is not None:  # a sequence classifier on the same body (a new, untrained score head)
         extra["num_labels"] = num_labels
-    auto = AutoModelForSequenceClassification if num_labels is not None else AutoModelForCausalLM
+    auto = AutoModelForSequenceClassification if num_labels is not None else \
+        AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     model = auto.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True, **extra)
     if device:
         model.to(device)

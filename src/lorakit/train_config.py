@@ -23,7 +23,7 @@ DEMO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}  # task -> the adapter config's task_type
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}  # task -> the adapter config's task_type
 FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "min_lr_ratio", "clip_grad_norm", "val_fraction")  # + optional ones
 # What each declared field type accepts, and how an error says it (checked before anything loads).
 FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
@@ -84,7 +84,8 @@ class TrainConfig:
     resume: bool = False
     memory_check: bool = True             # refuse, before loading, a model whose frozen weights cannot fit
     memory_limit_gb: float | None = None  # the memory that check allows (default: the machine's available)
-    task: str = "causal_lm"               # causal_lm (chat / text data) or seq_cls ({"text", "label"} rows)
+    task: str = "causal_lm"               # causal_lm (chat / text data), seq_cls ({"text", "label"} rows) or
+                                          # seq2seq (an encoder-decoder model; {"input", "target"} rows)
     distributed: str = "ddp"              # under torchrun: "ddp" or "fsdp"
     device: str = "auto"                  # auto = the GPU when one is visible, else cpu; "cpu" | "cuda"
     progress: bool = True
@@ -123,9 +124,9 @@ class TrainConfig:
         check_device_setting(self.device)
         if self.task not in TASK_TYPES:
             raise ValueError(f"task must be one of {sorted(TASK_TYPES)}, got {self.task!r}")
-        if self.task == "seq_cls" and (self.packing or self.quantize):
-            raise ValueError("task: seq_cls trains without packing and on an unquantized base (packing / quantize "
-                             "apply to causal_lm)")
+        if self.task != "causal_lm" and (self.packing or self.quantize):
+            raise ValueError(f"task: {self.task} trains without packing and on an unquantized base (packing / "
+                             "quantize apply to causal_lm)")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if not (isinstance(self.trim_memory, int) and self.trim_memory >= 0):

@@ -104,6 +104,9 @@ def load_rows(cfg: TrainConfig, tokenizer, log) -> tuple[list, list, list | None
     if cfg.task == "seq_cls":
         examples, stats, classes = D.load_classification_examples(cfg.data, tokenizer, cfg.max_length)
         load_eval = lambda path: D.load_classification_examples(path, tokenizer, cfg.max_length, classes)[0]  # noqa: E731
+    elif cfg.task == "seq2seq":
+        examples, stats = D.load_seq2seq_examples(cfg.data, tokenizer, cfg.max_length)
+        load_eval = lambda path: D.load_seq2seq_examples(path, tokenizer, cfg.max_length)[0]  # noqa: E731
     else:
         examples, stats = D.load_examples(cfg.data, tokenizer, cfg.max_length, cfg.train_on_prompt)
         load_eval = lambda path: D.load_examples(path, tokenizer, cfg.max_length)[0]  # noqa: E731
@@ -124,7 +127,7 @@ def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=
     """The frozen base on the run's device: loaded (or the one handed in), quantized, fused, checkpointed."""
     base = model if model is not None else load_model(cfg.model, dtype=dtype, quantize=cfg.quantize,
                                                       attn_implementation=cfg.attn_implementation,
-                                                      num_labels=num_labels)
+                                                      num_labels=num_labels, seq2seq=cfg.task == "seq2seq")
     if cfg.quantize is None:
         base.to(device=env.device, dtype=dtype)
     else:
@@ -187,7 +190,7 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
             with atomic_path(os.path.join(cfg.output_dir, "labels.json")) as tmp, open(tmp, "w") as f:
                 json.dump({"id2label": {i: name for i, name in enumerate(classes)}}, f, indent=2)
     peft_model = get_peft_model(base, adapter_config)
-    prompts = D.read_prompts(cfg.prompts) if is_main and cfg.prompts and classes is None else []
+    prompts = D.read_prompts(cfg.prompts) if is_main and cfg.prompts and cfg.task == "causal_lm" else []
     before = answer_prompts(peft_model, tokenizer, prompts, cfg.max_new_tokens)
     peft_model.train()
     engine = dist_utils.wrap(LOSSES[cfg.task](peft_model, fused=cfg.fused_kernels), env, cfg.distributed)

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..utils import replace_module
-from .nf4 import NF4Linear, quantize_nf4
+from .nf4 import NF4Linear, is_plain_linear, quantize_nf4
 
 SKIP = ("lm_head",)
 
@@ -39,7 +39,7 @@ def load_nf4_model(directory: str, compute_dtype: torch.dtype = torch.bfloat16):
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-    linears = {n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] not in SKIP}
+    linears = {n for n, m in model.named_modules() if is_plain_linear(m) and n.rsplit(".", 1)[-1] not in SKIP}
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {directory}")

@@ -168,11 +168,21 @@ class NF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, compute={self.compute_dtype}"
 
 
+# nn.Linear subclasses whose forward is exactly x @ W^T + b (Falcon's skips F.linear, same result)
+PLAIN_LINEAR_SUBCLASSES = ("FalconLinear",)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear, or a subclass that computes exactly what nn.Linear does (safe to swap for NF4Linear)."""
+    return type(module) is nn.Linear or (isinstance(module, nn.Linear)
+                                         and type(module).__name__ in PLAIN_LINEAR_SUBCLASSES)
+
+
 def quantize_model_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
                        skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """Replace every nn.Linear (except output heads) by an NF4Linear, one layer at a time, so the
     peak memory stays near the quantized size plus one layer."""
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] not in skip]
+    names = [n for n, m in model.named_modules() if is_plain_linear(m) and n.rsplit(".", 1)[-1] not in skip]
     for name in names:
         linear = model.get_submodule(name)
         replace_module(model, name, NF4Linear.from_linear(linear, compute_dtype))
