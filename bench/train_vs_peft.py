@@ -64,7 +64,7 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
     rows, _ = D.load_examples(data_path, tokenizer, MAX_LEN)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     losses, times, tokens = [], [], []
-    counter = KernelCounter()  # counts the operators of step 2 (excluded from tokens/s with step 1)
+    counter = kernel_counter()  # counts the operators of step 2 (excluded from tokens/s with step 1)
     if kind.startswith("peft"):  # what a PEFT user runs: fp32 (or bf16) model, labels= loss (mean over labelled tokens)
         import peft
 
@@ -129,21 +129,20 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
     return result
 
 
-class KernelCounter:
-    """Operators dispatched to kernels (aten calls below autograd) while active; matmuls counted apart."""
+def kernel_counter():
+    """A dispatch mode counting the operators dispatched to kernels (aten calls below autograd) while active,
+    matmuls apart (torch is imported in the workers only, hence the class inside)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    def __new__(cls):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    class KernelCounter(TorchDispatchMode):
+        total = matmuls = 0
 
-        class Counter(TorchDispatchMode):
-            total = matmuls = 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.total += 1
+            self.matmuls += func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "baddbmm")
+            return func(*args, **(kwargs or {}))
 
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.total += 1
-                self.matmuls += func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "baddbmm")
-                return func(*args, **(kwargs or {}))
-
-        return Counter()
+    return KernelCounter()
 
 
 def matmul_peak_gflops(dtype, device: str = "cpu") -> float:

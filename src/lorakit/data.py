@@ -285,34 +285,20 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row. Packed rows get position_ids and no attention mask. Seq2seq rows: inputs
     (with their mask) and labels padded each to their own longest."""
-    if isinstance(examples[0], Seq2SeqExample):
-        return _collate_seq2seq(examples, pad_token_id)
-    width = max(len(e) for e in examples)
-    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    packed = any(e.position_ids for e in examples)
-    positions = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-        if packed:
-            positions[i, :n] = torch.tensor(e.position_ids or list(range(n)))
-            positions[i, n:] = torch.arange(width - n)  # padding forms its own block
-    if packed:
+    ids = right_pad([e.input_ids for e in examples], pad_token_id)
+    labels = right_pad([e.labels for e in examples], IGNORE)
+    if any(getattr(e, "position_ids", None) for e in examples):
+        width = ids.shape[1]  # padding continues each row's positions from 0: it forms its own block
+        positions = right_pad([(e.position_ids or list(range(len(e)))) + list(range(width - len(e)))
+                               for e in examples], 0)
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
+    mask = right_pad([[1] * len(e.input_ids) for e in examples], 0)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def _collate_seq2seq(examples: list[Seq2SeqExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    width, target_width = max(len(e.input_ids) for e in examples), max(len(e.labels) for e in examples)
-    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), target_width), IGNORE, dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[i, :len(e.input_ids)] = 1
-        labels[i, :len(e.labels)] = torch.tensor(e.labels)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+def right_pad(rows: list[list[int]], fill: int) -> torch.Tensor:
+    """Rows of token ids (labels, flags) as one long tensor, each right-padded with `fill` to the longest."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out

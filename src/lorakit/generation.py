@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .data import render_prompt
+from .utils import eval_mode
 
 
 @torch.no_grad()
@@ -20,14 +21,10 @@ def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int, 
     device = next(model.parameters()).device
     ids = tokenizer(render_prompt(messages, tokenizer), return_tensors="pt", add_special_tokens=False).input_ids
     ids = ids.to(device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=temperature > 0, temperature=temperature or None,
                              pad_token_id=tokenizer.pad_token_id, streamer=streamer)
-    finally:
-        model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -39,10 +36,8 @@ def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
         return []
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
     answers = []
-    try:
+    with eval_mode(model):
         for i in range(0, len(prompts), batch_size):
             rows = [tokenizer(render_prompt([{"role": "user", "content": p}], tokenizer), add_special_tokens=False
                               ).input_ids for p in prompts[i:i + batch_size]]
@@ -52,6 +47,4 @@ def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  temperature=None, top_p=None, top_k=None, pad_token_id=pad_id)
             answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-    finally:
-        model.train(was_training)
     return answers

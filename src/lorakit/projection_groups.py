@@ -43,8 +43,7 @@ class ProjectionGroup:
                                      ) if has_bias else None
         self._point_members_at(self.weight, self.bias)
         self.enabled = True
-        self.pending: dict[int, torch.Tensor] = {}   # id(member) -> its slice of the last group output
-        self.pending_input: torch.Tensor | None = None
+        self._drop_pending()
         for m in members:
             m.projection_group = self
 
@@ -64,26 +63,24 @@ class ProjectionGroup:
             if base.bias is not None:
                 base.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
             m.projection_group = None
-        self.pending.clear()
-        self.pending_input = None
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        self.pending: dict[int, torch.Tensor] = {}   # id(member) -> its slice of the last group output
+        self.pending_input: torch.Tensor | None = None
 
     def _groupable(self, x: torch.Tensor) -> str | None:
-        """The one adapter every member trains with, when the grouped kernel computes their outputs exactly."""
-        names = None
-        for m in self.members:
-            active = m._unmerged_active()
-            if m.row_adapters is not None or len(active) != 1 or (names is not None and active != names):
-                return None
-            names = active
-            adapter = m.adapters[active[0]]
-            drop = m.lora_dropout[active[0]]
-            if (not adapter.form.fusable or type(m.base_layer) is not nn.Linear or m.fan_in_fan_out
-                    or (isinstance(drop, nn.Dropout) and drop.p > 0 and m.training)):
-                return None
-        if not (torch.is_grad_enabled() and x.dtype == self.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type)):
+        """The one adapter every member trains with, when the grouped kernel computes their outputs exactly: each
+        member's own fused kernel would train it (LoraLinear.fused_adapter), and no dropout draws a mask."""
+        names = {m.fused_adapter(x, m._unmerged_active()) if m.row_adapters is None else None for m in self.members}
+        if len(names) != 1 or None in names:
             return None
-        return names[0]
+        name = names.pop()
+        for m in self.members:
+            drop = m.lora_dropout[name]
+            if isinstance(drop, nn.Dropout) and drop.p > 0 and m.training:
+                return None
+        return name
 
     def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """`member`'s output for `x` from the grouped kernel, or None (the caller takes its own path)."""
@@ -96,8 +93,7 @@ class ProjectionGroup:
             return out
         if self.pending:  # a sibling's slice was never taken: these layers do not share their input
             self.enabled = False
-            self.pending.clear()
-            self.pending_input = None
+            self._drop_pending()
             return None
         name = self._groupable(x)
         if name is None:
@@ -129,8 +125,7 @@ def find_groups(model: nn.Module) -> list[list[nn.Module]]:
     for parent in model.modules():
         for names in GROUPS:
             members = [parent._modules.get(n) for n in names]  # children only (wrappers forward getattr)
-            if not all(isinstance(m, LoraLinear) and type(m.base_layer) is nn.Linear and not m.fan_in_fan_out
-                       for m in members):
+            if not all(isinstance(m, LoraLinear) and type(m.base_layer) is nn.Linear for m in members):
                 continue
             weights = [m.base_layer.weight for m in members]
             if len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1 and weights[0].is_floating_point():

@@ -24,7 +24,7 @@ from .plot import plot_losses
 from .projection_groups import grouped_projections
 from .train_config import TrainConfig
 from .train_setup import Run, prepare_run
-from .utils import atomic_path, progress_bar
+from .utils import atomic_path, eval_mode, progress_bar
 
 
 def count_targets(engine, batch: dict) -> int:
@@ -45,15 +45,13 @@ def batch_order(n_rows: int, micro_index: int, rows_per_micro: int, seed: int) -
 def evaluate(loss_module, examples, batch_size: int, pad_id: int, device) -> float:
     """Mean token loss (nats) over `examples`. `loss_module(**batch)` returns a loss sum: a
     CausalLMLoss, or the DDP/FSDP engine wrapping one (so sharded parameters are gathered)."""
-    was_training = loss_module.training
-    loss_module.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in D.collate(examples[i:i + batch_size], pad_id).items()}
-        with attention_backends(device):
-            total += loss_module(**batch).item()
-        count += count_targets(loss_module, batch)
-    loss_module.train(was_training)
+    with eval_mode(loss_module):
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in D.collate(examples[i:i + batch_size], pad_id).items()}
+            with attention_backends(device):
+                total += loss_module(**batch).item()
+            count += count_targets(loss_module, batch)
     return total / max(1, count)
 
 

@@ -23,7 +23,8 @@ DEMO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}  # task -> the adapter config's task_type
+# task -> the adapter config's task_type
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "min_lr_ratio", "clip_grad_norm", "val_fraction")  # + optional ones
 # What each declared field type accepts, and how an error says it (checked before anything loads).
 FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {

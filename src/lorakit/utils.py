@@ -104,6 +104,17 @@ def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
             os.remove(tmp)
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode for the block, then back in the mode it was in (also after an exception)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     """A step counter with rate and ETA (a no-op object when not `enabled`, e.g. on non-main ranks). The rate is the
     mean over all steps so far (smoothing=0): periodic evaluation steps spread over the ETA instead of swinging it."""

@@ -61,17 +61,25 @@ class LoraLinear(LoraLayer):
 
     mixed_update = staticmethod(mixed_linear_update)
 
+    def fused_adapter(self, x, names) -> str | None:
+        """The adapter the fused kernel trains for input `x` (one plain LoRA adapter on an nn.Linear, gradients on,
+        x in the weight's dtype, no autocast), else None."""
+        base = self.base_layer
+        if (len(names) == 1 and self.adapters[names[0]].form.fusable and type(base) is nn.Linear
+                and torch.is_grad_enabled() and x.dtype == base.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            return names[0]
+        return None
+
     def fused_forward(self, x, names):
         """Training with one plain LoRA adapter on an nn.Linear: base + update in one autograd function."""
         if self.projection_group is not None:
             grouped = self.projection_group.output(self, x)
             if grouped is not None:
                 return grouped
-        base = self.base_layer
-        if not (len(names) == 1 and self.adapters[names[0]].form.fusable and type(base) is nn.Linear
-                and torch.is_grad_enabled() and x.dtype == base.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type)):
+        if self.fused_adapter(x, names) is None:
             return None
+        base = self.base_layer
         A, B, s = self.effective_factors(names[0])
         drop = self.lora_dropout[names[0]]
         return fused_lora_linear(x, base.weight, base.bias, A, B, s, drop.p if isinstance(drop, nn.Dropout) else 0.0,
