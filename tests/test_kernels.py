@@ -67,6 +67,32 @@ def test_linear_cross_entropy_equals_full_logits_reference(chunk):
     assert torch.autograd.gradcheck(lambda h, W: linear_cross_entropy_sum(h, W, y, chunk), (h, W))
 
 
+@pytest.mark.parametrize("slice_rows", [1, 4, 64])
+def test_vocab_sliced_cross_entropy_for_a_narrow_frozen_head(slice_rows):
+    """A frozen head stored narrower than the hidden states (bf16 head, fp32 compute) is walked in vocabulary
+    slices with an online log-sum-exp: equal to the full-logits loss on the same (bf16-rounded) weights, and
+    gradcheck on the hidden states in float64 (head in fp32 there)."""
+    from lorakit.kernels import linear_ce
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(9, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(13, 6, dtype=torch.float64, generator=g)
+    y = torch.tensor([0, 12, 4, 5, 5, 3, 12, 8, 1])  # first and last vocabulary entries included
+    assert torch.autograd.gradcheck(
+        lambda h: linear_ce._VocabSlicedCrossEntropy.apply(h, W.float(), y, slice_rows), (h,))
+    h32 = h.detach().float().requires_grad_()
+    ours = linear_cross_entropy_sum(h32, W.bfloat16(), y)  # dtypes differ -> the sliced path
+    ref_h = h32.detach().clone().requires_grad_()
+    ref = F.cross_entropy(ref_h @ W.bfloat16().float().T, y, reduction="sum")
+    assert abs(ours.item() - ref.item()) <= 1e-5 * ref.item()
+    ours.backward(), ref.backward()
+    assert torch.allclose(h32.grad, ref_h.grad, atol=1e-5)
+    head = torch.nn.Linear(6, 13, bias=True).to(torch.bfloat16)
+    x = torch.randn(2, 3, 6)
+    expected = x @ head.weight.float().T + head.bias.float()
+    assert torch.allclose(linear_ce.sliced_linear(x, head, slice_rows), expected, atol=1e-6)
+
+
 def test_linear_cross_entropy_bf16_within_stated_tolerance():
     # bf16 logits with fp32 log-sum-exp: within 1 % of the fp32 loss on vocab-sized rows.
     g = torch.Generator().manual_seed(0)

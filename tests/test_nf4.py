@@ -106,6 +106,14 @@ def test_streaming_nf4_load_matches_quantizing_a_loaded_model(tiny_model_dir):
 
     streamed = lorakit.load_model(tiny_model_dir, quantize="nf4", dtype=torch.float32)
     reference = quantize_model_nf4(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), torch.float32)
+    # the streamed model keeps the (unquantized) embeddings and head in bf16 and computes in fp32
+    assert streamed.get_input_embeddings().weight.dtype == streamed.get_output_embeddings().weight.dtype \
+        == torch.bfloat16
+    with torch.no_grad():
+        for module in (reference.get_input_embeddings(), reference.get_output_embeddings()):
+            module.weight.copy_(module.weight.bfloat16().float())
     ids = torch.randint(0, 100, (1, 12))
     with torch.no_grad():
-        assert torch.equal(streamed(input_ids=ids).logits, reference(input_ids=ids).logits)
+        got, expected = streamed(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() <= 1e-6 * expected.abs().max()

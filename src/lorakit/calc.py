@@ -35,6 +35,7 @@ class Arch:
     tied: bool = False
     gated_mlp: bool = True
     nominal_params: float | None = None  # the size the model is known by, e.g. 7e9
+    model_type: str = "llama"            # transformers' model_type (synthetic_models builds llama or qwen2)
 
     @property
     def kv_dim(self) -> int:
@@ -59,6 +60,9 @@ ARCHITECTURES = {
     "llama-2-13b": Arch(5120, 13824, 40, 40, 40, 32000, nominal_params=13e9),
     "llama-2-70b": Arch(8192, 28672, 80, 64, 8, 32000, nominal_params=70e9),
     "llama-3-8b": Arch(4096, 14336, 32, 32, 8, 128256, nominal_params=8e9),
+    "llama-3.2-1b": Arch(2048, 8192, 16, 32, 8, 128256, tied=True),
+    "llama-3.2-3b": Arch(3072, 8192, 28, 24, 8, 128256, tied=True),
+    "qwen2.5-7b": Arch(3584, 18944, 28, 28, 4, 152064, model_type="qwen2"),
     "llama-3-70b": Arch(8192, 28672, 80, 64, 8, 128256, nominal_params=70e9),
     "mistral-7b": Arch(4096, 14336, 32, 32, 8, 32000, nominal_params=7e9),
     "gpt-3-175b": Arch(12288, 4 * 12288, 96, 96, 96, 50257, gated_mlp=False, nominal_params=175e9),
@@ -148,6 +152,75 @@ def memory_estimate(arch: Arch, targets: list[str], r: int, tokens: int = 2048) 
         row["activations"] = activations
         row["total"] = sum(row.values())
     return rows
+
+
+# The peak of one lorakit training run (predict_run), per component. Calibrated against bench/scale.py's measured
+# peak RSS (random-weight models of real shape, 0.36B-8B; the table in the README gives the error per size).
+RUNTIME_GB = 0.45            # python, torch, transformers, the tokenizer: RSS before the model loads
+SAVED_PER_TOKEN_LAYER = (10, 2, 4)  # values kept for backward per token and layer: x hidden, x kv_dim, x intermediate
+LOSS_CHUNK_ROWS = 256        # kernels/linear_ce.py: rows of logits formed at a time
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What of a training run decides its memory: the base's storage, the compute dtype, the micro-batch,
+    the adapters, checkpointing."""
+
+    storage: str | None = None        # "nf4", or None: frozen weights in the compute dtype
+    compute: str = "fp32"             # "fp32" | "bf16": base weights (unquantized), activations, embeddings
+    batch: int = 8
+    length: int = 256                 # tokens per row (the longest in a micro-batch)
+    rank: int = 16
+    targets: tuple[str, ...] | None = None  # None: every linear layer
+    gradient_checkpointing: bool = False
+    saved_bytes: int | None = None    # bytes per saved activation value (None: 2 = bf16, as saved_activations: auto)
+
+    def __post_init__(self):
+        if self.storage not in (None, "nf4"):
+            raise ValueError(f"storage must be None or 'nf4', got {self.storage!r}")
+        if self.compute not in ("fp32", "bf16"):
+            raise ValueError(f"compute must be 'fp32' or 'bf16', got {self.compute!r}")
+        for name in ("batch", "length", "rank"):
+            _positive(name, getattr(self, name))
+
+
+def predict_run(arch: Arch, run: RunShape) -> dict[str, float]:
+    """Predicted peak memory (GB) of a lorakit training run, by component, and its `total`.
+
+    weights: the frozen linear layers (NF4 4.127 bits, or the compute dtype) + embeddings and an untied head in
+    the compute dtype; adapters: fp32 factors + gradients + AdamW's two moments (16 B per parameter);
+    activations: without checkpointing, every layer's saved tensors (SAVED_PER_TOKEN_LAYER values per token, at
+    `saved_bytes`); with it, each layer's input hidden state plus one layer recomputed in backward; loss: the
+    final hidden state and its gradient, and the chunked cross-entropy's logits chunk (fp32, with the softmax);
+    transient: the largest frozen matrix as the compute dtype (NF4 dequantized for a matmul) and the backward
+    of one MLP (gradients of the intermediate activations)."""
+    compute = 4 if run.compute == "fp32" else 2
+    saved = run.saved_bytes or (2 if run.compute == "fp32" else compute)
+    shapes = arch.matrices()
+    linear = arch.layers * sum(o * i for o, i in shapes.values())
+    other = arch.base_params() - linear
+    targets = run.targets or tuple(shapes)
+    tokens = run.batch * run.length
+    per_token_layer = sum(c * d for c, d in zip(SAVED_PER_TOKEN_LAYER, (arch.hidden, arch.kv_dim,
+                                                                          arch.intermediate))) * saved
+    one_layer = tokens * per_token_layer
+    if run.gradient_checkpointing:
+        activations = arch.layers * tokens * arch.hidden * compute + one_layer
+    else:
+        activations = arch.layers * one_layer
+    largest = max(o * i for o, i in shapes.values())
+    rows = {
+        "runtime": RUNTIME_GB * GB,
+        "weights": linear * (NF4_BITS / 8 if run.storage == "nf4" else compute) + other * (
+            2 if run.storage == "nf4" else compute),  # the NF4 loader keeps embeddings and head in bf16
+        "adapters": model_lora_params(arch, list(targets), run.rank) * 16,
+        "activations": activations,
+        "loss": 2 * tokens * arch.hidden * compute + 2 * LOSS_CHUNK_ROWS * arch.vocab * 4,
+        "transient": largest * compute + 3 * tokens * arch.intermediate * compute,
+    }
+    out = {name: value / GB for name, value in rows.items()}
+    out["total"] = sum(out.values())
+    return out
 
 
 def fits(estimate: dict[str, dict[str, float]], memory_gb: float) -> dict[str, bool]:

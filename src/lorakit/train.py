@@ -125,9 +125,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
                     at_step_boundary = False
                     train_loss, grad_norm, tokens = optimizer_step(run, step)
                     step, tokens_seen, at_step_boundary = step + 1, tokens_seen + tokens, True
+                    elapsed = time.perf_counter() - started
                     record = {"step": step, "train_loss": train_loss, "lr": run.scheduler.get_last_lr()[0],
-                              "grad_norm": grad_norm,
-                              "tokens_per_s": tokens_seen * env.world_size / (time.perf_counter() - started)}
+                              "grad_norm": grad_norm, "tokens_per_s": tokens_seen * env.world_size / elapsed,
+                              "elapsed_s": elapsed}
                     if run.val_rows and (step % cfg.eval_every == 0 or step == run.total_steps):
                         record["eval_loss"] = evaluate(run.engine, run.val_rows, cfg.batch_size, pad_id, env.device)
                     history.append(record)
