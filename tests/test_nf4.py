@@ -117,3 +117,15 @@ def test_streaming_nf4_load_matches_quantizing_a_loaded_model(tiny_model_dir):
         got, expected = streamed(input_ids=ids).logits, reference(input_ids=ids).logits
     assert got.dtype == torch.float32
     assert (got - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+def test_chunked_quantization_equals_one_pass_and_leaves_the_input_alone(monkeypatch):
+    import lorakit.quant.nf4 as nf4
+
+    w = torch.randn(333, 1000, generator=torch.Generator().manual_seed(0))
+    original = w.clone()
+    whole = nf4.quantize_nf4(w).tensors()
+    monkeypatch.setattr(nf4, "QUANTIZE_CHUNK_BLOCKS", 7)  # 5,204 blocks in chunks of 7, the last one partial
+    chunked = nf4.quantize_nf4(w).tensors()
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
+    assert torch.equal(w, original)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import functools
 import glob
+import json
 import os
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..kernels.linear_ce import sliced_linear
@@ -49,6 +49,46 @@ def _narrow_embeddings(model: nn.Module, compute_dtype: torch.dtype) -> None:
         head.forward = functools.partial(sliced_linear, weight_of=head)  # logits in the compute dtype
 
 
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def safetensors_index(f) -> dict[str, dict]:
+    """Name -> {dtype, shape, start, end} (absolute byte offsets) of every tensor in an open .safetensors file.
+
+    The format (an 8-byte little-endian header length, a JSON header, the tensors' bytes) is read here instead of
+    through `safetensors.safe_open` because that maps the file into memory: every page read stays resident, so
+    loading one 1 GB shard added 1 GB to the process's peak. Reading each tensor straight into its destination
+    keeps the loader's peak at the quantized model plus one tensor."""
+    f.seek(0)
+    length = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    data_start = 8 + length
+    return {key: {"dtype": SAFETENSORS_DTYPES[entry["dtype"]], "shape": entry["shape"],
+                  "start": data_start + entry["data_offsets"][0], "end": data_start + entry["data_offsets"][1]}
+            for key, entry in header.items()}
+
+
+def read_tensor(f, entry: dict, into: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor `entry` describes, read from open file `f`; into `into` (same shape) when given, directly where
+    its dtype matches and is contiguous, else through one temporary."""
+    tensor = into if into is not None and into.dtype == entry["dtype"] and into.is_contiguous() \
+        else torch.empty(entry["shape"], dtype=entry["dtype"])
+    if list(tensor.shape) != list(entry["shape"]):
+        raise ValueError(f"{getattr(f, 'name', 'safetensors file')}: tensor of shape {entry['shape']} does not fit "
+                         f"a destination of shape {list(tensor.shape)}")
+    f.seek(entry["start"])
+    nbytes = entry["end"] - entry["start"]
+    if nbytes and f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != nbytes:
+        raise ValueError(f"{getattr(f, 'name', 'safetensors file')}: truncated tensor data")
+    if into is not None and tensor is not into:
+        into.copy_(tensor)
+        return into
+    return tensor
+
+
 def load_nf4_model(directory: str, compute_dtype: torch.dtype = torch.bfloat16):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -70,11 +110,11 @@ def load_nf4_model(directory: str, compute_dtype: torch.dtype = torch.bfloat16):
     _rebuild_computed_buffers(model, computed)
     loaded, params = set(), dict(model.named_parameters())
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
+        with open(path, "rb") as f:
+            for key, entry in safetensors_index(f).items():
                 module_name, _, pname = key.rpartition(".")
                 if module_name in linears and pname == "weight":
-                    q = quantize_nf4(f.get_tensor(key))
+                    q = quantize_nf4(read_tensor(f, entry))
                     module = model.get_submodule(module_name)
                     for buf, value in q.tensors().items():
                         getattr(module, buf).copy_(value)
@@ -83,7 +123,7 @@ def load_nf4_model(directory: str, compute_dtype: torch.dtype = torch.bfloat16):
                     if target is None:
                         continue  # e.g. a tied lm_head saved anyway
                     with torch.no_grad():
-                        target.copy_(f.get_tensor(key))
+                        read_tensor(f, entry, into=target.data)
                 loaded.add(key)
     model.tie_weights()
     missing = [k for k, _ in model.named_parameters() if k not in loaded
