@@ -118,8 +118,7 @@ def measure(size: str, run: str, steps: int) -> dict:
 
     model_dir = synthetic_model_dir(size)
     params = get_arch(model_dir).base_params()
-    entry = {"size": size, "run": run, "params": params, "steps": steps, "machine": machine_name(),
-             "predicted_peak_gb": predicted_peak_gb(model_dir, run)}
+    entry = {"size": size, "run": run, "params": params, "steps": steps, "machine": machine_name()}
     if run == "peft" and params * 4 / 1e9 > 0.9 * (available_gb() or float("inf")):
         return {**entry, "status": f"does not fit: fp32 weights {params * 4 / 1e9:.1f} GB"}
     print(f"{size} {run}: {steps} steps ...", file=sys.stderr, flush=True)
@@ -132,9 +131,20 @@ def measure(size: str, run: str, steps: int) -> dict:
         return {**entry, "status": f"failed (exit {proc.returncode})"}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     entry.update(result, status="ok", tokens_per_s=BATCH * LENGTH / result["seconds_per_step"])
-    if entry["predicted_peak_gb"] is not None:
-        entry["calc_error"] = entry["predicted_peak_gb"] / entry["peak_rss_gb"] - 1
     return entry
+
+
+def with_predictions(results: list[dict]) -> list[dict]:
+    """Each result with the calculator's current prediction and its error (recomputed: the memory model may have
+    changed since the measurement)."""
+    from lorakit.synthetic_models import synthetic_model_dir
+
+    out = []
+    for r in results:
+        predicted = predicted_peak_gb(synthetic_model_dir(r["size"]), r["run"])
+        error = predicted / r["peak_rss_gb"] - 1 if predicted is not None and r["status"] == "ok" else None
+        out.append({**r, "predicted_peak_gb": predicted, "calc_error": error})
+    return out
 
 
 def table(results: list[dict]) -> str:
@@ -209,8 +219,9 @@ def main():
             with open(args.json + ".tmp", "w") as f:
                 json.dump(list(results.values()), f, indent=1)
             os.replace(args.json + ".tmp", args.json)
-    print(table(list(results.values())))
-    plot(list(results.values()), args.png)
+    final = with_predictions(list(results.values()))
+    print(table(final))
+    plot(final, args.png)
 
 
 if __name__ == "__main__":

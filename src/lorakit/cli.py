@@ -137,8 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
                              lorakit calc --shape 4096x4096 --rank 8
                              lorakit calc --arch llama-2-7b --targets q_proj,v_proj --rank 16 --memory-gb 24
                              lorakit calc --arch path/to/config.json --targets all --rank 8 --json
-                             lorakit calc --suggest-rank complex --model-size 7e9"""))
+                             lorakit calc --suggest-rank complex --model-size 7e9
+                             lorakit calc --model path/to/model --targets all --rank 16 --quantize nf4 \\
+                                 --batch-size 4 --max-length 512 --gradient-checkpointing   # a training run's peak"""))
     p.add_argument("--shape", help="one matrix, D_OUTxD_IN (e.g. 4096x4096)")
+    p.add_argument("--model", help="a model (name, directory or config.json): predict a lorakit training run's peak "
+                                   "memory, as `lorakit train` does before it starts")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="--model: frozen base in NF4 (QLoRA)")
+    p.add_argument("--bf16", action="store_true", help="--model: base and compute in bf16 (default fp32)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="--model: rows per micro-batch")
+    p.add_argument("--max-length", type=positive_int, default=256, help="--model: tokens per row")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="--model: recompute activations")
     p.add_argument("--arch", help="built-in architecture name or a config.json path")
     p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or 'all'")
     p.add_argument("--rank", type=positive_int, default=8)

@@ -5,6 +5,7 @@ Heavy imports (torch, transformers) happen inside the commands so `lorakit --hel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -172,6 +173,8 @@ def cmd_calc(args) -> int:
             raise ValueError(f"--shape must look like 4096x4096, got {args.shape!r}") from None
         out = {"shape": [d_out, d_in], "r": args.rank, "lora_params": calc.lora_params(d_out, d_in, args.rank)}
         text = f"LoRA r={args.rank} on a {d_out}x{d_in} matrix: {out['lora_params']:,} parameters"
+    elif args.model:
+        out, text = _predict_training_run(args)
     elif args.arch:
         arch = calc.get_arch(args.arch)
         targets = sorted(arch.matrices()) if args.targets == "all" else [t for t in args.targets.split(",") if t]
@@ -185,9 +188,32 @@ def cmd_calc(args) -> int:
                 f"{m} {'yes' if ok else 'no'}" for m, ok in out["fits_in"].items() if m != "memory_gb"))
         text = "\n".join(lines)
     else:
-        raise ValueError("give --shape, --arch or --suggest-rank (see lorakit calc --help)")
+        raise ValueError("give --shape, --arch, --model or --suggest-rank (see lorakit calc --help)")
     print(json.dumps(out, indent=2) if args.json else text)
     return 0
+
+
+def _predict_training_run(args) -> tuple[dict, str]:
+    """`lorakit calc --model`: the predicted peak of a training run, by component (memory_check's model)."""
+    from . import calc
+    from .memory_check import available_gb
+    from .model_loading import resolve_model_dir
+
+    arch = calc.get_arch(args.model if args.model.endswith(".json") else resolve_model_dir(args.model))
+    targets = None if args.targets == "all" else tuple(t for t in args.targets.split(",") if t)
+    shape = calc.RunShape(storage=args.quantize, compute="bf16" if args.bf16 else "fp32", batch=args.batch_size,
+                          length=args.max_length, rank=args.rank, targets=targets,
+                          gradient_checkpointing=args.gradient_checkpointing)
+    predicted = calc.predict_run(arch, shape)
+    available = args.memory_gb if args.memory_gb is not None else available_gb()
+    out = {"model": args.model, "base_params": arch.base_params(), "run": dataclasses.asdict(shape),
+           "predicted_peak_gb": predicted, "available_gb": available}
+    text = (f"{args.model}: {arch.base_params() / 1e9:.2f} B base parameters; predicted peak "
+            f"{predicted['total']:.2f} GB\n  " + "\n  ".join(f"{name:<12}{value:7.2f} GB" for name, value in
+                                                             predicted.items() if name != "total")
+            + (f"\n{'fits' if predicted['total'] <= available else 'does not fit'} in {available:.1f} GB"
+               if available is not None else ""))
+    return out, text
 
 
 def cmd_suggest_ranks(args) -> int:

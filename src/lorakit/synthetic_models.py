@@ -28,14 +28,13 @@ SHARD_BYTES = 1 << 30
 INIT_STD = 0.02
 
 
-def synthetic_config(arch: Arch):
+def synthetic_config(arch: Arch, tokenizer):
     """The transformers config of an architecture from calc.ARCHITECTURES (Llama, or Qwen2 for Qwen shapes)."""
     from transformers import LlamaConfig, Qwen2Config
 
     config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}.get(arch.model_type)
     if config_class is None:
         raise ValueError(f"synthetic models are built as llama or qwen2, not {arch.model_type!r}")
-    tokenizer = load_tokenizer()
     return config_class(hidden_size=arch.hidden, intermediate_size=arch.intermediate,
                         num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
                         num_key_value_heads=arch.kv_heads, vocab_size=arch.vocab, tie_word_embeddings=arch.tied,
@@ -71,9 +70,12 @@ def shard_plan(shapes: dict[str, torch.Size], shard_bytes: int = SHARD_BYTES) ->
     return shards + [current] if current else shards
 
 
-def write_synthetic_model(arch: Arch, directory: str, seed: int = 0, shard_bytes: int = SHARD_BYTES) -> None:
-    """Write a random-weight model of `arch`'s shape to `directory` (atomically: complete or absent)."""
-    config = synthetic_config(arch)
+def write_synthetic_model(arch: Arch, directory: str, tokenizer=None, seed: int = 0,
+                          shard_bytes: int = SHARD_BYTES) -> None:
+    """Write a random-weight model of `arch`'s shape to `directory` (atomically: complete or absent), with
+    `tokenizer` (default: the embedded SmolLM2's)."""
+    tokenizer = tokenizer or load_tokenizer()
+    config = synthetic_config(arch, tokenizer)
     shapes = parameter_shapes(config)
     shards = shard_plan(shapes, shard_bytes)
     generator = torch.Generator().manual_seed(seed)
@@ -88,7 +90,7 @@ def write_synthetic_model(arch: Arch, directory: str, seed: int = 0, shard_bytes
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=1)
         config.save_pretrained(tmp)
-        load_tokenizer().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         open(os.path.join(tmp, ".complete"), "w").close()
 
 

@@ -83,7 +83,8 @@ class TrainConfig:
     seed: int = 0
     max_new_tokens: int = 40
     resume: bool = False
-    memory_check: bool = True             # refuse, before loading, a model whose frozen weights cannot fit
+    memory_check: bool = True             # refuse, before loading, a run whose predicted peak memory
+                                          # (lorakit calc's model of this run) exceeds what is available
     memory_limit_gb: float | None = None  # the memory that check allows (default: the machine's available)
     task: str = "causal_lm"               # causal_lm (chat / text data), seq_cls ({"text", "label"} rows) or
                                           # seq2seq (an encoder-decoder model; {"input", "target"} rows)

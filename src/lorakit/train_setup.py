@@ -32,7 +32,7 @@ from .loss import LOSSES
 from .model import LoraModel
 from .task_models import get_peft_model
 from . import calc
-from .memory_check import check_fits
+from .memory_check import check_fits, run_shape
 from .model_loading import load_model, load_tokenizer, resolve_model_dir
 from .quant.nf4 import quantize_model_nf4
 from .train_config import TrainConfig
@@ -89,11 +89,10 @@ def check_run(cfg: TrainConfig, env: dist_utils.Env) -> None:
 
 
 def check_memory(cfg: TrainConfig) -> str | None:
-    """The memory floor of the run's model against what is available (see memory_check.py); None where the
-    model's config cannot be sized (not a decoder config the calculator knows)."""
-    storage = cfg.quantize or ("bf16" if cfg.bf16 else "fp32")
+    """The run's predicted peak memory against what is available (see memory_check.py); None where the model's
+    config cannot be sized (not a decoder config the calculator knows)."""
     try:
-        return check_fits(resolve_model_dir(cfg.model), storage, cfg.memory_limit_gb)
+        return check_fits(resolve_model_dir(cfg.model), run_shape(cfg), cfg.memory_limit_gb)
     except calc.ArchUnknown:
         return None
 

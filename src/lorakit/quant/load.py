@@ -16,6 +16,7 @@ import os
 import torch
 from torch import nn
 
+from ..hardware import release_freed_memory
 from ..kernels.linear_ce import sliced_linear
 from ..utils import replace_module
 from .nf4 import NF4Linear, is_plain_linear, quantize_nf4
@@ -118,6 +119,8 @@ def load_nf4_model(directory: str, compute_dtype: torch.dtype = torch.bfloat16):
                     module = model.get_submodule(module_name)
                     for buf, value in q.tensors().items():
                         getattr(module, buf).copy_(value)
+                    del q
+                    release_freed_memory()  # the temporaries' heap back to the OS, so it cannot fragment
                 else:
                     target = params.get(key)
                     if target is None:

@@ -1,0 +1,117 @@
+"""Models of real shape at small size: the generated model files, the NF4 loader's peak memory, the memory
+check refusing a run (both measured in their own processes, as a user runs them), and the calculator's run
+model against hand-computed components."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lorakit import calc
+from lorakit.synthetic_models import shard_plan, write_synthetic_model
+
+# Llama-shaped, with the linear layers most of the model (as at 1B+): 16 layers of 15.2 M linear weights
+SMALL = calc.Arch(hidden=1024, intermediate=4096, layers=16, heads=16, kv_heads=4, vocab=400, tied=True)
+
+
+@pytest.fixture(scope="module")
+def generated_model(tmp_path_factory, tiny_tokenizer):
+    directory = str(tmp_path_factory.mktemp("synthetic") / "small")
+    write_synthetic_model(SMALL, directory, tokenizer=tiny_tokenizer, shard_bytes=100 << 20)
+    return directory
+
+
+def test_generated_model_has_the_architecture_s_shape_and_bf16_shards(generated_model):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(generated_model)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_key_value_heads,
+            config.vocab_size) == (1024, 4096, 16, 4, 400)
+    index = json.load(open(os.path.join(generated_model, "model.safetensors.index.json")))
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3  # written shard by shard (~100 MB each here)
+    params = 0
+    for shard in shards:
+        with safe_open(os.path.join(generated_model, shard), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                assert t.dtype == torch.bfloat16 and index["weight_map"][key] == shard
+                params += t.numel()
+                if key.endswith("q_proj.weight"):
+                    assert abs(t.float().std().item() - 0.02) < 0.001  # N(0, 0.02) as at initialisation
+    assert params == SMALL.base_params() == index["metadata"]["total_size"] // 2
+
+
+def test_shard_plan_keeps_order_and_size():
+    shapes = {f"w{i}": torch.Size([1024, 512]) for i in range(10)}  # 1 MB each in bf16
+    plan = shard_plan(shapes, shard_bytes=3 << 20)
+    assert [len(s) for s in plan] == [3, 3, 3, 1] and sum(plan, []) == list(shapes)
+
+
+LOADER_PEAK = """
+import json, resource, sys, torch
+import lorakit
+from transformers import AutoConfig, AutoModelForCausalLM
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+with torch.device("meta"):  # import the model's code first: its modules' memory is not the loader's
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1]))
+before = rss()
+model = lorakit.load_model(sys.argv[1], quantize="nf4", dtype=torch.float32)
+held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "held": held}))
+"""
+
+
+def test_nf4_loader_peak_stays_near_the_quantized_size(generated_model):
+    """Measured in a fresh process: the loader's high-water mark above the process's RSS before loading is below
+    1.3x the bytes the loaded (NF4) model holds. The bf16 files are 0.5 GB; the NF4 model ~0.13 GB."""
+    out = subprocess.run([sys.executable, "-c", LOADER_PEAK, generated_model], check=True, capture_output=True,
+                         text=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    file_bytes = 2 * SMALL.base_params()
+    assert m["held"] < 0.3 * file_bytes  # it is quantized
+    assert m["peak"] - m["before"] < 1.3 * m["held"], m
+
+
+def test_run_refused_for_memory_exits_2_names_what_fits_and_writes_nothing(generated_model, tmp_path):
+    """A limit between the QLoRA run's predicted peak and the fp32 run's: `lorakit train` refuses before loading,
+    exit 2, one error line with the prediction and the settings that fit; the output directory is not created."""
+    shape = calc.RunShape(batch=4, length=64, rank=8)
+    fp32 = calc.predict_run(SMALL, shape)["total"]
+    nf4 = calc.predict_run(SMALL, calc.RunShape(storage="nf4", batch=4, length=64, rank=8))["total"]
+    limit = (fp32 + nf4) / 2
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "train", f"--model={generated_model}",
+                           f"--output_dir={out}", "--prompts=null", "--bf16=false", "--batch_size=4",
+                           "--max_length=64", "--lora.r=8", f"--memory_limit_gb={limit}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "cannot fit" in errors[0] and f"{fp32:.1f} GB" in errors[0]
+    assert "would fit: " in errors[0] and f"quantize: nf4 ({nf4:.1f} GB)" in errors[0]
+    assert not out.exists()
+
+
+def test_predict_run_components_follow_the_formula():
+    """Every component from the stated per-unit costs (calc.predict_run's docstring), computed by hand."""
+    arch = calc.ARCHITECTURES["llama-3-8b"]
+    run = calc.RunShape(storage="nf4", batch=4, length=512, rank=16, gradient_checkpointing=True)
+    got = calc.predict_run(arch, run)
+    h, i, kv, n_layers, vocab = 4096, 14336, 1024, 32, 128256
+    linear = n_layers * (2 * h * h + 2 * kv * h + 3 * i * h)
+    assert got["weights"] == pytest.approx((linear * calc.NF4_BITS / 8 + (arch.base_params() - linear) * 2) / 1e9)
+    adapter = n_layers * 16 * (2 * (h + h) + 2 * (h + kv) + 3 * (h + i))
+    assert got["adapters"] == pytest.approx(adapter * 16 / 1e9)
+    tokens = 2048
+    one_layer = tokens * (10 * h + 2 * kv + 4 * i) * 2  # bf16 saved activations when computing in fp32
+    assert got["activations"] == pytest.approx((n_layers * tokens * h * 4 + one_layer) / 1e9)
+    assert got["total"] == pytest.approx(sum(v for k, v in got.items() if k != "total"))
+    without = calc.predict_run(arch, calc.RunShape(storage="nf4", batch=4, length=512, rank=16))
+    assert without["activations"] == pytest.approx(n_layers * one_layer / 1e9)
