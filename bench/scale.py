@@ -100,13 +100,13 @@ def peft_worker(model_dir: str, steps: int) -> dict:
             "peak_rss_gb": peak_rss_gb()}
 
 
-def predicted_peak_gb(model_dir: str, run: str) -> float | None:
+def predicted_peak_gb(size: str, run: str) -> float | None:
     """`lorakit calc`'s predicted peak for this run (None for PEFT, which the calculator does not model)."""
     from lorakit import calc
 
     if run == "peft":
         return None
-    return calc.predict_run(calc.get_arch(model_dir), calc.RunShape(
+    return calc.predict_run(calc.ARCHITECTURES[size], calc.RunShape(
         storage="nf4" if run == "qlora" else None, batch=BATCH, length=LENGTH, rank=RANK,
         gradient_checkpointing=True))["total"]
 
@@ -137,11 +137,9 @@ def measure(size: str, run: str, steps: int) -> dict:
 def with_predictions(results: list[dict]) -> list[dict]:
     """Each result with the calculator's current prediction and its error (recomputed: the memory model may have
     changed since the measurement)."""
-    from lorakit.synthetic_models import synthetic_model_dir
-
     out = []
     for r in results:
-        predicted = predicted_peak_gb(synthetic_model_dir(r["size"]), r["run"])
+        predicted = predicted_peak_gb(r["size"], r["run"])
         error = predicted / r["peak_rss_gb"] - 1 if predicted is not None and r["status"] == "ok" else None
         out.append({**r, "predicted_peak_gb": predicted, "calc_error": error})
     return out

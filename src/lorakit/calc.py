@@ -159,6 +159,7 @@ def memory_estimate(arch: Arch, targets: list[str], r: int, tokens: int = 2048) 
 RUNTIME_GB = 0.45            # python, torch, transformers, the tokenizer: RSS before the model loads
 SAVED_PER_TOKEN_LAYER = (10, 2, 4)  # values kept for backward per token and layer: x hidden, x kv_dim, x intermediate
 LOSS_CHUNK_ROWS = 256        # kernels/linear_ce.py: rows of logits formed at a time
+ALLOCATOR_SLACK_GB = 0.5     # freed heap the training loop lets glibc keep (TrainConfig.freed_memory_slack_gb)
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,8 @@ def predict_run(arch: Arch, run: RunShape) -> dict[str, float]:
     `saved_bytes`); with it, each layer's input hidden state plus one layer recomputed in backward; loss: the
     final hidden state and its gradient, and the chunked cross-entropy's logits chunk (fp32, with the softmax);
     transient: the largest frozen matrix as the compute dtype (NF4 dequantized for a matmul) and the backward
-    of one MLP (gradients of the intermediate activations)."""
+    of one MLP (gradients of the intermediate activations); allocator: the freed heap the training loop lets
+    glibc keep before returning it (ALLOCATOR_SLACK_GB); runtime: the process before the model loads."""
     compute = 4 if run.compute == "fp32" else 2
     saved = run.saved_bytes or (2 if run.compute == "fp32" else compute)
     shapes = arch.matrices()
@@ -211,6 +213,7 @@ def predict_run(arch: Arch, run: RunShape) -> dict[str, float]:
     largest = max(o * i for o, i in shapes.values())
     rows = {
         "runtime": RUNTIME_GB * GB,
+        "allocator": ALLOCATOR_SLACK_GB * GB,
         "weights": linear * (NF4_BITS / 8 if run.storage == "nf4" else compute) + other * (
             2 if run.storage == "nf4" else compute),  # the NF4 loader keeps embeddings and head in bf16
         "adapters": model_lora_params(arch, list(targets), run.rank) * 16,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import threading
 
 import torch
 
@@ -99,3 +101,48 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def resident_gb() -> float:
+    """This process's resident memory now (GB; 0 where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except OSError:
+        return 0.0
+
+
+class FreedMemoryCap:
+    """While active, a thread returns freed heap memory to the OS whenever the process's resident memory has grown
+    `slack_gb` above where the last release left it.
+
+    glibc keeps memory freed by tensors in its heap for reuse, and training's allocation pattern (each layer's
+    temporaries freed around tensors that live on: the hidden states kept for checkpointing) fragments it: freed
+    memory piles up layer after layer. Measured on a 1B QLoRA step (fp32 compute, batch 4 x 512): resident memory
+    1.4 -> 5.1 GB while live tensors stayed near 2 GB; an 8B step grew past 22 GB. Releasing after every layer
+    costs ~35 % of the step in page faults (the memory is reused at once); releasing only each `slack_gb` of growth
+    bounds the waste at `slack_gb` for a few releases per step."""
+
+    def __init__(self, slack_gb: float, poll_s: float = 0.05):
+        self.slack_gb, self.poll_s = slack_gb, poll_s
+        self.releases = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="lorakit-freed-memory-cap", daemon=True)
+
+    def _watch(self) -> None:
+        floor = resident_gb()
+        while not self._stop.wait(self.poll_s):
+            if resident_gb() > floor + self.slack_gb:
+                release_freed_memory()
+                self.releases += 1
+                floor = resident_gb()
+
+    def __enter__(self) -> "FreedMemoryCap":
+        if _libc() is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -19,7 +20,7 @@ from . import checkpoint as ckpt
 from . import data as D
 from . import distributed as dist_utils
 from .generation import answer_prompts
-from .hardware import attention_backends, release_freed_memory
+from .hardware import FreedMemoryCap, attention_backends, release_freed_memory
 from .plot import plot_losses
 from .projection_groups import grouped_projections
 from .train_config import TrainConfig
@@ -119,7 +120,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
         progress = progress_bar(run.total_steps, step, enabled=run.is_main and cfg.progress)
         started, tokens_seen, interrupted, at_step_boundary = time.perf_counter(), 0, False, True
         grouping = group_projections_enabled(cfg, env)
-        with StopRequest(run.log) as stop, grouped_projections(run.model, enabled=grouping):
+        memory_cap = FreedMemoryCap(cfg.freed_memory_slack_gb) if cfg.freed_memory_slack_gb else nullcontext()
+        with StopRequest(run.log) as stop, grouped_projections(run.model, enabled=grouping), memory_cap:
             try:
                 while step < run.total_steps:
                     at_step_boundary = False

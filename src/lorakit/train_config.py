@@ -66,6 +66,9 @@ class TrainConfig:
                                             # CPU at ~200 tokens but +0.6 GB peak in bench/train_vs_peft.py)
     trim_memory: bool | int = 10          # glibc malloc_trim every N steps (true = 1, false = never): returns
                                           # fragmented free heap to the OS; bench: peak RSS 3.5 -> 3.3 GB at N=10
+    freed_memory_slack_gb: float | None = 0.5  # return freed heap to the OS whenever resident memory grew this
+                                               # much (glibc fragments under training: a 1B QLoRA step's peak
+                                               # 5.1 GB -> ~2.5 GB); null = never
     saved_activations: str = "auto"       # dtype of activations kept for backward: auto = bf16 when computing
                                           # in fp32 (no fast bf16 here), else the compute dtype; bf16 | fp32
     quantize: str | None = None           # "nf4": frozen base in 4-bit NF4 (QLoRA)
@@ -131,6 +134,8 @@ class TrainConfig:
                              "quantize apply to causal_lm)")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
+        if self.freed_memory_slack_gb is not None and not self.freed_memory_slack_gb > 0:
+            raise ValueError(f"freed_memory_slack_gb must be a number > 0 or null, got {self.freed_memory_slack_gb!r}")
         if not (isinstance(self.trim_memory, int) and self.trim_memory >= 0):
             raise ValueError(f"trim_memory must be true, false or a step interval >= 1, got {self.trim_memory!r}")
         resolve_saved_activations(self.saved_activations, torch.float32)  # raises on a bad setting
