@@ -89,7 +89,7 @@ def peft_worker(model_dir: str, steps: int) -> dict:
     for step in range(steps):
         start = time.perf_counter()
         batch = D.collate([rows[i] for i in batch_order(len(rows), step, BATCH, 0)], tokenizer.pad_token_id)
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss = model(**batch).loss  # input_ids, labels (HF's shift inside), packed rows' position_ids
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -194,6 +194,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--json", default=os.path.join(HERE, "scale.json"))
     ap.add_argument("--png", default=os.path.join(HERE, "scale.png"))
+    ap.add_argument("--readme", default=os.path.join(HERE, "..", "README.md"),
+                    help="write the table between this file's scale markers ('' to skip)")
     ap.add_argument("--worker", choices=RUNS, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -220,6 +222,21 @@ def main():
     final = with_predictions(list(results.values()))
     print(table(final))
     plot(final, args.png)
+    if args.readme:
+        write_readme_table(args.readme, table(final))
+
+
+def write_readme_table(readme: str, text: str) -> None:
+    """Put the table between the README's `<!-- scale:start -->` / `<!-- scale:end -->` markers."""
+    with open(readme, encoding="utf-8") as f:
+        content = f.read()
+    start, end = "<!-- scale:start -->\n", "<!-- scale:end -->"
+    if start not in content or end not in content:
+        raise SystemExit(f"{readme} has no {start.strip()} / {end} markers")
+    head, rest = content.split(start, 1)
+    with open(readme + ".tmp", "w", encoding="utf-8") as f:
+        f.write(head + start + text + "\n" + end + rest.split(end, 1)[1])
+    os.replace(readme + ".tmp", readme)
 
 
 if __name__ == "__main__":
