@@ -52,11 +52,12 @@ ALTERNATIVES = (  # what a refusal suggests, in order: (setting as the user writ
 
 def would_fit(arch: calc.Arch, shape: calc.RunShape, available: float) -> list[str]:
     """The changes (each with its predicted peak) that bring the run under `available` GB."""
-    options = []
+    options, seen = [], {shape}
     for label, change in ALTERNATIVES:
         changed = dataclasses.replace(shape, **change)
-        if changed != shape and (peak := calc.predict_run(arch, changed)["total"]) <= available:
+        if changed not in seen and (peak := calc.predict_run(arch, changed)["total"]) <= available:
             options.append(f"{label} ({peak:.1f} GB)")
+        seen.add(changed)
     batch = shape.batch // 2
     while batch >= 1:
         peak = calc.predict_run(arch, dataclasses.replace(shape, batch=batch))["total"]
