@@ -178,6 +178,9 @@ def plot(results: list[dict], path: str) -> None:
         if predicted:
             ax.plot(*zip(*predicted), "x--", color=color, label=f"{run}: lorakit calc")
     ax.set_xscale("log")
+    sizes = sorted({r["params"] / 1e9 for r in results if r["status"] == "ok"})
+    ax.set_xticks(sizes, [f"{s:.2f}" for s in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("base parameters (billions)")
     ax.set_ylabel("peak RSS (GB)")
     ax.set_title(f"LoRA r={RANK}, all linear layers, batch {BATCH} x {LENGTH}")

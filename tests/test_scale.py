@@ -158,3 +158,19 @@ def test_freed_memory_cap_returns_fragmented_heap_while_memory_grows():
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["plain"] > 0.4, m  # the holes (0.15 GB) + the grown blocks (0.29 GB) resident together
     assert m["releases"] > 0 and m["capped"] < m["plain"] - 0.08, m
+
+
+def test_qwen_shapes_are_written_as_qwen2_with_zero_qkv_biases(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    arch = calc.Arch(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=400, model_type="qwen2")
+    write_synthetic_model(arch, str(tmp_path / "q"), tokenizer=tiny_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))
+    assert model.config.model_type == "qwen2" and model.config.tie_word_embeddings is False
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.bias is not None and torch.count_nonzero(attn.q_proj.bias) == 0
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    with pytest.raises(ValueError, match="llama or qwen2"):
+        write_synthetic_model(calc.Arch(64, 128, 2, 4, 2, 400, model_type="gpt2"), str(tmp_path / "g"),
+                              tokenizer=tiny_tokenizer)
+    assert not (tmp_path / "g").exists()
