@@ -53,7 +53,7 @@ def _case_args(tmp_path, tiny_model_dir, data_file):
                               "does not exist"),
         "export existing output": (["export", f"--model={tiny_model_dir}", f"--adapter={_adapter_dir(tmp_path, tiny_model_dir)}",
                                     "--format=hf", f"--out={tmp_path}"], "pass force=True (--force)"),
-        "calc without inputs": (["calc"], "give --shape, --arch or --suggest-rank"),
+        "calc without inputs": (["calc"], "give --shape, --arch, --model or --suggest-rank"),
     }
 
 
