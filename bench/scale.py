@@ -38,12 +38,6 @@ RUNS = ("qlora", "lora", "peft")
 REFUSED_EXIT = 2
 
 
-def peak_rss_gb() -> float:
-    """This process's resident high-water mark (VmHWM; ru_maxrss would keep the forking parent's across exec)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")) / 1e9
-
-
 def packed_rows(tokenizer):
     """The demo rows packed into 512-token rows (the same rows for every run)."""
     from lorakit import data as D
@@ -54,6 +48,7 @@ def packed_rows(tokenizer):
 
 
 def lorakit_worker(model_dir: str, run: str, steps: int) -> dict:
+    from lorakit.hardware import peak_resident_gb
     from lorakit.train import train
     from lorakit.train_config import TrainConfig
 
@@ -66,10 +61,11 @@ def lorakit_worker(model_dir: str, run: str, steps: int) -> dict:
     first_at, first = stamps[0]
     step_seconds = [b[1]["elapsed_s"] - a[1]["elapsed_s"] for a, b in zip(stamps, stamps[1:])] or [first["elapsed_s"]]
     return {"load_s": first_at - first["elapsed_s"] - STARTED, "seconds_per_step": sum(step_seconds) / len(step_seconds),
-            "losses": [r["train_loss"] for _, r in stamps], "peak_rss_gb": peak_rss_gb()}
+            "losses": [r["train_loss"] for _, r in stamps], "peak_rss_gb": peak_resident_gb()}
 
 
 def peft_worker(model_dir: str, steps: int) -> dict:
+    from lorakit.hardware import peak_resident_gb
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -98,7 +94,7 @@ def peft_worker(model_dir: str, steps: int) -> dict:
         losses.append(loss.item())
     later = times[1:] or times
     return {"load_s": loaded - STARTED, "seconds_per_step": sum(later) / len(later), "losses": losses,
-            "peak_rss_gb": peak_rss_gb()}
+            "peak_rss_gb": peak_resident_gb()}
 
 
 def predicted_peak_gb(size: str, run: str) -> float | None:
@@ -147,8 +143,8 @@ def with_predictions(results: list[dict]) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    head = (f"| model | params | run | peak RSS GB | calc GB (error) | load s | s/step | tokens/s | status |\n"
-            f"|---|---|---|---|---|---|---|---|---|")
+    head = ("| model | params | run | peak RSS GB | calc GB (error) | load s | s/step | tokens/s | status |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in sorted(results, key=lambda r: (r["params"], RUNS.index(r["run"]))):
         ok = r["status"] == "ok"
@@ -204,10 +200,12 @@ def main():
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
+        from lorakit.memory_check import MemoryRefusal
+
         try:
             out = peft_worker(args.model_dir, args.steps) if args.worker == "peft" else \
                 lorakit_worker(args.model_dir, args.worker, args.steps)
-        except ValueError as e:  # lorakit's memory check refusing the run
+        except MemoryRefusal as e:  # lorakit's memory check refusing the run (any other error is a failure)
             print(e, file=sys.stderr)
             sys.exit(REFUSED_EXIT)
         print(json.dumps(out))

@@ -56,20 +56,15 @@ LOADER_PEAK = """
 import json, sys, torch
 import lorakit
 from transformers import AutoConfig, AutoModelForCausalLM
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-def peak_rss_bytes():  # VmHWM: this process image's high-water mark (ru_maxrss keeps the forked parent's across exec)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+from lorakit.hardware import peak_resident_gb, resident_gb
 with torch.device("meta"):  # import the model's code first: its modules' memory is not the loader's
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1]))
 with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS: the peak from here on is the loader's
     f.write("5")
-before = rss()
+before = resident_gb() * 1e9
 model = lorakit.load_model(sys.argv[1], quantize="nf4", dtype=torch.float32)
 held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-print(json.dumps({"before": before, "peak": peak_rss_bytes(), "held": held}))
+print(json.dumps({"before": before, "peak": peak_resident_gb() * 1e9, "held": held}))
 """
 
 
@@ -108,7 +103,7 @@ def test_predict_run_components_follow_the_formula():
     arch = calc.ARCHITECTURES["llama-3-8b"]
     run = calc.RunShape(storage="nf4", batch=4, length=512, rank=16, gradient_checkpointing=True)
     got = calc.predict_run(arch, run)
-    h, i, kv, n_layers, vocab = 4096, 14336, 1024, 32, 128256
+    h, i, kv, n_layers = 4096, 14336, 1024, 32
     linear = n_layers * (2 * h * h + 2 * kv * h + 3 * i * h)
     assert got["weights"] == pytest.approx((linear * calc.NF4_BITS / 8 + (arch.base_params() - linear) * 2) / 1e9)
     adapter = n_layers * 16 * (2 * (h + h) + 2 * (h + kv) + 3 * (h + i))

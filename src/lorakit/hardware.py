@@ -112,6 +112,16 @@ def resident_gb() -> float:
         return 0.0
 
 
+def peak_resident_gb() -> float:
+    """This process image's resident high-water mark (VmHWM, GB; 0 where /proc is absent). Not ru_maxrss, which a
+    process keeps across exec: a subprocess forked from a large parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0) / 1e9
+    except OSError:
+        return 0.0
+
+
 class FreedMemoryCap:
     """While active, a thread returns freed heap memory to the OS whenever the process's resident memory has grown
     `slack_gb` above where the last release left it.

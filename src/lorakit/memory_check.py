@@ -35,7 +35,8 @@ def run_shape(cfg) -> calc.RunShape:
     lora = cfg.lora
     targets = lora.get("target_modules")
     names = [targets] if isinstance(targets, str) else list(targets or [])
-    known = tuple(n for n in names if n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    layer_matrices = set(calc.ALIASES.values())  # the per-layer matrix names the calculator sizes
+    known = tuple(n for n in names if n in layer_matrices)
     saved = {"bf16": 2, "fp32": 4}.get(cfg.saved_activations)
     return calc.RunShape(storage=cfg.quantize, compute="bf16" if cfg.bf16 else "fp32", batch=cfg.batch_size,
                          length=cfg.max_length, rank=int(lora.get("r", 8)), targets=known or None,
