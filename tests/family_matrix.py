@@ -26,6 +26,7 @@ COLUMNS = {  # column title: (test function, extra parameter or None)
     "NF4 base (QLoRA)": ("test_family_nf4_base", None),
     "fused kernels = reference": ("test_fused_training_path_equals_the_reference_path", None),
     "GGUF export (merged)": ("test_causal_family_gguf_export", None),
+    "GGUF adapter": ("test_causal_family_gguf_adapter", None),
 }
 
 

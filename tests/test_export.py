@@ -107,7 +107,7 @@ def test_merged_gguf_reloads_in_transformers_with_same_logits(tmp_path, tiny_tok
 
 def test_gguf_export_rejects_other_architectures(tmp_path):
     model = lorakit.get_peft_model(tiny_gpt2(), lorakit.LoraConfig(r=2, target_modules=["c_attn"]))
-    with pytest.raises(ValueError, match="Llama family and Qwen2"):
+    with pytest.raises(ValueError, match="GGUF export supports"):
         export.export_gguf_adapter(model, str(tmp_path / "a.gguf"))
     assert not (tmp_path / "a.gguf").exists()
 

@@ -28,7 +28,7 @@ FAMILIES = {  # name: (build, task_type, PEFT has a default for target_modules, 
     "qwen3": (_causal(T.Qwen3Config, T.Qwen3ForCausalLM, head_dim=8), "CAUSAL_LM", True, "ids"),
     "mistral": (_causal(T.MistralConfig, T.MistralForCausalLM), "CAUSAL_LM", True, "ids"),
     "gemma": (_causal(T.GemmaConfig, T.GemmaForCausalLM, head_dim=8), "CAUSAL_LM", True, "ids"),
-    "gemma2": (_causal(T.Gemma2Config, T.Gemma2ForCausalLM, head_dim=8), "CAUSAL_LM", True, "ids"),
+    "gemma2": (_causal(T.Gemma2Config, T.Gemma2ForCausalLM, head_dim=8, query_pre_attn_scalar=8), "CAUSAL_LM", True, "ids"),
     "phi3": (_causal(T.Phi3Config, T.Phi3ForCausalLM, pad_token_id=0), "CAUSAL_LM", False, "ids"),
     "gpt_neox": (lambda v=96: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
         vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)),
@@ -222,10 +222,25 @@ def test_fused_training_path_equals_the_reference_path(name, tiny_tokenizer):
         assert (grads_fused[key] - grad).abs().max().item() <= 1e-4 * scale, key
 
 
+# transformers' GGUF reader does not read these families' head_dim / query_pre_attn_scalar from the file (llama.cpp
+# does: key_length, and its Gemma-2 scale rule); the reload is given the model's config, and the keys are checked.
+GGUF_RELOAD_WITH_CONFIG = ("qwen3", "gemma2")
+
+
+def _gguf_tensors(path):
+    import gguf
+
+    return {t.name: torch.from_numpy(t.data.copy()).reshape(tuple(reversed(t.shape.tolist())))
+            for t in gguf.GGUFReader(str(path)).tensors}
+
+
 @pytest.mark.parametrize("name", CAUSAL)
 def test_causal_family_gguf_export(name, tiny_tokenizer, tmp_path, record_property):
     """The merged model as GGUF, reloaded by transformers' GGUF loader with the same logits (< 1e-4 of the
-    largest, f32); families llama.cpp's export does not cover are refused with a reason and no file."""
+    largest, f32); Gemma (which that loader cannot read) checked tensor by tensor in llama.cpp's layout
+    (norms stored as 1 + w, no separate head); families llama.cpp's export does not cover are refused with a
+    reason and no file. The same files run in llama.cpp itself: test_export.py's optional llama.cpp tests."""
+    import gguf
     from transformers import AutoModelForCausalLM
 
     from lorakit import export
@@ -236,7 +251,7 @@ def test_causal_family_gguf_export(name, tiny_tokenizer, tmp_path, record_proper
     randomize_adapters(model, seed=4, scale=0.1)
     ids = torch.randint(3, len(tiny_tokenizer), (2, 9), generator=torch.Generator().manual_seed(1))
     path = tmp_path / f"{name}.gguf"
-    if name not in export.GGUF_ARCHS:
+    if name not in export.GGUF_FAMILIES:
         with pytest.raises(ValueError, match="GGUF export supports") as refusal:
             export.export_gguf(model, tiny_tokenizer, str(path), "f32")
         assert not path.exists()
@@ -245,13 +260,79 @@ def test_causal_family_gguf_export(name, tiny_tokenizer, tmp_path, record_proper
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     export.export_gguf(model, tiny_tokenizer, str(path), "f32")
-    import gguf
-
-    assert gguf.GGUFReader(str(path)).fields["general.architecture"].contents() == export.GGUF_ARCHS[name][0]
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name).eval()
+    fields = gguf.GGUFReader(str(path)).fields
+    arch = export.GGUF_FAMILIES[name].arch
+    assert fields["general.architecture"].contents() == arch
+    head_dim = getattr(base.config, "head_dim", None) or base.config.hidden_size // base.config.num_attention_heads
+    assert fields[f"{arch}.attention.key_length"].contents() == head_dim
+    if name == "gemma":
+        merged = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}  # base: merged in place
+        tensors = _gguf_tensors(path)
+        assert len(tensors) == len(merged) and "output.weight" not in tensors
+        layer0 = base.model.layers[0]
+        pairs = {"token_embd.weight": base.model.embed_tokens.weight,
+                 "output_norm.weight": base.model.norm.weight + 1,
+                 "blk.0.attn_norm.weight": layer0.input_layernorm.weight + 1,
+                 "blk.0.ffn_norm.weight": layer0.post_attention_layernorm.weight + 1,
+                 "blk.0.attn_q.weight": layer0.self_attn.q_proj.weight,  # merged: base + scaling * B @ A
+                 "blk.0.ffn_down.weight": layer0.mlp.down_proj.weight}
+        for gguf_name, want in pairs.items():
+            assert torch.allclose(tensors[gguf_name], want.detach().float(), atol=1e-6), gguf_name
+        return
+    kw = {"config": base.config} if name in GGUF_RELOAD_WITH_CONFIG else {}
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, **kw).eval()
     with torch.no_grad():
         got = reloaded(input_ids=ids).logits.float()
     assert (got - expected).abs().max() < 1e-4 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_causal_family_gguf_adapter(name, tiny_tokenizer, tmp_path, record_property):
+    """The adapter as a llama.cpp LoRA GGUF: one lora_a/lora_b pair per LoRA layer, named after a tensor of the
+    same family's merged GGUF (what llama.cpp applies it to), and alpha/r * B @ A (back in transformers' row
+    order) equal to the merged-weight difference (< 1e-5)."""
+    import gguf
+
+    from lorakit import export
+    from lorakit.layers import LoraLayer
+
+    torch.manual_seed(0)
+    base = FAMILIES[name][0](len(tiny_tokenizer)).eval()
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                            rank_pattern={"o_proj": 2}))
+    randomize_adapters(model, seed=4, scale=0.1)
+    path = tmp_path / f"{name}-adapter.gguf"
+    if name not in export.GGUF_FAMILIES:
+        with pytest.raises(ValueError, match="GGUF export supports") as refusal:
+            export.export_gguf_adapter(model, str(path))
+        assert not path.exists()
+        record_property("refused", str(refusal.value).split(";")[0])
+        return
+    export.export_gguf_adapter(model, str(path))
+    reader = gguf.GGUFReader(str(path))
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    tensors = _gguf_tensors(path)
+    layers = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+    assert len(tensors) == 2 * len(layers)
+    export.export_gguf(copy.deepcopy(model), tiny_tokenizer, str(tmp_path / "merged.gguf"), "f32")
+    merged_names = set(_gguf_tensors(tmp_path / "merged.gguf"))
+    family, config = export.GGUF_FAMILIES[name], base.config
+    for hf_name, layer in layers.items():
+        block, short = hf_name.split(".")[2], hf_name.rsplit(".", 1)[1]
+        stem = next(k[:-len(".lora_a")] for k in tensors if k.startswith(f"blk.{block}.") and k.endswith(".lora_a")
+                    and tensors[k].shape == layer.lora_A["default"].weight.shape
+                    and torch.equal(tensors[k], layer.lora_A["default"].weight.detach().float()))
+        assert stem in merged_names, stem
+        a, b = tensors[f"{stem}.lora_a"], tensors[f"{stem}.lora_b"]
+        delta = alpha / a.shape[0] * (b @ a)
+        if family.permute_qk and short in ("q_proj", "k_proj"):
+            heads = config.num_attention_heads if short == "q_proj" else config.num_key_value_heads
+            delta = delta[torch.argsort(export.permute_rotary(torch.arange(delta.shape[0]), heads))]
+        before = layer.base_layer.weight.detach().clone()
+        layer.merge(["default"])
+        merged_diff = layer.base_layer.weight.detach() - before
+        layer.unmerge()
+        assert (delta - merged_diff).abs().max() < 1e-5, hf_name
 
 
 def test_readme_matrix_has_a_row_per_family_and_a_column_per_operation():
