@@ -27,6 +27,7 @@ COLUMNS = {  # column title: (test function, extra parameter or None)
     "fused kernels = reference": ("test_fused_training_path_equals_the_reference_path", None),
     "GGUF export (merged)": ("test_causal_family_gguf_export", None),
     "GGUF adapter": ("test_causal_family_gguf_adapter", None),
+    "MoE experts (target_parameters)": ("test_moe_experts_beside_peft", None),
 }
 
 

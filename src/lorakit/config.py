@@ -44,6 +44,7 @@ class LoraConfig:
     r: int = 8
     lora_alpha: float = 8
     target_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None  # bare nn.Parameters (MoE experts), PEFT's ParamWrapper
     exclude_modules: list[str] | str | None = None
     lora_dropout: float = 0.0
     bias: str = "none"
@@ -106,6 +107,8 @@ class LoraConfig:
                 setattr(self, name, str(value.value if hasattr(value, "value") else value))
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
         if self.modules_to_save is not None:
@@ -150,6 +153,10 @@ class LoraConfig:
             raise ValueError("layers_pattern is only used with layers_to_transform; set layers_to_transform too")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
+        params = self.target_parameters
+        if params is not None and (not isinstance(params, list) or not all(isinstance(p, str) for p in params)):
+            raise ValueError(f"target_parameters must be a list of parameter names (e.g. "
+                             f"['mlp.experts.gate_up_proj']), got {params!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, list)):

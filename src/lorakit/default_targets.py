@@ -45,6 +45,8 @@ def fill_default_targets(model, config, defaults: dict[str, list[str] | str]) ->
         return
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     targets = defaults.get(model_type)
+    if targets is None and getattr(config, "target_parameters", None):
+        return  # PEFT: parameters alone are a valid target
     if targets is None:
         raise ValueError(f"Please specify `target_modules` in `peft_config`: there is no default for model_type "
                          f"{model_type!r} (defaults exist for {sorted(defaults)}); give module names, a regex, "

@@ -20,6 +20,8 @@ from transformers.pytorch_utils import Conv1D
 from .config import LoraConfig
 from .default_targets import CONDENSE_FROM, condensed_targets, fill_default_targets
 from .layers import LoraLayer, lora_layer_class
+from .layers.parameter import LoraParameter
+from .moe_targets import convert_moe_targets
 from .quant.nf4 import NF4Linear
 from .saved_modules import ModulesToSaveWrapper
 from .trainable_tokens import TrainableTokensWrapper, add_trainable_tokens
@@ -71,8 +73,7 @@ def all_linear_names(model: nn.Module, task_type: str | None = None) -> list[str
     elif task_type == "SEQ_CLS":
         heads.update(id(getattr(model, n)) for n in TASK_HEAD_NAMES["SEQ_CLS"] if getattr(model, n, None) is not None)
     return [name for name, module in _plain_modules(model)
-            if isinstance(module, linear_types + (LoraLayer,)) and id(module) not in heads
-            and not (isinstance(module, LoraLayer) and id(module.base_layer) in heads)]
+            if isinstance(_base(module), linear_types) and id(module) not in heads and id(_base(module)) not in heads]
 
 
 WRAPPERS = (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)  # modules lorakit puts in a model
@@ -114,10 +115,53 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "Linear, Conv1D, Embedding, Conv1d/2d/3d and MultiheadAttention layers; narrow target_modules"
             )
         targets.append(name)
-    if not targets:
+    if not targets and not getattr(config, "target_parameters", None):
         raise ValueError(f"target_modules {config.target_modules!r} matched no adaptable module "
                          f"(after exclude_modules / layers_to_transform)")
     return targets
+
+
+def find_parameter_targets(model: nn.Module, config: LoraConfig, module_targets: list[str]) -> list[tuple[str, str]]:
+    """(module name, parameter name) per parameter `config.target_parameters` names (PEFT's rule: the full
+    dotted name, or a dotted suffix of it), in the order PEFT wraps them: modules in model order, a module's
+    parameters in registration order. Raises ValueError when nothing matches or a module is also a module target."""
+    wanted = getattr(config, "target_parameters", None)
+    if not wanted:
+        return []
+    found = []
+    for name, module in _plain_modules(model):
+        if isinstance(module, LoraParameter):
+            module = module.target_module()
+        elif isinstance(module, WRAPPERS):
+            continue
+        for param_name, _ in module.named_parameters(recurse=False):
+            key = f"{name}.{param_name}"
+            if _suffix_match(key, wanted):
+                if name in module_targets:
+                    raise ValueError(f"parameter {key!r} is in target_parameters but its module is also a LoRA "
+                                     "target (target_modules); target one or the other (target_modules=[] for "
+                                     "parameters only)")
+                found.append((name, param_name))
+    if not found:
+        names = [f"{n}.{p}" for n, m in _plain_modules(model) for p, _ in m.named_parameters(recurse=False)
+                 if p != "weight" and p != "bias"]
+        raise ValueError(f"target_parameters={wanted} were set but no parameter was matched; bare parameters in "
+                         f"this model look like {names[:3] or 'nothing (every parameter is a weight or bias)'}")
+    return found
+
+
+def _add_parameter_adapter(model: nn.Module, module_name: str, param_name: str, adapter_name: str, form,
+                           config: LoraConfig) -> None:
+    """Add the adapter on one parameter, reusing the wrapper an earlier adapter put on it, else wrapping the module
+    (outside any wrapper already on it: nesting as PEFT's)."""
+    module = model.get_submodule(module_name)
+    wrapper = module
+    while isinstance(wrapper, LoraParameter) and wrapper.parameter_name != param_name:
+        wrapper = wrapper.base_layer
+    if not isinstance(wrapper, LoraParameter):
+        wrapper = LoraParameter(module, param_name)
+        replace_module(model, module_name, wrapper)
+    wrapper.add_adapter(adapter_name, form, **config.layer_kwargs(f"{module_name}.{param_name}"))
 
 
 def _check_names_exist(spec: str | list[str], modules: dict[str, nn.Module]) -> None:
@@ -139,6 +183,8 @@ def _check_names_exist(spec: str | list[str], modules: dict[str, nn.Module]) -> 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Add adapter `adapter_name` to every targeted module (wrapping it on first use). Returns the names."""
     fill_default_targets(model, config, config.DEFAULT_TARGETS)
+    if config.PEFT_TYPE == "LORA":
+        convert_moe_targets(model, config, all_linear_names)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         config.target_modules = sorted(all_linear_names(model, config.task_type))  # PEFT saves the names too
     if isinstance(config.target_modules, list) and len(config.target_modules) >= CONDENSE_FROM:
@@ -157,12 +203,18 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
     for name, base in zip(targets, bases):  # refuse undefined form/layer pairs before any module is touched
         form.check_target(name, base, lora_layer_class(base).geometry)
         lora_layer_class(base).check_rank(name, base, config.rank_for(name))
+    param_targets = find_parameter_targets(model, config, targets)
+    for name, param_name in param_targets:
+        LoraParameter.check_settings(f"{name}.{param_name}", config)
+        form.check_target(f"{name}.{param_name}", model.get_submodule(name), LoraParameter.geometry)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             module = lora_layer_class(module)(module)
             replace_module(model, name, module)
         module.add_adapter(adapter_name, form, **config.layer_kwargs(name))
+    for name, param_name in param_targets:
+        _add_parameter_adapter(model, name, param_name, adapter_name, form, config)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSaveWrapper):
@@ -173,7 +225,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         head = tie.head if tie.tokens and name == tie.embedding else None
         add_trainable_tokens(model, name, indices, adapter_name, tied_head=head)
     apply_tying(model, tie, adapter_name)
-    return targets
+    return targets + [f"{n}.{p}" for n, p in param_targets]
 
 
 def trainable_token_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, list[int]]]:

@@ -20,7 +20,8 @@ from .svd_init import olora_factors, parse_init, pissa_factors
 
 class LoraForm(AdapterForm):
     fusable = True
-    geometries = (*AdapterForm.geometries, "attention")  # nn.MultiheadAttention: plain LoRA only, as in PEFT
+    # nn.MultiheadAttention and bare parameters (target_parameters): plain LoRA only, as in PEFT
+    geometries = (*AdapterForm.geometries, "attention", "parameter")
 
     def __init__(self, init_lora_weights: bool | str = True, use_rslora: bool = False, lora_bias: bool = False):
         self.init_lora_weights = init_lora_weights
