@@ -151,3 +151,60 @@ def test_gguf_export_keeps_the_source_gguf_pre_tokenizer_and_bos_flags(tmp_path,
     plain = export.export_gguf(_adapted(tiny_tokenizer), tiny_tokenizer, str(tmp_path / "p.gguf"), "f32")
     assert _fields(gguf.GGUFReader(plain))["tokenizer.ggml.pre"] == "default"  # no source file: llama.cpp's default
 
+
+
+LLAMA_CPP_TEXTS = [
+    "x = [1, 2, 3]  # a list", "def f(a,b):\n    return a  +  b\n\n\n", "isn't it? I'd've thought we'll see",
+    "naïve café — “quotes” … ½ €5", "日本語のテキスト and 中文", "emoji 🙂🚀 mixed\ttabs\r\nwindows",
+    "HELLO   world!!!   ", "12345678901234567890 3.14159 1e-5", "<|im_start|>user\nhi<|im_end|>",
+    "   leading spaces", "trailing spaces   ", "a\n\n\nb", "don't DON'T Don't", "http://example.com/a?b=c&d=e",
+]
+
+
+def test_llama_cpp_tokenizes_the_exported_smollm2_gguf_as_transformers(tmp_path):
+    """Optional (llama-cpp-python): a model exported with SmolLM2's real tokenizer (pre-tokenizer "smollm" carried
+    from the source GGUF) tokenizes code, punctuation, contractions and unicode exactly as llama.cpp tokenizes the
+    source GGUF itself, and as transformers does wherever llama.cpp's own source file does (measured: all but
+    " ½", which llama.cpp's smollm regex splits as " " + "½" for both files)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from lorakit.model_loading import embedded_gguf_path, load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    path = export.export_gguf(tiny_llama_for(tokenizer), tokenizer, str(tmp_path / "smollm-tok.gguf"), "f32")
+    ours = llama_cpp.Llama(model_path=path, n_ctx=64, vocab_only=True, verbose=False)
+    source = llama_cpp.Llama(model_path=embedded_gguf_path("smollm2-135m"), n_ctx=64, vocab_only=True, verbose=False)
+    differs_from_transformers = []
+    for text in LLAMA_CPP_TEXTS:
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        got = ours.tokenize(text.encode(), add_bos=False, special=True)
+        assert got == source.tokenize(text.encode(), add_bos=False, special=True), text
+        if got != expected:
+            differs_from_transformers.append(text)
+    assert differs_from_transformers == [t for t in LLAMA_CPP_TEXTS if "½" in t]
+
+
+@pytest.mark.parametrize("family", sorted(export.GGUF_FAMILIES))
+def test_llama_cpp_runs_each_family_like_lorakit(family, tmp_path, tiny_tokenizer):
+    """Optional (llama-cpp-python): per GGUF family, llama.cpp's logits for the merged export and for the base
+    GGUF + adapter GGUF equal lorakit's (< 1e-3 of the largest logit, f32 files)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import copy
+
+    from test_model_families import FAMILIES
+
+    torch.manual_seed(0)
+    base = FAMILIES[family][0](len(tiny_tokenizer)).eval()
+    base_path = export.export_gguf(copy.deepcopy(base), tiny_tokenizer, str(tmp_path / "base.gguf"), "f32")
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model, seed=4, scale=0.1)
+    adapter_path = export.export_gguf_adapter(model, str(tmp_path / "adapter.gguf"))
+    ids = torch.randint(3, len(tiny_tokenizer), (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    merged_path = export.export_gguf(copy.deepcopy(model), tiny_tokenizer, str(tmp_path / "merged.gguf"), "f32")
+    scale = max(1.0, float(np.abs(expected).max()))
+    for kwargs in ({"model_path": merged_path}, {"model_path": base_path, "lora_path": adapter_path}):
+        llm = llama_cpp.Llama(**kwargs, n_ctx=64, logits_all=True, verbose=False)
+        llm.eval(ids)
+        got = np.array(llm.scores[:len(ids)])
+        assert np.abs(got - expected).max() < 1e-3 * scale, (kwargs, np.abs(got - expected).max())
