@@ -49,6 +49,9 @@ FAMILIES = {  # name: (build, task_type, PEFT has a default for target_modules, 
     "bert_seq_cls": (lambda v=96: T.BertForSequenceClassification(T.BertConfig(
         vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         num_labels=3)), "SEQ_CLS", True, "ids"),
+    "deberta_v2_seq_cls": (lambda v=96: T.DebertaV2ForSequenceClassification(T.DebertaV2Config(
+        vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=3, max_position_embeddings=64)), "SEQ_CLS", True, "ids"),
     "roberta_token_cls": (lambda v=96: T.RobertaForTokenClassification(T.RobertaConfig(
         vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         num_labels=5, max_position_embeddings=70)), "TOKEN_CLS", True, "ids"),
@@ -110,7 +113,10 @@ def test_family_beside_peft(name, targets, tmp_path):
                     "modules_to_save (lorakit leaves it to modules_to_save)")
     ours = lorakit.get_peft_model(_build(name), _config(lorakit, name, targets))
     theirs = peft.get_peft_model(_build(name), _config(peft, name, targets))
-    assert sorted(ours.peft_config["default"].target_modules) == sorted(theirs.peft_config["default"].target_modules)
+    ours_cfg, theirs_cfg = ours.peft_config["default"], theirs.peft_config["default"]
+    assert sorted(ours_cfg.target_modules) == sorted(theirs_cfg.target_modules)
+    assert sorted(ours_cfg.target_parameters or []) == sorted(theirs_cfg.target_parameters or [])  # MoE rewrite
+    assert (ours_cfg.rank_pattern, ours_cfg.alpha_pattern) == (theirs_cfg.rank_pattern, theirs_cfg.alpha_pattern)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     randomize_adapters(ours, seed=3, scale=0.2)
     copy_adapters_to_peft(ours, theirs)
@@ -435,9 +441,28 @@ def test_moe_experts_beside_peft(name, tmp_path):
     assert all(not torch.equal(p, b) for p, b in zip(params, before))
     assert all(torch.equal(p, routers[n]) for n, p in _routers(ours).items())
     assert all(torch.equal(ours.get_parameter(n), w) for n, w in experts.items())
+    for bad, match in (({"lora_dropout": 0.1}, "lora_dropout"), ({"use_dora": True}, "use_dora=True"),
+                       ({"target_parameters": ["mlp.experts.nothing"]}, "no parameter was matched")):
+        with pytest.raises(ValueError, match=match):
+            lorakit.get_peft_model(_build(name), _expert_config(lorakit, **bad))
     with torch.no_grad():
         unmerged = _out(ours, inputs)
         merged_model = copy.deepcopy(ours).merge_and_unload()
         merged = _out(merged_model, inputs)
     assert not any("lora" in n for n, _ in merged_model.named_parameters())
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_moe_old_expert_names_become_parameters_as_in_peft():
+    """PEFT 0.21's transformers-5 rewrite: Mixtral's old expert names w1 + w3 (fused into gate_up_proj) give that
+    parameter rank 2r and alpha 2·alpha; naming only one of a fused pair is refused, as in PEFT."""
+    kw = dict(r=2, lora_alpha=4, target_modules=["q_proj", "w1", "w3", "w2"])
+    ours = lorakit.get_peft_model(_build("mixtral"), lorakit.LoraConfig(**kw))
+    theirs = peft.get_peft_model(_build("mixtral"), peft.LoraConfig(**kw))
+    for cfg in (ours.peft_config["default"], theirs.peft_config["default"]):
+        assert sorted(cfg.target_parameters) == ["down_proj", "gate_up_proj"] and sorted(cfg.target_modules) == ["q_proj"]
+        assert cfg.rank_pattern == {r".*\.gate_up_proj": 4} and cfg.alpha_pattern == {r".*\.gate_up_proj": 8}
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    for lib in (lorakit, peft):
+        with pytest.raises(ValueError, match="without also targeting w3"):
+            lib.get_peft_model(_build("mixtral"), lib.LoraConfig(r=2, target_modules=["w1"]))
