@@ -8,7 +8,9 @@ output head is a plain frozen Linear without bias and the model applies nothing 
 
 Right-padded batches run without their padding mask: under causal attention a real token only
 sees earlier positions, which are all real when padding is at the end, so every labelled
-position's output is unchanged, and attention takes its mask-free causal kernel.
+position's output is unchanged, and attention takes its mask-free causal kernel. Where the model runs
+lorakit's padding-free attention (`kernels.varlen_attention`, set up by the training loop), the rows are
+laid end to end without their padding instead, and attention runs per row.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from .data import IGNORE
 from .kernels import linear_cross_entropy_sum
+from .kernels.varlen_attention import VARLEN, unpad_batch
 
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -56,9 +59,12 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
         model = self.peft_model
-        if attention_mask is not None and position_ids is None and is_right_padded(attention_mask):
-            attention_mask = None
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if attention_mask is not None and position_ids is None and is_right_padded(attention_mask):
+            if input_ids.shape[0] > 1 and getattr(base.config, "_attn_implementation", None) == VARLEN:
+                packed = unpad_batch(input_ids, labels, attention_mask)  # no work on padding positions
+                input_ids, labels, position_ids = packed["input_ids"], packed["labels"], packed["position_ids"]
+            attention_mask = None
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         targets = labels[:, 1:]
         if self.fused and fused_head_supported(base):

@@ -77,6 +77,8 @@ class TrainConfig:
     group_projections: bool | str = "auto"  # q/k/v and gate/up as one matmul each (fused_kernels only); auto =
                                             # when the base computes in bf16 (fp32 weights stay memory-mapped
                                             # from the model cache, so grouping them would hold a second copy)
+    padding_free: bool = True             # causal LM with fused_kernels: a batch's rows laid end to end without
+                                          # padding, attention per row (kernels/varlen_attention.py)
     gradient_checkpointing: bool = False
     packing: bool = False
     train_on_prompt: bool = False

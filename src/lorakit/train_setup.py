@@ -28,6 +28,7 @@ from .hardware import resolve_bf16
 from .kernels.rms_norm import fuse_rms_norms
 from .kernels.saved_activations import compressed_activations, resolve_saved_activations
 from .kernels.swiglu import fuse_swiglu_mlps
+from .kernels.varlen_attention import use_varlen_attention
 from .loss import LOSSES
 from .model import LoraModel
 from .task_models import get_peft_model
@@ -136,6 +137,8 @@ def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=
     if cfg.fused_kernels:
         fuse_rms_norms(base)
         fuse_swiglu_mlps(base)
+        if cfg.task == "causal_lm" and cfg.padding_free:
+            use_varlen_attention(base)  # padding-free batches (kernels/varlen_attention.py)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return base

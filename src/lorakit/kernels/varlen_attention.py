@@ -1,0 +1,91 @@
+"""Padding-free training batches: rows laid end to end in one sequence, attention run per row.
+
+A right-padded batch of short and long rows spends GEMM work on every padding position (~20 % of the positions
+of 3-turn chat rows, ~10 % of single turns). `unpad_batch` lays the rows' real tokens end to end as one row with
+position ids restarting at 0 per row (the first label of each row ignored, so no row predicts the next one's
+first token); every per-token layer then computes exactly what it computed for the padded batch. Attention is
+the one operator that mixes positions: the attention function registered here as `VARLEN` ("lorakit_varlen")
+runs scaled-dot-product attention once per row segment with the mask-free causal kernel (what the padded batch's
+rows got), and for any other call (no restarting position ids, a KV cache, soft-capping, a sliding window shorter
+than a row) it is exactly transformers' `sdpa` (same function, same masks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+VARLEN = "lorakit_varlen"
+IGNORE = -100
+
+
+def unpad_batch(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """A right-padded batch as one padding-free row: {input_ids, labels, position_ids}, each (1, real tokens)."""
+    keep = attention_mask.bool()
+    lengths = keep.sum(dim=1)
+    labels = labels.clone()
+    labels[:, 0] = IGNORE  # a row's first token is never a target (in the padded batch it is no one's next token)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return {"input_ids": input_ids[keep][None], "labels": labels[keep][None], "position_ids": positions[keep][None],
+            "lengths": lengths}
+
+
+_segments_cache: dict = {}
+
+
+def _segments(position_ids: torch.Tensor) -> list[int] | None:
+    """Row lengths of a packed (1, S) position-id row (restarts at 0), else None. Cached per tensor: every layer
+    asks for the same one."""
+    key = (id(position_ids), position_ids._version, position_ids.data_ptr())
+    if key in _segments_cache:
+        return _segments_cache[key]
+    found = None
+    if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+        starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
+        if len(starts) > 1 and starts[0] == 0:
+            found = [b - a for a, b in zip(starts, starts[1:] + [position_ids.shape[1]])]
+    _segments_cache.clear()
+    _segments_cache[key] = found
+    return found
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """transformers attention interface: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    segments = _segments(position_ids) if position_ids is not None else None
+    if (segments is None or query.shape[2] != key.shape[2] or kwargs.get("softcap") is not None
+            or not getattr(module, "is_causal", True) or (window and max(segments) > window)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    outputs = [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa,
+                                              dropout_p=dropout)
+               for q, k, v in zip(query.split(segments, dim=2), key.split(segments, dim=2),
+                                  value.split(segments, dim=2))]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make VARLEN a valid `config._attn_implementation` (idempotent): this function for attention, sdpa's masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def use_varlen_attention(model) -> bool:
+    """Switch a transformers model that uses `sdpa` to VARLEN (same results on every call); True if switched."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    register()
+    for module in model.modules():  # sub-configs (e.g. a text config inside a multimodal one) switch too
+        sub = getattr(module, "config", None)
+        if sub is not None and getattr(sub, "_attn_implementation", None) == "sdpa":
+            sub._attn_implementation = VARLEN
+    return True

@@ -1,0 +1,144 @@
+"""Padding-free training batches (kernels/varlen_attention.py): rows laid end to end, attention per row.
+Checked against the padded batch (loss and every adapter gradient), the per-row attention against masked
+attention (gradcheck, float64), the fallback against transformers' sdpa, and the loop against padding_free: false."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+from conftest import randomize_adapters, tiny_train_config
+
+import lorakit
+from lorakit.kernels import varlen_attention as V
+from lorakit.loss import CausalLMLoss
+
+
+def _llama(**kw):
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(T.LlamaConfig(**{**dict(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256), **kw})).eval()
+
+
+def _batch(lengths, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, 96, (len(lengths), width), generator=gen)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100  # a prompt: no loss on the first two tokens
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _loss_and_grads(model, batch):
+    loss = CausalLMLoss(model)(**batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_padding_free_batch_equals_the_padded_batch(family, monkeypatch):
+    """Same loss (sum over the same targets) and every adapter gradient (< 1e-5 relative, fp32), GQA and q/k/v
+    biases included; attention ran once per row (SDPA calls = layers x rows), not over the packed row."""
+    build = _llama if family == "llama" else (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256)).eval())
+    torch.manual_seed(0)
+    base = build()
+    batch = _batch([7, 12, 3, 9])
+    results = []
+    for padding_free in (False, True):
+        model_base = copy.deepcopy(base)
+        if padding_free:
+            assert V.use_varlen_attention(model_base) and model_base.config._attn_implementation == V.VARLEN
+        model = lorakit.get_peft_model(model_base, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        randomize_adapters(model, seed=2, scale=0.1)
+        calls = []
+        real_sdpa = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(a[0].shape) or
+                            real_sdpa(*a, **k))
+        results.append(_loss_and_grads(model, batch))
+        monkeypatch.setattr(F, "scaled_dot_product_attention", real_sdpa)
+        if padding_free:
+            assert [c[2] for c in calls] == [7, 12, 3, 9] * 2  # per row, per layer
+    (loss_pad, grads_pad), (loss_free, grads_free) = results
+    assert torch.allclose(loss_free, loss_pad, rtol=1e-6)
+    for name, grad in grads_pad.items():
+        assert (grads_free[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+
+
+def test_unpad_batch_layout():
+    batch = _batch([3, 5, 2])
+    packed = V.unpad_batch(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
+    assert packed["input_ids"].tolist() == [batch["input_ids"][0, :3].tolist() + batch["input_ids"][1, :5].tolist()
+                                            + batch["input_ids"][2, :2].tolist()]
+    assert [packed["labels"][0, i].item() for i in (0, 3, 8)] == [-100, -100, -100]  # each row's first token
+    assert V._segments(packed["position_ids"]) == [3, 5, 2]
+    assert V._segments(torch.arange(6)[None]) is None  # one row: no restart, the plain sdpa path
+
+
+def test_per_row_attention_gradcheck_against_block_diagonal_masked_attention():
+    """float64 gradcheck of the per-row attention; equal to SDPA over the packed row with a block-diagonal causal
+    mask (what transformers builds for packed sequences)."""
+    torch.manual_seed(0)
+    segments = [3, 4, 2]
+    total = sum(segments)
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal, training = 2, True, False
+
+    q = torch.randn(1, 4, total, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, total, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, total, 8, dtype=torch.float64, requires_grad=True)
+    positions = torch.cat([torch.arange(n) for n in segments])[None]
+
+    def ours(q, k, v):
+        return V.varlen_attention_forward(Attn(), q, k, v, None, scaling=0.3, position_ids=positions)[0]
+
+    torch.autograd.gradcheck(ours, (q, k, v))
+    row = torch.repeat_interleave(torch.arange(len(segments)), torch.tensor(segments))
+    mask = (row[:, None] == row[None]) & (torch.arange(total)[:, None] >= torch.arange(total)[None])
+    reference = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                               attn_mask=mask, scale=0.3).transpose(1, 2)
+    assert torch.allclose(ours(q, k, v), reference, atol=1e-12)
+
+
+def test_varlen_model_equals_sdpa_outside_padding_free_batches(tiny_tokenizer):
+    """A switched model computes what sdpa computes for everything else: padded batches with a mask, and
+    generation with a KV cache (same greedy tokens)."""
+    base = _llama()
+    switched = copy.deepcopy(base)
+    V.use_varlen_attention(switched)
+    batch = _batch([5, 9])
+    with torch.no_grad():
+        for model in (base, switched):
+            model.generation_config.pad_token_id = 0
+        expected = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = switched(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert torch.equal(got, expected)
+        prompt = batch["input_ids"][:1, :5]
+        assert torch.equal(switched.generate(prompt, max_new_tokens=6, do_sample=False),
+                           base.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+def test_training_loop_padding_free_equals_padded(tmp_path, tiny_tokenizer):
+    """The loop with padding_free (default) against padding_free: false: same losses over 3 steps (fp32 activations)."""
+    from conftest import tiny_llama_for
+
+    from lorakit.train import train
+
+    finals = []
+    for padding_free in (True, False):
+        cfg = tiny_train_config(tmp_path / str(padding_free), max_steps=3, padding_free=padding_free,
+                                saved_activations="fp32",
+                                lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+        model = tiny_llama_for(tiny_tokenizer)
+        out = train(cfg, model=model, tokenizer=tiny_tokenizer)
+        assert (model.config._attn_implementation == V.VARLEN) == padding_free
+        finals.append([r["train_loss"] for r in out["history"] if "train_loss" in r])
+    assert len(finals[0]) == 3
+    for a, b in zip(*finals):
+        assert abs(a - b) / b < 1e-5
