@@ -155,11 +155,14 @@ def matmul_peak_gflops(dtype, device: str = "cpu") -> float:
         a @ b
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
-    start, n = time.perf_counter(), 10
-    for _ in range(n):
-        a @ b
-    sync()
-    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+    best, n = 0.0, 4
+    for _ in range(5):  # the peak is the best of several timings: a busy moment only lowers one of them
+        start = time.perf_counter()
+        for _ in range(n):
+            a @ b
+        sync()
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def main():
