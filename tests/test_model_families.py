@@ -441,6 +441,8 @@ def test_moe_experts_beside_peft(name, tmp_path):
     assert all(not torch.equal(p, b) for p, b in zip(params, before))
     assert all(torch.equal(p, routers[n]) for n, p in _routers(ours).items())
     assert all(torch.equal(ours.get_parameter(n), w) for n, w in experts.items())
+    with pytest.raises(ValueError, match="target_parameters"):
+        ours.add_weighted_adapter(["default"], [1.0], "sum", combination_type="cat")
     for bad, match in (({"lora_dropout": 0.1}, "lora_dropout"), ({"use_dora": True}, "use_dora=True"),
                        ({"target_parameters": ["mlp.experts.nothing"]}, "no parameter was matched")):
         with pytest.raises(ValueError, match=match):

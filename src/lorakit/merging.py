@@ -91,6 +91,9 @@ def _require_plain_lora(model, name: str) -> None:
     if config.use_dora:
         kind = "DoRA"
         raise ValueError(f"adapter {name!r} is a {kind} adapter; adapter arithmetic works on plain LoRA adapters")
+    if config.target_parameters:  # PEFT refuses these too: the experts' factors are interleaved per expert
+        raise ValueError(f"adapter arithmetic does not support targeting nn.Parameter (adapter {name!r} has "
+                         f"target_parameters={config.target_parameters}), as in PEFT")
 
 
 def _lora_layers(model):
