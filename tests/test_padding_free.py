@@ -124,8 +124,10 @@ def test_varlen_model_equals_sdpa_outside_padding_free_batches(tiny_tokenizer):
                            base.generate(prompt, max_new_tokens=6, do_sample=False))
 
 
-def test_training_loop_padding_free_equals_padded(tmp_path, tiny_tokenizer):
-    """The loop with padding_free (default) against padding_free: false: same losses over 3 steps (fp32 activations)."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_loop_padding_free_equals_padded(tmp_path, tiny_tokenizer, checkpointing):
+    """The loop with padding_free (default) against padding_free: false: same losses over 3 steps (fp32 activations),
+    with gradient checkpointing too (the recomputed attention sees the same packed position ids)."""
     from conftest import tiny_llama_for
 
     from lorakit.train import train
@@ -133,7 +135,7 @@ def test_training_loop_padding_free_equals_padded(tmp_path, tiny_tokenizer):
     finals = []
     for padding_free in (True, False):
         cfg = tiny_train_config(tmp_path / str(padding_free), max_steps=3, padding_free=padding_free,
-                                saved_activations="fp32",
+                                saved_activations="fp32", gradient_checkpointing=checkpointing,
                                 lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
         model = tiny_llama_for(tiny_tokenizer)
         out = train(cfg, model=model, tokenizer=tiny_tokenizer)
