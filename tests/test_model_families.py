@@ -468,3 +468,47 @@ def test_moe_old_expert_names_become_parameters_as_in_peft():
     for lib in (lorakit, peft):
         with pytest.raises(ValueError, match="without also targeting w3"):
             lib.get_peft_model(_build("mixtral"), lib.LoraConfig(r=2, target_modules=["w1"]))
+
+
+def test_moe_transformers4_adapter_file_loads_as_in_peft(tmp_path):
+    """An adapter file written for transformers 4's per-expert Linear layers (Mixtral: block_sparse_moe.experts.N.
+    w1/w2/w3, plus the router and q_proj) loads into the fused 3-D experts as PEFT 0.21 loads it: same logits, and
+    expert e's ΔW of gate_up_proj equals [s·B_w1 A_w1; s·B_w3 A_w3] (down_proj: s·B_w2 A_w2)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hidden, ffn, experts, r = 32, 64, 4, 2
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for layer in range(2):
+        block = f"base_model.model.model.layers.{layer}"
+        for name, (d_in, d_out) in {"self_attn.q_proj": (hidden, hidden), "block_sparse_moe.gate": (hidden, experts)}.items():
+            state[f"{block}.{name}.lora_A.weight"] = torch.randn(r, d_in, generator=gen) * 0.1
+            state[f"{block}.{name}.lora_B.weight"] = torch.randn(d_out, r, generator=gen) * 0.1
+        for e in range(experts):
+            for w, (d_in, d_out) in {"w1": (hidden, ffn), "w3": (hidden, ffn), "w2": (ffn, hidden)}.items():
+                key = f"{block}.block_sparse_moe.experts.{e}.{w}"
+                state[f"{key}.lora_A.weight"] = torch.randn(r, d_in, generator=gen) * 0.1
+                state[f"{key}.lora_B.weight"] = torch.randn(d_out, r, generator=gen) * 0.1
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", r=r, lora_alpha=4, task_type="CAUSAL_LM", target_modules=["q_proj", "gate", "w1", "w2", "w3"])))
+    inputs = _inputs("ids")
+    theirs = peft.PeftModel.from_pretrained(_build("mixtral"), str(tmp_path))
+    ours = lorakit.PeftModel.from_pretrained(_build("mixtral"), str(tmp_path))
+    for cfg in (ours.peft_config["default"], theirs.peft_config["default"]):
+        assert sorted(cfg.target_parameters) == ["down_proj", "gate.weight", "gate_up_proj"]
+    with torch.no_grad():
+        expected = _out(theirs, inputs)
+        torch.testing.assert_close(_out(ours, inputs), expected, atol=1e-5, rtol=1e-4)
+        assert (expected - _out(_build("mixtral"), inputs)).abs().max() > 1e-3
+    outer = ours.get_base_model().model.layers[0].mlp.experts
+    scale = 4 / r
+    for e in range(experts):
+        def delta(w):
+            key = f"base_model.model.model.layers.0.block_sparse_moe.experts.{e}.{w}"
+            return scale * state[f"{key}.lora_B.weight"] @ state[f"{key}.lora_A.weight"]
+        assert torch.allclose(outer.base_layer.delta_weight("default")[e], torch.cat([delta("w1"), delta("w3")]),
+                              atol=1e-6)
+        assert torch.allclose(outer.delta_weight("default")[e], delta("w2"), atol=1e-6)

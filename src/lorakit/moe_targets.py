@@ -11,6 +11,10 @@ lorakit applies the same rewrite, so a config targets (and saves) the same param
 
 from __future__ import annotations
 
+import re
+
+import torch
+
 # transformers 4 layer name -> transformers 5 parameter, per conversion pattern (PEFT 0.21's tables)
 RENAMED = {
     "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
@@ -59,3 +63,50 @@ def convert_moe_targets(model, config, all_linear_names) -> None:
             config.alpha_pattern[rf".*\.{new}"] = config.lora_alpha * len(olds)
     config.target_parameters = sorted(parameters) or None
     config.target_modules = sorted(remaining)
+
+
+_OLD_EXPERT_KEY = re.compile(r"^(?P<block>.*)\.(?P<moe>block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\."
+                             r"(?P<layer>\w+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+def convert_old_expert_weights(model, state_dict: dict) -> dict:
+    """An adapter file written for transformers 4's per-expert nn.Linear layers, rewritten for the fused 3-D
+    parameters as PEFT 0.21 rewrites it: per layer, expert e's pair of the fused projections becomes rows
+    [A_gate; A_up] of A and the block-diagonal diag(B_gate, B_up) of B (rank 2r, alpha 2·alpha in the config), the
+    experts stacked in PEFT's order (A rows expert-major, B columns expert-minor); Mixtral's `block_sparse_moe` is
+    `mlp` now. Files without such keys come back unchanged."""
+    from .layers.parameter import LoraParameter
+    from .peft_io import KEY_PREFIX
+
+    pattern = conversion_pattern(getattr(getattr(model, "config", None), "model_type", None))
+    if pattern is None or not any(_OLD_EXPERT_KEY.match(k) for k in state_dict):
+        return state_dict
+    renamed = RENAMED[pattern]
+    fused = FUSED[pattern]
+    wrappers = {}  # (unwrapped module name, parameter) -> the wrapper's module name
+    for name, module in model.named_modules():
+        if isinstance(module, LoraParameter):
+            wrappers[(name.replace(".base_layer", ""), module.parameter_name)] = name
+    grouped: dict = {}  # (block, new parameter) -> {expert: {old layer: {A/B: tensor}}}
+    out = {}
+    for key, tensor in state_dict.items():
+        match = _OLD_EXPERT_KEY.match(key)
+        if match is None or match["layer"] not in renamed:
+            out[key.replace(".block_sparse_moe.", ".mlp.")] = tensor
+            continue
+        slot = grouped.setdefault((match["block"], renamed[match["layer"]]), {})
+        slot.setdefault(int(match["expert"]), {}).setdefault(match["layer"], {})[match["factor"]] = tensor
+    for (block, parameter), experts in grouped.items():
+        olds = fused.get(parameter, (next(iter(next(iter(experts.values())))),))
+        A = torch.cat([torch.cat([experts[e][o]["A"] for o in olds]) for e in sorted(experts)])
+        B = torch.stack([torch.block_diag(*[experts[e][o]["B"] for o in olds]) for e in sorted(experts)])
+        B = B.permute(1, 2, 0).reshape(B.shape[1], -1)  # (out, rank, experts) -> column j·E + e
+        module = f"{block}.mlp.experts"
+        unwrapped = module.removeprefix(KEY_PREFIX)
+        wrapper = wrappers.get((unwrapped, parameter))
+        if wrapper is None:
+            raise ValueError(f"the adapter file holds transformers-4 expert weights for {unwrapped}.{parameter}, "
+                             "which this model's adapter config does not target")
+        out[f"{KEY_PREFIX}{wrapper}.lora_A.weight"] = A
+        out[f"{KEY_PREFIX}{wrapper}.lora_B.weight"] = B
+    return out
