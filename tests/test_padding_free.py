@@ -144,3 +144,16 @@ def test_training_loop_padding_free_equals_padded(tmp_path, tiny_tokenizer, chec
     assert len(finals[0]) == 3
     for a, b in zip(*finals):
         assert abs(a - b) / b < 1e-5
+
+
+def test_row_lengths_are_never_taken_from_an_earlier_tensor():
+    """Row lengths are remembered per tensor; a new position-id tensor (even one built where a freed one lived, with
+    the same id) is read afresh (the CI failure this guards against: stale lengths from a freed tensor)."""
+    for lengths in ([3, 5], [4, 4], [2, 6], [8]):
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        assert V._segments(positions) == (lengths if len(lengths) > 1 else None)
+        del positions
+    positions = torch.cat([torch.arange(3), torch.arange(5)])[None]
+    assert V._segments(positions) == [3, 5]
+    positions[0, 3] = 7  # written in place: the version changes, the lengths are read again
+    assert V._segments(positions) is None  # one row now (a single restart at 0)

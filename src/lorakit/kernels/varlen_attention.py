@@ -30,22 +30,21 @@ def unpad_batch(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: t
             "lengths": lengths}
 
 
-_segments_cache: dict = {}
+_last_segments: list = [None, None, None]  # [position-id tensor (held, so its id cannot be reused), version, lengths]
 
 
 def _segments(position_ids: torch.Tensor) -> list[int] | None:
-    """Row lengths of a packed (1, S) position-id row (restarts at 0), else None. Cached per tensor: every layer
-    asks for the same one."""
-    key = (id(position_ids), position_ids._version, position_ids.data_ptr())
-    if key in _segments_cache:
-        return _segments_cache[key]
+    """Row lengths of a packed (1, S) position-id row (restarts at 0), else None. Remembered for the last tensor
+    asked about (every layer asks for the same one); the tensor itself is held, so a new tensor at a reused
+    address can never be mistaken for it."""
+    if _last_segments[0] is position_ids and _last_segments[1] == position_ids._version:
+        return _last_segments[2]
     found = None
     if position_ids.dim() == 2 and position_ids.shape[0] == 1:
         starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
         if len(starts) > 1 and starts[0] == 0:
             found = [b - a for a, b in zip(starts, starts[1:] + [position_ids.shape[1]])]
-    _segments_cache.clear()
-    _segments_cache[key] = found
+    _last_segments[:] = [position_ids, position_ids._version, found]
     return found
 
 
