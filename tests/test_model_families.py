@@ -105,6 +105,18 @@ def _config(lib, name, targets):
     return lib.LoraConfig(**kw)
 
 
+def _assert_files_load_both_ways(ours, theirs, name, inputs, expected, tmp_path):
+    """Our saved adapter in PEFT and PEFT's saved adapter in lorakit, each on a fresh base, give `expected`."""
+    ours.save_pretrained(str(tmp_path / "ours"))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    with torch.no_grad():
+        torch.testing.assert_close(_out(peft.PeftModel.from_pretrained(_build(name), str(tmp_path / "ours")), inputs),
+                                   expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            _out(lorakit.PeftModel.from_pretrained(_build(name), str(tmp_path / "theirs")), inputs), expected,
+            atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("targets", ["default", "all-linear"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_beside_peft(name, targets, tmp_path):
@@ -125,15 +137,7 @@ def test_family_beside_peft(name, targets, tmp_path):
     with torch.no_grad():
         expected = _out(theirs, inputs)
         torch.testing.assert_close(_out(ours, inputs), expected, atol=1e-5, rtol=1e-4)
-    # files both ways
-    ours.save_pretrained(str(tmp_path / "ours"))
-    theirs.save_pretrained(str(tmp_path / "theirs"))
-    with torch.no_grad():
-        torch.testing.assert_close(_out(peft.PeftModel.from_pretrained(_build(name), str(tmp_path / "ours")), inputs),
-                                   expected, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(
-            _out(lorakit.PeftModel.from_pretrained(_build(name), str(tmp_path / "theirs")), inputs), expected,
-            atol=1e-5, rtol=1e-4)
+    _assert_files_load_both_ways(ours, theirs, name, inputs, expected, tmp_path)
     # training steps move the adapters (finite gradients on every one) and lower the loss
     ours.eval()  # the base models' own dropout off, so the loss is a function of the adapters only
     params = [p for p in ours.parameters() if p.requires_grad]
@@ -414,14 +418,7 @@ def test_moe_experts_beside_peft(name, tmp_path):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, theirs_grads[n], atol=1e-6, rtol=1e-4)
     ours.zero_grad()
-    ours.save_pretrained(str(tmp_path / "ours"))
-    theirs.save_pretrained(str(tmp_path / "theirs"))
-    with torch.no_grad():
-        torch.testing.assert_close(_out(peft.PeftModel.from_pretrained(_build(name), str(tmp_path / "ours")), inputs),
-                                   expected, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(
-            _out(lorakit.PeftModel.from_pretrained(_build(name), str(tmp_path / "theirs")), inputs), expected,
-            atol=1e-5, rtol=1e-4)
+    _assert_files_load_both_ways(ours, theirs, name, inputs, expected, tmp_path)
     routers = {n: p.detach().clone() for n, p in _routers(ours).items()}
     experts = {n: p.detach().clone() for n, p in ours.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))
                and "lora" not in n}
