@@ -15,6 +15,8 @@ import re
 
 import torch
 
+from .layers.parameter import LoraParameter
+
 # transformers 4 layer name -> transformers 5 parameter, per conversion pattern (PEFT 0.21's tables)
 RENAMED = {
     "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
@@ -24,8 +26,9 @@ RENAMED = {
 FUSED = {"mixtral": {"gate_up_proj": ("w1", "w3")}, "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj")}}
 
 
-def conversion_pattern(model_type: str | None) -> str | None:
-    """The MoE layout a model_type shares (transformers' conversion table), if it is one PEFT rewrites."""
+def conversion_pattern(model) -> str | None:
+    """The MoE layout the model's type shares (transformers' conversion table), if it is one PEFT rewrites."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     try:
         from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as patterns
     except ImportError:  # an older transformers: experts are still nn.Linear, nothing to rewrite
@@ -36,7 +39,7 @@ def conversion_pattern(model_type: str | None) -> str | None:
 
 def convert_moe_targets(model, config, all_linear_names) -> None:
     """Rewrite `config` in place as PEFT does for fused-MoE models (see the module docstring)."""
-    pattern = conversion_pattern(getattr(getattr(model, "config", None), "model_type", None))
+    pattern = conversion_pattern(model)
     if pattern is None or config.target_modules is None:
         return
     renamed = RENAMED[pattern]
@@ -69,16 +72,13 @@ _OLD_EXPERT_KEY = re.compile(r"^(?P<block>.*)\.(?P<moe>block_sparse_moe|mlp)\.ex
                              r"(?P<layer>\w+)\.lora_(?P<factor>[AB])\.weight$")
 
 
-def convert_old_expert_weights(model, state_dict: dict) -> dict:
+def convert_old_expert_weights(model, state_dict: dict, key_prefix: str) -> dict:
     """An adapter file written for transformers 4's per-expert nn.Linear layers, rewritten for the fused 3-D
     parameters as PEFT 0.21 rewrites it: per layer, expert e's pair of the fused projections becomes rows
     [A_gate; A_up] of A and the block-diagonal diag(B_gate, B_up) of B (rank 2r, alpha 2·alpha in the config), the
     experts stacked in PEFT's order (A rows expert-major, B columns expert-minor); Mixtral's `block_sparse_moe` is
-    `mlp` now. Files without such keys come back unchanged."""
-    from .layers.parameter import LoraParameter
-    from .peft_io import KEY_PREFIX
-
-    pattern = conversion_pattern(getattr(getattr(model, "config", None), "model_type", None))
+    `mlp` now. Keys start with `key_prefix` (PEFT's). Files without such keys come back unchanged."""
+    pattern = conversion_pattern(model)
     if pattern is None or not any(_OLD_EXPERT_KEY.match(k) for k in state_dict):
         return state_dict
     renamed = RENAMED[pattern]
@@ -97,16 +97,16 @@ def convert_old_expert_weights(model, state_dict: dict) -> dict:
         slot = grouped.setdefault((match["block"], renamed[match["layer"]]), {})
         slot.setdefault(int(match["expert"]), {}).setdefault(match["layer"], {})[match["factor"]] = tensor
     for (block, parameter), experts in grouped.items():
-        olds = fused.get(parameter, (next(iter(next(iter(experts.values())))),))
+        olds = fused.get(parameter) or tuple(old for old, new in renamed.items() if new == parameter)
         A = torch.cat([torch.cat([experts[e][o]["A"] for o in olds]) for e in sorted(experts)])
         B = torch.stack([torch.block_diag(*[experts[e][o]["B"] for o in olds]) for e in sorted(experts)])
         B = B.permute(1, 2, 0).reshape(B.shape[1], -1)  # (out, rank, experts) -> column j·E + e
         module = f"{block}.mlp.experts"
-        unwrapped = module.removeprefix(KEY_PREFIX)
+        unwrapped = module.removeprefix(key_prefix)
         wrapper = wrappers.get((unwrapped, parameter))
         if wrapper is None:
             raise ValueError(f"the adapter file holds transformers-4 expert weights for {unwrapped}.{parameter}, "
                              "which this model's adapter config does not target")
-        out[f"{KEY_PREFIX}{wrapper}.lora_A.weight"] = A
-        out[f"{KEY_PREFIX}{wrapper}.lora_B.weight"] = B
+        out[f"{key_prefix}{wrapper}.lora_A.weight"] = A
+        out[f"{key_prefix}{wrapper}.lora_B.weight"] = B
     return out

@@ -22,14 +22,13 @@ from .config import CONFIG_NAME, LoraConfig
 from .forms import read_config
 from .inject import adapter_layers
 from .layers import LoraLayer
+from .moe_targets import convert_old_expert_weights
 from .utils import atomic_path
 from .variants.svd_init import to_plain_lora
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
-
-from .moe_targets import convert_old_expert_weights  # noqa: E402  (it reads KEY_PREFIX from here)
 
 
 def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -158,7 +157,7 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, state_dict: dict[s
     """Copy file tensors into adapter `adapter_name`'s parameters, checking every key and shape."""
     targets = _adapter_parameters(model, adapter_name)
     base_params = dict(model.named_parameters(remove_duplicate=False))  # a tied head's weight under its name too
-    state_dict = convert_old_expert_weights(model, dict(state_dict))  # transformers-4 MoE files, as PEFT does
+    state_dict = convert_old_expert_weights(model, dict(state_dict), KEY_PREFIX)  # transformers-4 MoE files, as PEFT
     form = adapter_form(model, adapter_name)
     if form is not None:
         form.load_saved_tensors({k: state_dict.pop(k) for k in form.saved_keys() if k in state_dict}, source)
