@@ -22,12 +22,10 @@ IGNORE = -100
 def unpad_batch(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> dict:
     """A right-padded batch as one padding-free row: {input_ids, labels, position_ids}, each (1, real tokens)."""
     keep = attention_mask.bool()
-    lengths = keep.sum(dim=1)
     labels = labels.clone()
     labels[:, 0] = IGNORE  # a row's first token is never a target (in the padded batch it is no one's next token)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    return {"input_ids": input_ids[keep][None], "labels": labels[keep][None], "position_ids": positions[keep][None],
-            "lengths": lengths}
+    return {"input_ids": input_ids[keep][None], "labels": labels[keep][None], "position_ids": positions[keep][None]}
 
 
 _last_segments: list = [None, None, None]  # [position-id tensor (held, so its id cannot be reused), version, lengths]

@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .base import LoraLayer
+from .linear import LoraLinear
 
 
 class LoraParameter(LoraLayer):
@@ -81,8 +82,7 @@ class LoraParameter(LoraLayer):
         self.container("lora_A", nn.ModuleDict)[name] = nn.Linear(self.in_features, r * self.num_experts, bias=False)
         self.container("lora_B", nn.ModuleDict)[name] = nn.Linear(r * self.num_experts, self.out_features, bias=False)
 
-    def pair(self, name):
-        return self.matrix("lora_A", name), self.matrix("lora_B", name)
+    pair = LoraLinear.pair  # A and B as a Linear keeps them (lora_A.<name>.weight, lora_B.<name>.weight)
 
     def delta(self, A, B, s):
         if self.delta_order is None:
