@@ -14,8 +14,6 @@ refused with the reason, before anything is written.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .gguf_tokenizer import add_tokenizer
 from .layers import LoraLayer
-from .utils import atomic_path
+from .utils import atomic_path, check_target
 from .variants.dora import DoraForm
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -155,8 +154,6 @@ def _rotary_heads(gguf_name: str, target: GGUFTarget) -> int | None:
 def _write_gguf(path: str, writer_fn, force: bool, arch: str) -> str:
     import gguf
 
-    from .export import check_target
-
     check_target(path, force, "file")
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -273,7 +270,7 @@ def export_gguf(peft_model, tokenizer, path: str, out_type: str = "f16", force: 
         _add_hyperparameters(writer, target)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type])
-        _add_tokenizer(writer, tokenizer, target.config)
+        add_tokenizer(writer, tokenizer, target.config)
         skip_head = family.head_is_embedding or getattr(target.config, "tie_word_embeddings", False)
         for hf_name, tensor in model.state_dict().items():
             if (skip_head and hf_name == "lm_head.weight") or hf_name.endswith("rotary_emb.inv_freq"):
@@ -293,53 +290,3 @@ def export_gguf(peft_model, tokenizer, path: str, out_type: str = "f16", force: 
                 writer.add_tensor(name, data, raw_dtype=kind)  # byte shape -> element shape inside gguf
 
     return _write_gguf(path, fill, force, target.arch)
-
-
-def _source_gguf_tokenizer(tokenizer) -> dict:
-    """The tokenizer settings of the GGUF file the model was converted from (model_loading keeps them)."""
-    from .model_loading import GGUF_TOKENIZER_FILE
-
-    path = os.path.join(str(getattr(tokenizer, "name_or_path", "") or ""), GGUF_TOKENIZER_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def _add_tokenizer(writer, tokenizer, config) -> None:
-    """GPT-2-style BPE vocabulary (as SmolLM2 and Llama-3 use) with merges, special ids, chat template."""
-    import gguf
-
-    if tokenizer is None:
-        raise ValueError("GGUF export needs the tokenizer (it is embedded in the file)")
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = data["model"]
-    if model.get("type") != "BPE":
-        raise ValueError(f"GGUF export supports BPE tokenizers; this one is {model.get('type')!r}")
-    vocab = model["vocab"]
-    size = max(config.vocab_size, len(vocab))
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [gguf.TokenType.UNUSED] * size
-    for token, idx in vocab.items():
-        tokens[idx], types[idx] = token, gguf.TokenType.NORMAL
-    for added in data.get("added_tokens", []):
-        tokens[added["id"]] = added["content"]
-        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    source = _source_gguf_tokenizer(tokenizer)
-    writer.add_tokenizer_model("gpt2")
-    # llama.cpp splits text before BPE by this name; the source GGUF's own (SmolLM2: "smollm"), else "default"
-    writer.add_tokenizer_pre(source.get("pre", "default"))
-    for flag in ("add_bos_token", "add_eos_token"):
-        if flag in source:
-            getattr(writer, f"add_{flag}")(bool(source[flag]))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for key, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "pad_token_id"),
-                      ("unk", "unk_token_id")):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            getattr(writer, f"add_{key}_token_id")(int(value))
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)

@@ -104,6 +104,36 @@ def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
             os.remove(tmp)
 
 
+HF_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                  "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def check_target(path: str, force: bool, kind: str) -> None:
+    """Refuse to overwrite `path` unless `force`; with `force`, replace only an output of the same kind:
+    a file for kind "file", a model directory (only model/tokenizer files, or empty) for kind "model_dir", a
+    directory for kind "adapter_dir" (adapter files are replaced in it, other files kept).
+    Anything else at `path` (a directory of other files, a file where a directory goes) is never deleted."""
+    if not os.path.lexists(path):
+        return
+    if not force:
+        raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite")
+    if kind == "file" and not os.path.isfile(path):
+        raise FileExistsError(f"{path} is a directory, not a file from an earlier export; --force replaces only a "
+                              "file: choose another output path")
+    if kind == "adapter_dir" and not os.path.isdir(path):
+        raise FileExistsError(f"{path} is a file, not an adapter directory; choose another --out")
+    if kind == "model_dir":
+        if not os.path.isdir(path):
+            raise FileExistsError(f"{path} is a file, not a model directory; --force replaces only a model "
+                                  "directory: choose another --out")
+        other = sorted(e for e in os.listdir(path)
+                       if e not in HF_MODEL_FILES and not e.startswith("model-0") and not e.startswith("."))
+        if other:
+            raise FileExistsError(f"{path} holds files that are not an exported model ({other[:5]}); --force "
+                                  "replaces only a model directory: choose another --out")
+
+
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """`module` in eval mode for the block, then back in the mode it was in (also after an exception)."""
