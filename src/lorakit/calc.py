@@ -20,6 +20,8 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
+from .kernels.linear_ce import chunk_rows_for
+
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4.127 bits per parameter with double quantization
 GB = 1e9
 
@@ -158,7 +160,6 @@ def memory_estimate(arch: Arch, targets: list[str], r: int, tokens: int = 2048) 
 # peak RSS (random-weight models of real shape, 0.36B-8B; the table in the README gives the error per size).
 RUNTIME_GB = 0.45            # python, torch, transformers, the tokenizer: RSS before the model loads
 SAVED_PER_TOKEN_LAYER = (10, 2, 4)  # values kept for backward per token and layer: x hidden, x kv_dim, x intermediate
-LOSS_CHUNK_ROWS = 256        # kernels/linear_ce.py: rows of logits formed at a time
 ALLOCATOR_SLACK_GB = 0.5     # freed heap the training loop lets glibc keep (TrainConfig.freed_memory_slack_gb)
 
 
@@ -218,7 +219,8 @@ def predict_run(arch: Arch, run: RunShape) -> dict[str, float]:
             2 if run.storage == "nf4" else compute),  # the NF4 loader keeps embeddings and head in bf16
         "adapters": model_lora_params(arch, list(targets), run.rank) * 16,
         "activations": activations,
-        "loss": 2 * tokens * arch.hidden * compute + 2 * LOSS_CHUNK_ROWS * arch.vocab * 4,
+        # the hidden states' gradient (kept from forward) + one chunk of fp32 logits and its softmax cast
+        "loss": 2 * tokens * arch.hidden * compute + 2 * chunk_rows_for(arch.vocab) * arch.vocab * 4,
         "transient": largest * compute + 3 * tokens * arch.intermediate * compute,
     }
     out = {name: value / GB for name, value in rows.items()}

@@ -51,7 +51,7 @@ class CausalLMLoss(nn.Module):
 
     count_targets = staticmethod(count_next_token_targets)  # what the loss sums over (the loop normalises by it)
 
-    def __init__(self, peft_model: nn.Module, fused: bool = True, chunk_rows: int = 256):
+    def __init__(self, peft_model: nn.Module, fused: bool = True, chunk_rows: int | None = None):
         super().__init__()
         self.peft_model = peft_model
         self.fused = fused

@@ -1,57 +1,68 @@
 """Cross-entropy of `hidden @ weight^T` over a large vocabulary, in row chunks.
 
 The full (rows x vocab) logits are never materialised: each chunk's logits are formed in the
-compute dtype, reduced with an fp32 log-sum-exp, and recomputed in backward. Only the per-row
-log-sum-exp (fp32, one number per row) is kept between forward and backward.
+compute dtype and reduced with an fp32 log-sum-exp. When a gradient will be needed, the same chunk's
+softmax is turned into the gradient right there (d loss / d logits = softmax - one-hot, which needs no
+upstream gradient: the loss is a sum, so backward only scales it), and the (rows x d) gradient of the
+hidden states is kept instead of the hidden states. So the head's logits are formed once per step, not
+again in backward: on an AVX2 EPYC (fp32) the head + loss of 812 rows x 49,152 words took 2.13 s forward
++ backward with recomputation, 0.98 s this way (chunks of 512 rows).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .saved_activations import keep_exact
 
-def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
-    """Row log-sum-exp, overwriting `logits`. ~5x faster than torch.logsumexp on CPU in fp32."""
-    peak = logits.amax(dim=-1, keepdim=True)
-    return peak.squeeze(1) + logits.sub_(peak).exp_().sum(dim=-1).log()
+CHUNK_BYTES = 100 * 2**20  # one chunk's fp32 logits: 512 rows of a 49,152-word vocabulary
+
+
+def chunk_rows_for(vocab: int) -> int:
+    """Rows of logits formed at a time: as many as fit CHUNK_BYTES in fp32 (a multiple of 64, at least 64).
+    Fewer, larger chunks run the head's matmul faster; the budget caps the transient memory."""
+    return max(64, CHUNK_BYTES // (4 * vocab) // 64 * 64)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows: int):
+    def forward(ctx, hidden, weight, labels, chunk_rows: int, grad_enabled: bool):
         n = hidden.shape[0]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for gradcheck
-        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        # (needs_input_grad says which inputs require grad even under no_grad, so grad mode is passed in)
+        want_hidden, want_weight = (grad_enabled and need for need in ctx.needs_input_grad[:2])
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = (hidden[rows] @ weight.T).to(acc)
-            target = logits.gather(1, labels[rows, None]).squeeze(1)
-            lse[rows] = _logsumexp_(logits)
-            total += (lse[rows] - target).sum()
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk_rows = chunk_rows
+            h, y = hidden[rows], labels[rows]
+            logits = (h @ weight.T).to(acc)
+            picked = (torch.arange(h.shape[0], device=h.device), y)
+            target = logits[picked]
+            peak = logits.amax(dim=-1, keepdim=True)  # log-sum-exp in place: ~5x torch.logsumexp on CPU in fp32
+            sums = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+            total += (peak + sums.log()).sum() - target.sum()
+            if not (want_hidden or want_weight):
+                continue
+            probs = logits.div_(sums)  # softmax
+            probs[picked] -= 1.0  # d (lse - target) / d logits
+            probs = probs.to(hidden.dtype)
+            if want_hidden:
+                torch.mm(probs, weight, out=grad_hidden[rows])
+            if want_weight:
+                grad_weight += (probs.T @ h).to(acc)
+        # gradients, not activations: saved as they are (no bf16 storage under compressed_activations)
+        ctx.save_for_backward(*(None if g is None else keep_exact(g) for g in
+                                (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))))
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            h = hidden[rows]
-            probs = (h @ weight.T).to(lse.dtype)
-            probs.sub_(lse[rows, None]).exp_()  # softmax, recomputed in place
-            probs[torch.arange(h.shape[0], device=h.device), labels[rows]] -= 1.0
-            probs = probs.to(hidden.dtype)
-            if grad_hidden is not None:  # scale the (rows x d) product, not the (rows x vocab) one
-                grad_hidden[rows] = (probs @ weight) * grad_total.to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += (probs.T @ h).to(lse.dtype) * grad_total
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_total.to(grad_hidden.dtype if grad_hidden is not None else grad_weight.dtype)
+        return (None if grad_hidden is None else grad_hidden * scale,
+                None if grad_weight is None else grad_weight * scale, None, None, None)
 
 
 class _VocabSlicedCrossEntropy(torch.autograd.Function):
@@ -109,15 +120,17 @@ def sliced_linear(x: torch.Tensor, weight_of: torch.nn.Module, slice_rows: int =
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             chunk_rows: int = 256) -> torch.Tensor:
+                             chunk_rows: int | None = None) -> torch.Tensor:
     """sum_i CE(hidden[i] @ weight^T, labels[i]) for rows `hidden` (N, d) and integer labels (N,).
 
     Equals F.cross_entropy(hidden @ weight.T, labels, reduction="sum") (fp32 log-sum-exp). A frozen `weight`
     stored in a narrower float dtype than `hidden` (bf16 head, fp32 compute) is used slice by slice, cast as it
-    goes (see _VocabSlicedCrossEntropy); otherwise the rows are processed `chunk_rows` at a time.
+    goes (see _VocabSlicedCrossEntropy); otherwise the rows are processed `chunk_rows` at a time (default:
+    `chunk_rows_for(vocabulary size)`), the gradients formed in the same pass.
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
     if weight.dtype != hidden.dtype and not weight.requires_grad:
         return _VocabSlicedCrossEntropy.apply(hidden, weight, labels, VOCAB_SLICE_ROWS)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_rows)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_rows or chunk_rows_for(weight.shape[0]),
+                                     torch.is_grad_enabled())

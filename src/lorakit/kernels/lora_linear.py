@@ -46,8 +46,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             scaling = scaling / keep
         xd = x2 if mask is None else x2.masked_fill(mask, 0)
         after_A = xd @ A.T
-        out = F.linear(x2, weight, bias)
-        out = torch.addmm(out, after_A, B.T, alpha=scaling)
+        out = F.linear(x2, weight, bias).addmm_(after_A, B.T, alpha=scaling)  # the update added in place
         # x itself (not the x2 view): q, k and v (gate and up) get the same x object, so a saved-tensor
         # hook (kernels.saved_activations) can store it once for all of them
         ctx.save_for_backward(x, mask, after_A, weight, A, B)
@@ -64,10 +63,12 @@ class _FusedLoraLinear(torch.autograd.Function):
         gB = g @ B  # (N, r)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            lora_grad = gB @ A
-            if mask is not None:
-                lora_grad.masked_fill_(mask, 0)
-            grad_x = (g @ weight).add_(lora_grad, alpha=s).view(ctx.shape)
+            grad_x = g @ weight
+            if mask is None:  # the update's input gradient accumulated in place (no (N, d_in) temporary)
+                grad_x.addmm_(gB, A, alpha=s)
+            else:
+                grad_x.add_((gB @ A).masked_fill_(mask, 0), alpha=s)
+            grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[3]:
             xd = x2 if mask is None else x2.masked_fill(mask, 0)
             grad_A = ((gB.T @ xd) * s).to(ctx.adapter_dtype)
