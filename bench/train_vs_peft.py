@@ -139,7 +139,7 @@ def kernel_counter():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.total += 1
-            self.matmuls += func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "baddbmm")
+            self.matmuls += func.overloadpacket.__name__ in ("mm", "addmm", "addmm_", "bmm", "baddbmm")
             return func(*args, **(kwargs or {}))
 
     return KernelCounter()
