@@ -54,21 +54,22 @@ class LoraParameter(LoraLayer):
                 raise ValueError(f"target_parameters ({target!r}) does not work with {setting}, as in PEFT: the "
                                  "update is applied through the weight")
 
-    def target_module(self) -> nn.Module:
-        module = self.base_layer
+    def _innermost(self) -> tuple[int, nn.Module]:
+        """(how many LoRA wrappers lie between self and the module, the module holding the parameter)."""
+        depth, module = 0, self.base_layer
         while isinstance(module, LoraParameter):
-            module = module.base_layer
-        return module
+            depth, module = depth + 1, module.base_layer
+        return depth, module
+
+    def target_module(self) -> nn.Module:
+        return self._innermost()[1]
 
     def base_weight(self) -> torch.Tensor:
         return getattr(self.target_module(), self.parameter_name)
 
     def _path(self) -> str:
         """The parameter's name as seen from self.base_layer (through nested wrappers)."""
-        depth, module = 0, self.base_layer
-        while isinstance(module, LoraParameter):
-            depth, module = depth + 1, module.base_layer
-        return "base_layer." * depth + self.parameter_name
+        return "base_layer." * self._innermost()[0] + self.parameter_name
 
     def __getattr__(self, name: str):
         try:
