@@ -349,3 +349,19 @@ def test_linear_cross_entropy_forms_each_chunks_logits_once_per_step():
         linear_cross_entropy_sum(h, W, y, chunk_rows=4)
     assert counted.calls == 3
     assert chunk_rows_for(49_152) == 512 and chunk_rows_for(128_256) == 192 and chunk_rows_for(10**7) == 64
+
+
+def test_linear_cross_entropy_with_non_contiguous_hidden_states():
+    """Hidden states that are a strided view (a transposed tensor, dense but column-major, and every other row
+    of a larger one) give the reference loss and gradient."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(9, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 9, (7,), generator=g)
+    for base, view in ((torch.randn(5, 7, dtype=torch.float64, generator=g), lambda t: t.T),
+                       (torch.randn(14, 5, dtype=torch.float64, generator=g), lambda t: t[::2])):
+        leaf, ref = base.clone().requires_grad_(), base.clone().requires_grad_()
+        ours = linear_cross_entropy_sum(view(leaf), W, y, chunk_rows=3)
+        expected = F.cross_entropy(view(ref) @ W.T, y, reduction="sum")
+        (ours * 0.5).backward(), (expected * 0.5).backward()
+        assert torch.allclose(ours, expected, atol=1e-10)
+        assert torch.allclose(leaf.grad, ref.grad, atol=1e-10)
