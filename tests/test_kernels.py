@@ -324,16 +324,9 @@ def test_linear_cross_entropy_forms_each_chunks_logits_once_per_step():
     backward only scales it by the upstream gradient, so forward + backward run 2 matmuls per chunk (3 when
     backward recomputed the logits); under no_grad, 1. The gradient equals the full-logits reference's, also for
     an upstream gradient other than 1 (a mean over targets)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from conftest import CountMatmuls
 
     from lorakit.kernels.linear_ce import chunk_rows_for
-
-    class CountMatmuls(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += func.overloadpacket.__name__ in ("mm", "addmm", "addmm_")
-            return func(*args, **(kwargs or {}))
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(10, 8, generator=g, requires_grad=True)
@@ -341,13 +334,13 @@ def test_linear_cross_entropy_forms_each_chunks_logits_once_per_step():
     y = torch.randint(0, 50, (10,), generator=g)
     with CountMatmuls() as counted:
         (linear_cross_entropy_sum(h, W, y, chunk_rows=4) / 7).backward()  # 3 chunks
-    assert counted.calls == 6
+    assert counted.count == 6
     ref_h = h.detach().clone().requires_grad_()
     (F.cross_entropy(ref_h @ W.T, y, reduction="sum") / 7).backward()
     assert torch.allclose(h.grad, ref_h.grad, atol=1e-6)
     with torch.no_grad(), CountMatmuls() as counted:
         linear_cross_entropy_sum(h, W, y, chunk_rows=4)
-    assert counted.calls == 3
+    assert counted.count == 3
     assert chunk_rows_for(49_152) == 512 and chunk_rows_for(128_256) == 192 and chunk_rows_for(10**7) == 64
 
 

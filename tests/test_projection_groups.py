@@ -4,7 +4,6 @@ gradients (gradcheck in float64), matmul counts, and the weights handed back as 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorakit
 from lorakit.loss import CausalLMLoss
@@ -111,19 +110,8 @@ def test_eval_dropout_and_several_adapters_take_each_layers_own_path():
         assert qkv._groupable(torch.randn(2, 8)) is None
 
 
-class CountMatmuls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_llama_training_step_same_loss_and_grads_with_24_fewer_matmuls_per_layer():
-    from conftest import tiny_llama
+    from conftest import CountMatmuls, tiny_llama
 
     model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules="all-linear"))
     with torch.no_grad():
