@@ -15,7 +15,7 @@ import time
 import torch
 from common import machine_name, paired_models
 
-from lorakit.model_loading import load_model
+from lorakit.models.loading import load_model
 
 
 def _timed(fn, x, reps):

@@ -16,10 +16,17 @@ import json
 
 import peft
 import torch
+from common import (
+    LORA,
+    copy_lora_weights,
+    machine_name,
+    median_rates,
+    paired_models,
+    randomize_lora_B,
+)
 
 import lorakit
-from common import LORA, copy_lora_weights, machine_name, median_rates, paired_models, randomize_lora_B
-from lorakit.model_loading import load_model
+from lorakit.models.loading import load_model
 
 
 def main():

@@ -2,7 +2,7 @@
 
     python bench/scale.py [--sizes smollm2-360m,llama-3.2-1b,llama-3-8b] [--runs qlora,lora,peft] [--steps 3]
 
-Each size is a random-weight model of that architecture's real shape (lorakit.synthetic_models: bf16
+Each size is a random-weight model of that architecture's real shape (lorakit.models.synthetic: bf16
 safetensors, written once to the cache; they measure memory and speed, not quality). Each run is its own
 process training LoRA r=16 on every linear layer, batch 4 x 512 tokens (packed demo rows), for `--steps`
 optimizer steps:
@@ -41,7 +41,7 @@ REFUSED_EXIT = 2
 def packed_rows(tokenizer):
     """The demo rows packed into 512-token rows (the same rows for every run)."""
     from lorakit import data as D
-    from lorakit.train_config import DEMO_DATA
+    from lorakit.train.config import DEMO_DATA
 
     examples, _ = D.load_examples(DEMO_DATA, tokenizer, LENGTH)
     return D.pack(examples, LENGTH)
@@ -49,8 +49,8 @@ def packed_rows(tokenizer):
 
 def lorakit_worker(model_dir: str, run: str, steps: int) -> dict:
     from lorakit.hardware import peak_resident_gb
-    from lorakit.train import train
-    from lorakit.train_config import TrainConfig
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.loop import train
 
     stamps = []
     cfg = TrainConfig(model=model_dir, prompts=None, output_dir=tempfile.mkdtemp(), max_length=LENGTH, packing=True,
@@ -65,14 +65,14 @@ def lorakit_worker(model_dir: str, run: str, steps: int) -> dict:
 
 
 def peft_worker(model_dir: str, steps: int) -> dict:
-    from lorakit.hardware import peak_resident_gb
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from lorakit import data as D
-    from lorakit.model_loading import load_tokenizer
-    from lorakit.train import batch_order
+    from lorakit.hardware import peak_resident_gb
+    from lorakit.models.loading import load_tokenizer
+    from lorakit.train.loop import batch_order
 
     tokenizer = load_tokenizer(model_dir)
     rows = packed_rows(tokenizer)
@@ -110,8 +110,8 @@ def predicted_peak_gb(size: str, run: str) -> float | None:
 
 def measure(size: str, run: str, steps: int) -> dict:
     from lorakit.calc import get_arch
-    from lorakit.memory_check import available_gb
-    from lorakit.synthetic_models import synthetic_model_dir
+    from lorakit.models.synthetic import synthetic_model_dir
+    from lorakit.train.memory_check import available_gb
 
     model_dir = synthetic_model_dir(size)
     params = get_arch(model_dir).base_params()
@@ -200,7 +200,7 @@ def main():
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        from lorakit.memory_check import MemoryRefusal
+        from lorakit.train.memory_check import MemoryRefusal
 
         try:
             out = peft_worker(args.model_dir, args.steps) if args.worker == "peft" else \

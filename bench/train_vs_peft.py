@@ -27,13 +27,14 @@ import sys
 import time
 
 from common import LORA, machine_name  # noqa: E402  (lora_dropout comes from --dropout; PEFT default 0)
+
 LR, WARMUP, BATCH, MAX_LEN, TURNS = 2e-4, 5, 8, 320, 3
 
 
 def write_bench_data(path: str, workload: str = "long") -> None:
     """3-turn conversations from the demo rows (~200 tokens each; `short`: the rows as they are), as JSONL."""
     from lorakit import data as D
-    from lorakit.train_config import DEMO_DATA
+    from lorakit.train.config import DEMO_DATA
 
     rows = [r for _, r in D.read_rows(DEMO_DATA)]
     if workload == "short":
@@ -55,9 +56,9 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
     import torch
 
     from lorakit import data as D
-    from lorakit.model_loading import load_tokenizer
-    from lorakit.train import batch_order
-    from lorakit.train_setup import lr_lambda
+    from lorakit.models.loading import load_tokenizer
+    from lorakit.train.loop import batch_order
+    from lorakit.train.setup import lr_lambda
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer("smollm2-135m")
@@ -68,7 +69,7 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
     if kind.startswith("peft"):  # what a PEFT user runs: fp32 (or bf16) model, labels= loss (mean over labelled tokens)
         import peft
 
-        from lorakit.model_loading import load_model
+        from lorakit.models.loading import load_model
 
         base = load_model("smollm2-135m", dtype=torch.bfloat16 if kind == "peft_bf16" else torch.float32, device=device)
         model = peft.get_peft_model(base, peft.LoraConfig(**LORA, lora_dropout=dropout))  # adapters in fp32
@@ -95,8 +96,8 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
             tokens.append(sum(len(rows[i]) for i in idx))
             print(f"  {kind} step {step + 1}/{steps} loss {losses[-1]:.4f} ({times[-1]:.1f} s)", file=sys.stderr)
     else:  # lorakit's default training path: the library's own loop, default settings
-        from lorakit.train import train
-        from lorakit.train_config import TrainConfig
+        from lorakit.train.config import TrainConfig
+        from lorakit.train.loop import train
 
         last = [time.perf_counter()]
 

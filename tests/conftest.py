@@ -104,7 +104,7 @@ def make_tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from lorakit.train_config import DEMO_DATA
+    from lorakit.train.config import DEMO_DATA
 
     texts = []
     with open(DEMO_DATA) as f:
@@ -148,7 +148,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
 
 def tiny_train_config(output_dir, **kw):
     """A TrainConfig for tiny-model runs: demo data, 96 tokens, batch 4, 10 steps, fp32, no progress bar."""
-    from lorakit.train_config import DEMO_DATA, TrainConfig
+    from lorakit.train.config import DEMO_DATA, TrainConfig
 
     base = dict(data=DEMO_DATA, prompts=None, output_dir=str(output_dir), max_length=96, batch_size=4,
                 max_steps=10, lr=5e-3, warmup_steps=2, eval_every=5, save_every=100, bf16=False, progress=False,

@@ -119,13 +119,12 @@ def test_dtype_and_device_options_load_the_base_as_asked(tiny_model_dir, tmp_pat
     """--dtype: bf16 / fp32 base (auto = bf16 only where this CPU has fast bf16); adapters stay fp32 on the
     base's device; the server's engine takes the same settings."""
     import torch
-
-    import lorakit
     from conftest import tiny_llama_for
 
+    import lorakit
     from lorakit.commands import _load
     from lorakit.hardware import fast_bf16
-    from lorakit.serve_engine import Engine, ServeConfig
+    from lorakit.serve.engine import Engine, ServeConfig
 
     adapter = lorakit.get_peft_model(tiny_llama_for(tiny_tokenizer), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
     adapter.save_pretrained(str(tmp_path / "a"))

@@ -137,7 +137,11 @@ def test_gguf_export_keeps_the_source_gguf_pre_tokenizer_and_bos_flags(tmp_path,
     import gguf
     from transformers import AutoTokenizer
 
-    from lorakit.model_loading import GGUF_TOKENIZER_FILE, embedded_gguf_path, gguf_tokenizer_settings
+    from lorakit.models.loading import (
+        GGUF_TOKENIZER_FILE,
+        embedded_gguf_path,
+        gguf_tokenizer_settings,
+    )
 
     smollm = gguf_tokenizer_settings(embedded_gguf_path("smollm2-135m"))
     assert smollm["pre"] == "smollm" and smollm["add_bos_token"] is False
@@ -167,7 +171,7 @@ def test_llama_cpp_tokenizes_the_exported_smollm2_gguf_as_transformers(tmp_path)
     source GGUF itself, and as transformers does wherever llama.cpp's own source file does (measured: all but
     " ½", which llama.cpp's smollm regex splits as " " + "½" for both files)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from lorakit.model_loading import embedded_gguf_path, load_tokenizer
+    from lorakit.models.loading import embedded_gguf_path, load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
     path = export.export_gguf(tiny_llama_for(tokenizer), tokenizer, str(tmp_path / "smollm-tok.gguf"), "f32")

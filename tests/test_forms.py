@@ -8,8 +8,8 @@ from conftest import randomize_adapters, tiny_llama
 
 import lorakit
 from lorakit import forms
-from lorakit.config import LoraConfig
 from lorakit.variants.lora import LoraForm
+from lorakit.variants.lora_config import LoraConfig
 
 
 class GatedForm(LoraForm):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from lorakit.train import train
-from lorakit.train_config import TrainConfig
+from lorakit.train.config import TrainConfig
+from lorakit.train.loop import train
 
 pytestmark = pytest.mark.integration
 SIGNATURE = "Happy trails"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.model_loading import load_model, load_tokenizer, resolve_model_dir
+from lorakit.models.loading import load_model, load_tokenizer, resolve_model_dir
 
 pytestmark = pytest.mark.integration
 QUICKSTART = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.05)

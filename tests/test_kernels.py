@@ -107,7 +107,7 @@ def test_fused_training_loss_equals_reference_path_values_and_adapter_grads():
     from conftest import tiny_llama
 
     import lorakit
-    from lorakit.loss import CausalLMLoss, fused_head_supported
+    from lorakit.train.loss import CausalLMLoss, fused_head_supported
 
     model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules="all-linear",
                                                                      lora_dropout=0.0))
@@ -208,7 +208,7 @@ def test_right_padded_batches_drop_their_mask_without_changing_loss_or_grads():
     from conftest import tiny_llama
 
     import lorakit
-    from lorakit.loss import CausalLMLoss, is_right_padded
+    from lorakit.train.loss import CausalLMLoss, is_right_padded
 
     model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
@@ -241,7 +241,7 @@ def _adapter_grads_with(stored_as, counts=None, min_numel=1):
 
     import lorakit
     from lorakit.kernels.saved_activations import compressed_activations
-    from lorakit.loss import CausalLMLoss
+    from lorakit.train.loss import CausalLMLoss
 
     model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules="all-linear"))
     with torch.no_grad():
@@ -310,7 +310,7 @@ def test_a_tensor_saved_by_several_functions_is_stored_once_until_it_changes():
 
 def test_saved_activations_setting_is_validated():
     from lorakit.kernels.saved_activations import resolve_saved_activations
-    from lorakit.train_config import TrainConfig
+    from lorakit.train.config import TrainConfig
 
     assert resolve_saved_activations("auto", torch.float32) == torch.bfloat16
     assert resolve_saved_activations("auto", torch.bfloat16) == torch.bfloat16

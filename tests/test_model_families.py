@@ -224,9 +224,9 @@ def test_fused_training_path_equals_the_reference_path(name, tiny_tokenizer):
     from lorakit import data as D
     from lorakit.kernels.rms_norm import fuse_rms_norms
     from lorakit.kernels.swiglu import fuse_swiglu_mlps
-    from lorakit.loss import CausalLMLoss
-    from lorakit.projection_groups import grouped_projections
-    from lorakit.train_config import DEMO_DATA
+    from lorakit.train.config import DEMO_DATA
+    from lorakit.train.loss import CausalLMLoss
+    from lorakit.train.projection_groups import grouped_projections
 
     rows, _ = D.load_examples(DEMO_DATA, tiny_tokenizer, max_length=48)
     batch = D.collate(rows[:4], tiny_tokenizer.pad_token_id)

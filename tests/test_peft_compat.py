@@ -6,7 +6,7 @@ import torch
 from conftest import ConvNet, clone, randomize_adapters, tiny_gpt2, tiny_llama
 
 import lorakit
-from lorakit.peft_io import adapter_state_dict
+from lorakit.adapters.peft_format import adapter_state_dict
 
 CASES = {
     "llama": (tiny_llama, dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.loss import CausalLMLoss
-from lorakit.projection_groups import find_groups, grouped_projections
+from lorakit.train.loss import CausalLMLoss
+from lorakit.train.projection_groups import find_groups, grouped_projections
 
 
 class Block(nn.Module):
@@ -161,7 +161,7 @@ def test_train_with_grouped_projections_equals_train_without(tmp_path, saved):
     """The training loop (fused kernels, projections grouped) against fused_kernels: false, 3 steps, fp32 base."""
     from conftest import tiny_train_config
 
-    from lorakit.train import train
+    from lorakit.train.loop import train
 
     finals = []
     for fused in (True, False):
@@ -182,9 +182,9 @@ def _tokenizer():
 
 
 def test_group_projections_setting_auto_means_a_bf16_base():
-    from lorakit.distributed import Env
-    from lorakit.train import group_projections_enabled
-    from lorakit.train_config import TrainConfig
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.distributed import Env
+    from lorakit.train.loop import group_projections_enabled
 
     single = Env()
     assert group_projections_enabled(TrainConfig(bf16=True), single)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.variants.rank_probe import allocate, suggest_rank_pattern
+from lorakit.train.rank_probe import allocate, suggest_rank_pattern
 
 
 class TwoBranches(nn.Module):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from lorakit import cli
 from lorakit import data as D
-from lorakit.train import train
+from lorakit.train.loop import train
 from lorakit.utils import atomic_path
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -194,7 +194,7 @@ ADAPTER_FIELDS = ["r", "lora_alpha", "target_modules", "lora_dropout", "bias", "
 @FUZZ
 @given(field=st.sampled_from(ADAPTER_FIELDS), value=JSON_VALUES)
 def test_fuzz_adapter_configs(tmp_path_factory, field, value):
-    from lorakit.forms import read_config
+    from lorakit.variants.registry import read_config
 
     path = tmp_path_factory.mktemp("adapter")
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], field: value}

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from lorakit import calc
-from lorakit.synthetic_models import shard_plan, write_synthetic_model
+from lorakit.models.synthetic import shard_plan, write_synthetic_model
 
 # Llama-shaped, with the linear layers most of the model (as at 1B+): 32 layers of 11.2 M linear weights
 SMALL = calc.Arch(hidden=1024, intermediate=2816, layers=32, heads=16, kv_heads=4, vocab=400, tied=True)

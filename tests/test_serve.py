@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from lorakit.train import train
-from lorakit.train_config import TrainConfig
+from lorakit.train.config import TrainConfig
+from lorakit.train.loop import train
 
 PROMPT = "Tell me something."
 

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_llama_for
 from conftest import tiny_train_config as _cfg
 
-from lorakit.train import train
-from lorakit.train_setup import lr_lambda
-from lorakit.train_config import DEMO_DATA
+from lorakit.train.config import DEMO_DATA
+from lorakit.train.loop import train
+from lorakit.train.setup import lr_lambda
 
 
 def _adapter(result):
@@ -172,7 +172,7 @@ def test_transformers_trainer_accepts_a_lorakit_model(tmp_path, tiny_tokenizer):
     from transformers import Trainer, TrainingArguments
 
     from lorakit import LoraConfig, get_peft_model
-    from lorakit.data import collate, load_examples
+    from lorakit.train.data import collate, load_examples
 
     model = get_peft_model(tiny_llama_for(tiny_tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -264,8 +264,8 @@ def test_every_variant_trains_in_the_one_loop_and_its_adapter_reloads(tmp_path, 
 ])
 def test_refused_runs_are_refused_before_any_model_or_tokenizer_loads(tmp_path, monkeypatch, settings, world_size,
                                                                       match):
-    import lorakit.train_setup as setup
-    from lorakit.distributed import Env
+    import lorakit.train.setup as setup
+    from lorakit.train.distributed import Env
 
     def must_not_load(*_, **__):
         raise AssertionError("a model or tokenizer was loaded before the run was refused")

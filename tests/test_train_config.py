@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from lorakit.train_config import DEMO_LORA, TrainConfig, load_train_config
+from lorakit.train.config import DEMO_LORA, TrainConfig, load_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import lorakit
 from lorakit import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model
-from lorakit.export import export_gguf_adapter
+from lorakit.export.merged import export_gguf_adapter
 from lorakit.variants.adalora import RankAllocator, pattern_module
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]

@@ -21,6 +21,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from .kernels.linear_ce import chunk_rows_for
+from .utils import check_positive_int
 
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4.127 bits per parameter with double quantization
 GB = 1e9
@@ -121,9 +122,10 @@ def get_arch(name_or_config: str) -> Arch:
     except KeyError as e:
         raise ArchUnknown(f"{path} lacks {e.args[0]!r}: not a decoder config lorakit can size") from None
     for field_name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
-        value = getattr(arch, field_name, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ArchUnknown(f"{path}: {field_name} must be a positive integer, got {value!r}")
+        try:
+            check_positive_int(f"{path}: {field_name}", getattr(arch, field_name, None), allow_none=True)
+        except ValueError as e:
+            raise ArchUnknown(str(e)) from None
     return arch
 
 

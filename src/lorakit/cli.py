@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 from . import commands
+from .utils import check_positive_int
 
 EXIT_USAGE = 2
 
@@ -19,10 +20,9 @@ def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
         value = int(text)
+        check_positive_int("value", value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return value
 
 

@@ -15,9 +15,9 @@ def _load(model_name: str, adapter: str | None, quantize: str | None = None, dty
           device: str = "cpu"):
     """Model (+ adapter, fp32 adapters on the base's device) and tokenizer; `dtype` / `device` as the CLI's
     --dtype / --device (auto: bf16 where the device has fast bf16; the GPU when torch sees one)."""
+    from .adapters.model import PeftModel
     from .hardware import resolve_device_type, resolve_dtype
-    from .model import PeftModel
-    from .model_loading import load_model, load_tokenizer
+    from .models.loading import load_model, load_tokenizer
 
     if adapter and not os.path.isdir(adapter):
         raise FileNotFoundError(f"adapter directory {adapter} does not exist")
@@ -30,8 +30,8 @@ def _load(model_name: str, adapter: str | None, quantize: str | None = None, dty
 
 
 def cmd_train(args, overrides: list[str]) -> int:
-    from .train import train
-    from .train_config import load_train_config
+    from .train.config import load_train_config
+    from .train.loop import train
 
     extra = overrides + (["--resume=true"] if args.resume else []) + (["--progress=false"] if args.quiet else []) \
         + ([f"--quantize={args.quantize}"] if args.quantize else [])
@@ -94,9 +94,9 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import data as D
-    from .loss import CausalLMLoss
-    from .train import evaluate
+    from .train import data as D
+    from .train.loop import evaluate
+    from .train.loss import CausalLMLoss
 
     model, tokenizer = _load(args.model, args.adapter, dtype=args.dtype, device=args.device)
     examples, stats = D.load_examples(args.data, tokenizer, args.max_length)
@@ -137,9 +137,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_merge_adapters(args) -> int:
+    from .adapters.model import LoraModel
     from . import export
-    from .model import LoraModel
-    from .model_loading import load_model
+    from .models.loading import load_model
 
     pairs = args.adapter
     try:
@@ -196,8 +196,8 @@ def cmd_calc(args) -> int:
 def _predict_training_run(args) -> tuple[dict, str]:
     """`lorakit calc --model`: the predicted peak of a training run, by component (memory_check's model)."""
     from . import calc
-    from .memory_check import available_gb
-    from .model_loading import resolve_model_dir
+    from .models.loading import resolve_model_dir
+    from .train.memory_check import available_gb
 
     arch = calc.get_arch(args.model if args.model.endswith(".json") else resolve_model_dir(args.model))
     targets = None if args.targets == "all" else tuple(t for t in args.targets.split(",") if t)
@@ -219,11 +219,11 @@ def _predict_training_run(args) -> tuple[dict, str]:
 def cmd_suggest_ranks(args) -> int:
     import yaml
 
-    from . import data as D
-    from .model_loading import load_model, load_tokenizer
-    from .train_config import DEMO_DATA
+    from .models.loading import load_model, load_tokenizer
+    from .train import data as D
+    from .train.config import DEMO_DATA
+    from .train.rank_probe import suggest_rank_pattern
     from .utils import atomic_path
-    from .variants.rank_probe import suggest_rank_pattern
 
     tokenizer = load_tokenizer(args.model)
     examples, _ = D.load_examples(args.data or DEMO_DATA, tokenizer, args.max_length)

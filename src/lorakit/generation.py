@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import render_prompt
+from .chat import render_prompt
 from .utils import eval_mode
 
 

@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -149,3 +149,23 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     """A step counter with rate and ETA (a no-op object when not `enabled`, e.g. on non-main ranks). The rate is the
     mean over all steps so far (smoothing=0): periodic evaluation steps spread over the ETA instead of swinging it."""
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, smoothing=0)
+
+
+def forward_getattr(module: nn.Module, name: str, target: Callable[[], object | None]):
+    """`__getattr__` of a wrapper module: nn.Module's own lookup (parameters, buffers, submodules), else the
+    attribute of the object `target()` returns; when that is None the AttributeError stands."""
+    try:
+        return nn.Module.__getattr__(module, name)
+    except AttributeError:
+        inner = target()
+        if inner is None:
+            raise
+        return getattr(inner, name)
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    """Refuse a setting that is not an integer >= 1 (bools are not integers here), naming it."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

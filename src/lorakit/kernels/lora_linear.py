@@ -13,7 +13,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 MASK_BITS = 15
 
 

@@ -69,7 +69,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 def register() -> None:
     """Make VARLEN a valid `config._attn_implementation` (idempotent): this function for attention, sdpa's masks."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
 
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])

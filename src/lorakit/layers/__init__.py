@@ -4,10 +4,14 @@ A layer does the geometry — how an adapter's pair (A, B) meets an input and th
   Linear     A: (r, d_in)            B: (d_out, r)          out = B A x
   Embedding  A: (r, num_embeddings)  B: (embedding_dim, r)  out = B A[:, ids]
   ConvNd     A: conv, base kernel    B: 1x1 conv            out = B * (A * x)
-The adapter's form (variants/) decides which parameters it has, how they start and which factors
+The adapter's form (lorakit/variants/, through the interface in form.py) decides which parameters it has, how they start and which factors
 they stand for; the layer keeps one `Adapter` record per name and asks the form. Parameter names
 are PEFT's (`base_layer`, `lora_A`, `lora_B`, `lora_embedding_A`, ...) so a state dict maps one to
 one onto PEFT's adapter files. Merging is an explicit, idempotent call.
+
+Also here, because only layers use them: mixed-adapter batches (mixed_batch.py), trainable token rows
+(trainable_tokens.py) and PEFT's modules_to_save copies (modules_to_save.py). Layers import nothing from
+adapters/, variants/, train/ or serve/.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from .attention import LoraMultiheadAttention
 from .base import LoraLayer
 from .conv import LoraConv
 from .embedding import LoraEmbedding
+from .form import Adapter, AdapterForm
 from .linear import LoraLinear
+from .modules_to_save import ModulesToSaveWrapper
+from .trainable_tokens import TrainableTokensWrapper
 
 # Base layer type -> LoRA wrapper (the first match wins).
 LAYER_TYPES: list[tuple[type, type]] = [
@@ -35,5 +42,5 @@ def lora_layer_class(module: nn.Module) -> type | None:
     return None
 
 
-__all__ = ["LAYER_TYPES", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraMultiheadAttention",
-           "lora_layer_class"]
+__all__ = ["LAYER_TYPES", "Adapter", "AdapterForm", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear",
+           "LoraMultiheadAttention", "ModulesToSaveWrapper", "TrainableTokensWrapper", "lora_layer_class"]

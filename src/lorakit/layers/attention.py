@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..utils import forward_getattr
 from .base import LoraLayer
 from .linear import LoraLinear
 
@@ -40,12 +41,7 @@ class LoraMultiheadAttention(LoraLayer):
         base_layer.out_proj = LoraLinear(base_layer.out_proj)
 
     def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in LoraMultiheadAttention.PASSTHROUGH:
-                return getattr(self.base_layer, name)
-            raise
+        return forward_getattr(self, name, lambda: self.base_layer if name in LoraMultiheadAttention.PASSTHROUGH else None)
 
     @property
     def weight(self) -> torch.Tensor:

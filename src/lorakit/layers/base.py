@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..variants.form import Adapter, AdapterForm
+from .form import Adapter, AdapterForm
 
 
 class Matrix(nn.Module):

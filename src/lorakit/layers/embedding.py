@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as LF
-from ..multi import mixed_embedding_update
 from .base import LoraLayer
+from .mixed_batch import mixed_embedding_update
 
 
 class LoraEmbedding(LoraLayer):

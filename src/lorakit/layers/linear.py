@@ -13,8 +13,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import functional as LF
 from ..kernels import fused_lora_linear
-from ..multi import mixed_linear_update
 from .base import LoraLayer
+from .mixed_batch import mixed_linear_update
 
 
 class LoraLinear(LoraLayer):

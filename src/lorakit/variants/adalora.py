@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import LoraConfig, check_rank
-from ..default_targets import ADALORA_DEFAULTS
 from ..layers import LoraLayer
-from .form import AdapterForm
+from ..layers.form import AdapterForm
+from ..utils import check_positive_int
+from .default_targets import ADALORA_DEFAULTS
+from .lora_config import LoraConfig
 
 
 class AdaLoraForm(AdapterForm):
@@ -115,8 +116,8 @@ class AdaLoraConfig(LoraConfig):
         if self.use_dora or self.svd_init or self.alpha_pattern:
             raise ValueError("AdaLoRA has its own SVD form: use_dora, PiSSA/OLoRA init and alpha_pattern "
                              "do not apply to an AdaLoraConfig")
-        check_rank("init_r", self.init_r)
-        check_rank("target_r", self.target_r)
+        check_positive_int("init_r", self.init_r)
+        check_positive_int("target_r", self.target_r)
         if self.target_r > self.init_r:
             raise ValueError(f"target_r ({self.target_r}) must be <= init_r ({self.init_r})")
         for name in ("beta1", "beta2"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .form import AdapterForm
+from ..layers.form import AdapterForm
 
 
 def magnitude_shape(weight: torch.Tensor) -> tuple[int, ...]:

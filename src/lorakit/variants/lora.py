@@ -14,7 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .. import functional as LF
-from .form import AdapterForm
+from ..layers.form import AdapterForm
 from .svd_init import olora_factors, parse_init, pissa_factors
 
 

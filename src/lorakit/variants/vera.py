@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from ..config import LoraConfig
-from ..default_targets import VERA_DEFAULTS
-from .form import AdapterForm
+from ..layers.form import AdapterForm
+from .default_targets import VERA_DEFAULTS
+from .lora_config import LoraConfig
 
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 

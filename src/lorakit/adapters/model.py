@@ -1,0 +1,295 @@
+"""LoraModel: a base model plus named adapters, with PEFT's API.
+
+`PeftModel` is the same class. As in PEFT, `model.base_model` is the tuner (a `LoraTuner`, whose
+methods are the LoraModel's) and `model.base_model.model` the wrapped transformers model, so parameter
+names start with `base_model.model.` (what optimizer groups, wrap policies and name filters expect).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..layers import LoraLayer
+from ..layers.mixed_batch import row_adapters
+from ..quant.nf4 import NF4Linear
+from ..utils import forward_getattr
+from ..variants.lora_config import DEFAULT_ADAPTER, LoraConfig
+from . import status
+from .files import AdapterFiles, cast_to_base_dtype
+from .inject import adapter_layers, inject_adapter
+from .merge import AdapterMerging
+from .tuner import LoraTuner
+
+BASE_ROW = "__base__"  # PEFT's name for a row of a mixed batch that uses no adapter
+
+
+class LoraModel(AdapterFiles, AdapterMerging, nn.Module):
+    """A model with LoRA adapters. Build it with `get_peft_model` or `LoraModel.from_pretrained`.
+
+    >>> model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
+    >>> model.print_trainable_parameters()                                                   # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER,
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, **_):
+        super().__init__()
+        self.base_model = LoraTuner(model, self)
+        self.peft_config: dict[str, LoraConfig] = {}
+        self._active: list[str] = [adapter_name]
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.set_adapter(adapter_name)
+        # As in PEFT: the wrappers and the new adapter modules start in training mode (nn.Module's default,
+        # so lora_dropout is live until model.eval()); the wrapped model's own modules keep their mode.
+
+    # --- attribute access like the wrapped model -------------------------------------------
+    def __getattr__(self, name: str):
+        return forward_getattr(self, name, lambda: None if name in ("model", "base_model") else self.model)
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped transformers model (= base_model.model)."""
+        return self.base_model.model
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    def forward(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
+        """The wrapped model's forward. `adapter_names` gives each batch row its own adapter (None = base).
+
+        A returned `loss` includes the active adapter's weighted regulariser where its form has one
+        (AdaLoRA's orthogonality term, as in PEFT, so transformers' Trainer trains AdaLoRA correctly)."""
+        with self._rows(adapter_names):
+            outputs = self.model(*args, **kwargs)
+        if isinstance(getattr(outputs, "loss", None), torch.Tensor):  # only then: the regulariser costs time
+            reg = self.weighted_regularization()
+            outputs.loss = outputs.loss if reg is None else outputs.loss + reg
+        return outputs
+
+    def weighted_regularization(self) -> torch.Tensor | None:
+        """The term the active adapter's form adds to the training loss (AdaLoRA: orth_reg_weight x
+        orthogonality), or None. The training loop and forward both add exactly this."""
+        config = self.peft_config.get(self.active_adapter)
+        if config is None or not config.regularization_weight:
+            return None
+        return config.regularization_weight * config.regularization(self, self.active_adapter)
+
+    def regularization_loss(self) -> torch.Tensor:
+        """The active adapter's regulariser before weighting (AdaLoRA's orthogonality; 0 for other forms)."""
+        config = self.peft_config.get(self.active_adapter)
+        reg = config.regularization(self, self.active_adapter) if config is not None else None
+        return torch.zeros(()) if reg is None else reg
+
+    def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
+        """The wrapped model's generate; `adapter_names` as in forward (one entry per prompt row)."""
+        with self._rows(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    def _rows(self, adapter_names):
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode (as in PEFT); "
+                             "call model.eval() first")
+        adapter_names = [None if n == BASE_ROW else n for n in adapter_names]
+        unknown = sorted({n for n in adapter_names if n is not None and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; loaded adapters: "
+                             f"{sorted(self.peft_config)} (None or '{BASE_ROW}' means the base model)")
+        return row_adapters(self._layers(), adapter_names)
+
+    # --- adapters ----------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters whose updates are applied (their deltas add), in order."""
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The active adapter's name (the first, when several are active)."""
+        return self._active[0] if self._active else None
+
+    def _layers(self):
+        return [m for _, m in adapter_layers(self.model)]
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter (not activated; call `set_adapter`). Parameters start frozen unless active.
+        Adapters are fp32 (PEFT's autocast_adapter_dtype=True); with False they take an fp16/bf16 base's dtype."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
+        if not isinstance(peft_config, LoraConfig):
+            raise TypeError(f"expected a lorakit LoraConfig, got {type(peft_config).__name__}")
+        configs = (*self.peft_config.values(), peft_config)
+        single = [c for c in configs if c.single_trainable and not c.inference_mode]
+        if len({type(c) for c in single}) == 1 and len(single) > 1:
+            raise ValueError(f"{peft_config.PEFT_TYPE} supports only 1 trainable adapter. When using multiple "
+                             "adapters, set inference_mode to True for all adapters except the one you want to "
+                             "train.")
+        with_bias = [c for c in configs if c.bias != "none"]
+        if len(with_bias) > 1:  # base-layer biases are shared by all adapters (PEFT's rule)
+            raise ValueError(f"{type(self).__name__} supports only 1 adapter with bias. When using multiple "
+                             f"adapters, set bias to 'none' for all adapters (got bias={peft_config.bias!r})")
+        inject_adapter(self.model, peft_config, adapter_name)
+        if not autocast_adapter_dtype:
+            cast_to_base_dtype(self._layers(), adapter_name)
+        self.peft_config[adapter_name] = peft_config
+        for layer in self._layers():  # keep the current adapters active everywhere
+            layer.set_active_adapters(self._active)
+        self._set_trainable()
+
+    # --- per-step work of a form (PEFT's AdaLoRA surface) -------------------------------------------
+    @property
+    def trainable_adapter_name(self) -> str | None:
+        """The adapter being trained: the first active one not in inference mode."""
+        return next((n for n in self._active if not self.peft_config[n].inference_mode), None)
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Call after `optimizer.step()`, before `zero_grad()`, every step (PEFT's AdaLoRA call, on
+        `model.base_model` or the model): the trained adapter's per-step work (AdaLoRA: importance scores and
+        rank allocation). A no-op for forms without one."""
+        if self.step_hook is not None:
+            self.step_hook(self, global_step)
+
+    @property
+    def step_hook(self):
+        """The trained adapter's per-step callable (made once and kept: it holds state across steps), or None."""
+        name = self.trainable_adapter_name
+        hooks = self.__dict__.setdefault("_step_hooks", {})
+        if name is not None and name not in hooks:
+            hooks[name] = self.peft_config[name].step_callback(self, name)
+        return hooks.get(name)
+
+    @property
+    def rankallocator(self):
+        """AdaLoRA's rank allocator of the trained adapter (PEFT's attribute), or None."""
+        return getattr(self.step_hook, "__self__", None)
+
+    def resize_modules_by_rank_pattern(self, rank_pattern: dict, adapter_name: str) -> None:
+        """AdaLoRA: shrink adapter `adapter_name` to the singular triplets `rank_pattern` keeps (PEFT's method)."""
+        self._check_known(adapter_name)
+        self.peft_config[adapter_name].resize_by_rank_pattern(self, rank_pattern, adapter_name)
+
+    def _check_known(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(self.peft_config)}")
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several (their deltas add, as in PEFT). Their parameters become trainable
+        unless `inference_mode` or their config's inference_mode; all others are frozen."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_known(name)
+        for layer in self._layers():  # refuse before any layer changes (trainable tokens: one active adapter)
+            if hasattr(layer, "check_active"):
+                layer.check_active(names)
+        self._active = names
+        for layer in self._layers():
+            layer.set_active_adapters(names)
+        self._set_trainable(frozen=inference_mode)
+
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter off in place (the model computes the base model) until enable_adapter_layers()."""
+        for name in self._active:
+            if self.peft_config[name].bias != "none":
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be "
+                              f"'{self.peft_config[name].bias}' does not produce the same output as the base model "
+                              "would without adaption.")
+        for layer in self._layers():
+            layer.disable_adapters = True
+
+    def enable_adapter_layers(self) -> None:
+        for layer in self._layers():
+            layer.disable_adapters = False
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and free its parameters."""
+        self._check_known(adapter_name)
+        for layer in self._layers():
+            layer.delete_adapter(adapter_name)
+        self.__dict__.get("_step_hooks", {}).pop(adapter_name, None)
+        del self.peft_config[adapter_name]
+        if adapter_name in self._active:
+            still = [a for a in self._active if a != adapter_name]
+            remaining = still or sorted(self.peft_config)[:1]
+            self._active = remaining
+            if remaining:
+                self.set_adapter(remaining)
+
+    def _set_trainable(self, frozen: bool = False) -> None:
+        """Freeze everything, then unfreeze the active adapters (and biases as their configs ask)."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for name in [] if frozen else self._active:
+            self._unfreeze(name)
+
+    def _unfreeze(self, name: str) -> None:
+        config = self.peft_config.get(name)
+        if config is None or config.inference_mode:
+            return
+        for layer in self._layers():
+            for p in layer.adapter_parameters(name).values():
+                p.requires_grad_(True)
+        if config.bias == "all":
+            for name, p in self.model.named_parameters():
+                if name.endswith(".bias"):
+                    p.requires_grad_(True)
+        elif config.bias == "lora_only":
+            for layer in self._layers():
+                if isinstance(layer, LoraLayer) and getattr(layer.base_layer, "bias", None) is not None:
+                    layer.base_layer.bias.requires_grad_(True)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model: adapters off (merged ones are unmerged for the duration, then re-merged)."""
+        layers = self._layers()
+        merged = {id(l): list(l.merged_adapters) for l in layers if hasattr(l, "unmerge")}
+        for layer in layers:
+            if hasattr(layer, "unmerge"):
+                layer.unmerge()
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disable_adapters = False
+                if merged.get(id(layer)):
+                    layer.merge(merged[id(layer)])
+
+    # --- parameters ----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, counted as PEFT counts them."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        # 4-bit weights live in buffers; count them as the parameters they stand for (PEFT does too).
+        total += sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, NF4Linear))
+        return trainable, total
+
+    def get_layer_status(self) -> list:
+        """PEFT's per-layer status (lorakit.adapters.status.TunerLayerStatus)."""
+        return status.get_layer_status(self)
+
+    def get_model_status(self):
+        """PEFT's model status (lorakit.adapters.status.TunerModelStatus)."""
+        return status.get_model_status(self)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    task_classes: dict[str, type["LoraModel"]] = {}  # task_type -> PEFT's task class (task_models.py fills it)
+
+    @classmethod
+    def class_for(cls, config: LoraConfig) -> type["LoraModel"]:
+        """The class PEFT would build: the task class for config.task_type when asked for the generic one."""
+        return cls.task_classes.get(config.task_type, cls) if cls is LoraModel else cls
+
+
+PeftModel = LoraModel

@@ -1,0 +1,221 @@
+"""OpenAI-compatible HTTP server: one base model, many adapters, mixed-adapter batches.
+
+`model` in a request selects an adapter by name (or the base model by its name); the engine
+(serve_engine.py) decodes requests that arrive together in one batch. Endpoints: GET /health,
+GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
+server-sent events), POST /v1/adapters (load from under --adapter-root only), DELETE
+/v1/adapters/{name}. Errors are OpenAI-style JSON: {"error": {"message", "type", "code"}}.
+(No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.)
+"""
+
+import asyncio
+import json
+import time
+import uuid
+
+from ..chat import render_prompt
+from .engine import APIError, Engine, Job, ServeConfig
+
+__all__ = ["APIError", "Engine", "ServeConfig", "create_app", "serve"]
+
+
+def _int_param(body: dict, name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value:
+        raise APIError(400, f"{name} must be an integer >= {low}, got {value!r}", "invalid_" + name)
+    return min(value, high)
+
+
+def _request_params(engine: Engine, body: dict) -> tuple[str | None, int, float, bool, bool]:
+    adapter = engine.resolve(body.get("model"))
+    max_tokens = _int_param(body, "max_tokens", 128, 1, engine.config.max_tokens_cap)
+    temperature = body.get("temperature", 0.0) if body.get("temperature") is not None else 0.0
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        raise APIError(400, f"temperature must be a number in [0, 2], got {temperature!r}", "invalid_temperature")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, f"stream must be true or false, got {stream!r}", "invalid_stream")
+    n = body.get("n", 1)
+    if n is not None and n != 1 or isinstance(n, bool):
+        raise APIError(400, f"n must be 1 (one choice per request; send n requests for n answers), got {n!r}",
+                       "invalid_n")
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: decode max_tokens tokens (benchmarks)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}", "invalid_ignore_eos")
+    return adapter, max_tokens, float(temperature), stream, ignore_eos
+
+
+def create_app(engine: Engine):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="lorakit", version="0.1.0")
+
+    def error(e: APIError) -> JSONResponse:
+        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}},
+                            status_code=e.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):  # unknown routes, wrong methods
+        codes = {404: "unknown_route", 405: "method_not_allowed"}
+        message = (f"no route {request.method} {request.url.path}; see GET /v1/models, POST /v1/completions, "
+                   "POST /v1/chat/completions, POST /v1/adapters, DELETE /v1/adapters/{name}"
+                   if e.status_code in (404, 405) else str(e.detail))
+        return error(APIError(e.status_code, message, codes.get(e.status_code, "http_error")))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):  # a bug: still an OpenAI-style answer, and the server keeps going
+        return error(APIError(500, f"internal error ({type(e).__name__}: {e})", "internal_error", "server_error"))
+
+    async def read_json(request: Request) -> dict:
+        limit = engine.config.max_body_bytes
+        too_large = APIError(413, f"request body exceeds {limit} bytes", "body_too_large")
+        if int(request.headers.get("content-length") or 0) > limit:  # refuse before reading it
+            raise too_large
+        raw = await request.body()
+        if len(raw) > limit:  # no or false Content-Length
+            raise too_large
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"request body is not valid JSON: {e.msg}", "invalid_json") from None
+        except UnicodeDecodeError:
+            raise APIError(400, "request body is not UTF-8 text", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object", "invalid_json")
+        return body
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "adapters": engine.adapter_names()}
+
+    @app.get("/v1/models")
+    async def models():
+        ids = [engine.base_name, *engine.adapter_names()]
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "lorakit"}
+                                          for i in ids]}
+
+    async def run(request: Request, chat: bool):
+        body = await read_json(request)
+        adapter, max_tokens, temperature, stream, ignore_eos = _request_params(engine, body)
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str)
+                    and m.get("role") in ("system", "user", "assistant") for m in messages):
+                raise APIError(400, "messages must be a non-empty list of {role, content} objects", "invalid_messages")
+            text = render_prompt([{"role": m["role"], "content": m["content"]} for m in messages], engine.tokenizer)
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str) or not text:
+                raise APIError(400, "prompt must be a non-empty string", "invalid_prompt")
+        ids = engine.tokenizer(text, add_special_tokens=not chat)["input_ids"]
+        job = engine.submit(ids, adapter, max_tokens, temperature, ignore_eos)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        model_name = body.get("model") or engine.base_name
+        created = int(time.time())
+        if stream:
+            return StreamingResponse(_stream(engine, job, rid, model_name, created, chat),
+                                     media_type="text/event-stream")
+        finish = "length"
+        while True:
+            item = await _next_item(job, request)
+            if isinstance(item, Exception):
+                raise APIError(500, f"generation failed: {item}", "generation_failed", "server_error")
+            token, finished = item
+            if finished:
+                finish = "stop" if token == engine.tokenizer.eos_token_id else "length"
+                break
+        text = engine.tokenizer.decode(job.generated, skip_special_tokens=True)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": len(job.generated),
+                 "total_tokens": len(ids) + len(job.generated)}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": [choice], "usage": usage}
+        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": usage}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, chat=True)
+
+    @app.post("/v1/adapters")
+    async def load_adapter(request: Request):
+        body = await read_json(request)
+        name, path = body.get("name"), body.get("path")
+        if not isinstance(name, str) or not isinstance(path, str):
+            raise APIError(400, "give 'name' and 'path' (relative to the adapter root) as strings", "invalid_adapter")
+        await asyncio.get_running_loop().run_in_executor(None, engine.load_adapter, name, path)
+        return {"id": name, "object": "model", "owned_by": "lorakit"}
+
+    @app.delete("/v1/adapters/{name}")
+    async def delete_adapter(name: str):
+        """Later requests naming it get 404 at once; requests already accepted finish with it, then it is freed."""
+        removed = await asyncio.get_running_loop().run_in_executor(None, engine.delete_adapter, name)
+        return {"id": name, "object": "model", "deleted": True, "pending_requests": not removed}
+
+    return app
+
+
+async def _next_item(job: Job, request) -> object:
+    """The job's next output; a client that disconnected cancels the job (checked twice a second)."""
+    getter = asyncio.ensure_future(job.out.get())
+    while True:
+        done, _ = await asyncio.wait({getter}, timeout=0.5)
+        if done:
+            return getter.result()
+        if await request.is_disconnected():
+            getter.cancel()
+            job.cancel()
+            raise APIError(499, "client disconnected", "client_disconnected")
+
+
+async def _stream(engine: Engine, job: Job, rid: str, model_name: str, created: int, chat: bool):
+    try:
+        async for chunk in _stream_chunks(engine, job, rid, model_name, created, chat):
+            yield chunk
+    finally:  # the client went away (the server closes this generator) or the answer is complete
+        job.cancel()
+
+
+async def _stream_chunks(engine: Engine, job: Job, rid: str, model_name: str, created: int, chat: bool):
+    sent = ""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    if chat:
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        yield f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': model_name, 'choices': [first]})}\n\n"
+    while True:
+        item = await job.out.get()
+        if isinstance(item, Exception):
+            yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
+            break
+        token, finished = item
+        text = engine.tokenizer.decode(job.generated, skip_special_tokens=True)
+        piece, sent = text[len(sent):], text
+        reason = ("stop" if token == engine.tokenizer.eos_token_id else "length") if finished else None
+        choice = ({"index": 0, "delta": {"content": piece}, "finish_reason": reason} if chat
+                  else {"index": 0, "text": piece, "finish_reason": reason, "logprobs": None})
+        yield f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': model_name, 'choices': [choice]})}\n\n"
+        if finished:
+            break
+    yield "data: [DONE]\n\n"
+
+
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    engine = Engine(config)
+    print(f"lorakit serve: {engine.base_name} + adapters {engine.adapter_names()} on http://{host}:{port}", flush=True)
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")

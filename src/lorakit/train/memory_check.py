@@ -1,0 +1,88 @@
+"""Before a run loads anything: will it fit in this machine's memory?
+
+The run's predicted peak (calc.predict_run: frozen weights, adapters with their gradients and AdamW states,
+activations with or without checkpointing, the chunked loss, transients, the runtime itself) against the memory
+available (MemAvailable, or `memory_limit_gb`). A run predicted not to fit is refused before anything is
+loaded or written, with the changes that would make it fit (QLoRA, checkpointing, a smaller batch) and their
+predicted peaks. bench/scale.py measures the prediction's error per model size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .. import calc
+
+
+class MemoryRefusal(ValueError):
+    """A run predicted to need more memory than the machine has."""
+
+
+def available_gb() -> float | None:
+    """MemAvailable from /proc/meminfo in GB (None where the system does not say)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / calc.GB
+    except OSError:
+        pass
+    return None
+
+
+def run_shape(cfg) -> calc.RunShape:
+    """The calculator's view of a TrainConfig (adapter sizes by the LoRA formula, whatever the form)."""
+    lora = cfg.lora
+    targets = lora.get("target_modules")
+    names = [targets] if isinstance(targets, str) else list(targets or [])
+    layer_matrices = set(calc.ALIASES.values())  # the per-layer matrix names the calculator sizes
+    known = tuple(n for n in names if n in layer_matrices)
+    saved = {"bf16": 2, "fp32": 4}.get(cfg.saved_activations)
+    return calc.RunShape(storage=cfg.quantize, compute="bf16" if cfg.bf16 else "fp32", batch=cfg.batch_size,
+                         length=cfg.max_length, rank=int(lora.get("r", 8)), targets=known or None,
+                         gradient_checkpointing=cfg.gradient_checkpointing, saved_bytes=saved)
+
+
+ALTERNATIVES = (  # what a refusal suggests, in order: (setting as the user writes it, the change to the run)
+    ("gradient_checkpointing: true", {"gradient_checkpointing": True}),
+    ("quantize: nf4", {"storage": "nf4"}),
+    ("quantize: nf4 + gradient_checkpointing: true", {"storage": "nf4", "gradient_checkpointing": True}),
+    ("bf16: true", {"compute": "bf16"}),  # slower where the CPU lacks fast bf16, but half the weights
+)
+
+
+def would_fit(arch: calc.Arch, shape: calc.RunShape, available: float) -> list[str]:
+    """The changes (each with its predicted peak) that bring the run under `available` GB."""
+    options, seen = [], {shape}
+    for label, change in ALTERNATIVES:
+        changed = dataclasses.replace(shape, **change)
+        if changed not in seen and (peak := calc.predict_run(arch, changed)["total"]) <= available:
+            options.append(f"{label} ({peak:.1f} GB)")
+        seen.add(changed)
+    batch = shape.batch // 2
+    while batch >= 1:
+        peak = calc.predict_run(arch, dataclasses.replace(shape, batch=batch))["total"]
+        if peak <= available:
+            options.append(f"batch_size: {batch} ({peak:.1f} GB; grad_accum keeps the effective batch)")
+            break
+        batch //= 2
+    return options
+
+
+def check_fits(model_dir: str, shape: calc.RunShape, limit_gb: float | None) -> str:
+    """A one-line summary of the predicted peak against the memory available (or `limit_gb`); MemoryRefusal,
+    naming what would fit instead, when the prediction exceeds it."""
+    arch = calc.get_arch(model_dir)
+    predicted = calc.predict_run(arch, shape)
+    available = limit_gb if limit_gb is not None else available_gb()
+    parts = ", ".join(f"{name} {value:.2f}" for name, value in predicted.items() if name != "total")
+    summary = (f"memory: predicted peak {predicted['total']:.2f} GB ({parts})"
+               + (f" of {available:.1f} GB available" if available is not None else ""))
+    if available is None or predicted["total"] <= available:
+        return summary
+    options = would_fit(arch, shape, available)
+    raise MemoryRefusal(
+        f"this run cannot fit: its predicted peak is {predicted['total']:.1f} GB (frozen weights "
+        f"{predicted['weights']:.1f}, activations {predicted['activations']:.1f}), {available:.1f} GB is available; "
+        + (f"would fit: {'; '.join(options)}" if options else "nothing smaller fits: use a smaller model")
+        + " (set memory_check: false to start anyway)")

@@ -1,0 +1,56 @@
+"""Loss plots: a run's loss.png (train and eval loss against step) and one PNG comparing runs."""
+
+from __future__ import annotations
+
+from ..utils import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: str) -> None:
+    """Lay out, write atomically (temp file, then rename) and free the figure."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+
+
+def plot_losses(history: list[dict], path: str) -> None:
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
+    trains = [r for r in history if "train_loss" in r]
+    ax.plot([r["step"] for r in trains], [r["train_loss"] for r in trains], label="train")
+    evals = [r for r in history if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_png(fig, path)
+
+
+def plot_curves(histories: dict[str, list[dict]], path: str, title: str = "") -> None:
+    """One PNG comparing runs: train loss (lines) and held-out loss (markers), one colour per run."""
+    fig, (ax_train, ax_eval) = _pyplot().subplots(1, 2, figsize=(11, 4), sharey=True)
+    for i, (name, history) in enumerate(histories.items()):
+        colour = f"C{i}"
+        trains = [r for r in history if "train_loss" in r]
+        evals = [r for r in history if "eval_loss" in r]
+        ax_train.plot([r["step"] for r in trains], [r["train_loss"] for r in trains], color=colour, label=name)
+        ax_eval.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color=colour, label=name)
+    for ax, what in ((ax_train, "train loss"), (ax_eval, "held-out loss")):
+        ax.set_xlabel("optimizer step")
+        ax.set_title(what)
+        ax.grid(alpha=0.3)
+    ax_train.set_ylabel("loss (nats / token)")
+    ax_eval.legend()
+    if title:
+        fig.suptitle(title)
+    _save_png(fig, path)

@@ -1,0 +1,217 @@
+"""Everything the training loop needs before its first step: checks, data, model, optimizer, resume.
+
+`prepare_run` refuses every combination it can before any model is loaded, then builds a `Run`:
+the rows, the adapted model and the module the loop calls, the optimizer and schedule, and the
+state to continue from (a checkpoint with `resume`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import calc
+from ..adapters.model import LoraModel
+from ..adapters.task_models import get_peft_model
+from ..generation import answer_prompts
+from ..hardware import resolve_bf16
+from ..kernels.rms_norm import fuse_rms_norms
+from ..kernels.saved_activations import (
+    compressed_activations,
+    resolve_saved_activations,
+)
+from ..kernels.swiglu import fuse_swiglu_mlps
+from ..kernels.varlen_attention import use_varlen_attention
+from ..models.loading import load_model, load_tokenizer, resolve_model_dir
+from ..quant.nf4 import quantize_model_nf4
+from ..utils import atomic_path
+from ..variants import create_loraplus_optimizer
+from ..variants.lora_config import LoraConfig
+from . import checkpoint as ckpt
+from . import data as D
+from . import distributed as dist_utils
+from .config import TrainConfig
+from .loss import LOSSES
+from .memory_check import check_fits, run_shape
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Run:
+    """One training run, set up: what the loop reads and updates."""
+
+    cfg: TrainConfig
+    env: dist_utils.Env
+    log: Callable[..., None]
+    tokenizer: Any
+    train_rows: list
+    val_rows: list
+    total_steps: int
+    adapter_config: LoraConfig
+    model: LoraModel
+    engine: torch.nn.Module                 # what the loop calls: the loss module or its DDP/FSDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    keep_activations: Callable[[], Any]     # context for the forward: saved activations in their storage dtype
+    after_step: Callable[[Any, int], Any] | None  # the form's per-step callback (AdaLoRA's rank allocator)
+    checkpoints: bool                       # mid-run checkpoints (not under multi-process FSDP)
+    prompts: list[str] = field(default_factory=list)
+    before: list[str] = field(default_factory=list)
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def initial_dir(self) -> str:  # PiSSA/OLoRA factors at step 0, needed to save them as plain LoRA
+        return os.path.join(self.cfg.output_dir, "adapter_init")
+
+
+def check_run(cfg: TrainConfig, env: dist_utils.Env) -> None:
+    """Refuse what depends on the launch (TrainConfig refused the rest when it was made), before anything loads."""
+    if cfg.resume and env.world_size > 1 and cfg.distributed == "fsdp":
+        raise ValueError("--resume is not supported with distributed=fsdp; use ddp for resumable runs")
+
+
+def check_memory(cfg: TrainConfig) -> str | None:
+    """The run's predicted peak memory against what is available (see memory_check.py); None where the model's
+    config cannot be sized (not a decoder config the calculator knows)."""
+    try:
+        return check_fits(resolve_model_dir(cfg.model), run_shape(cfg), cfg.memory_limit_gb)
+    except calc.ArchUnknown:
+        return None
+
+
+def load_rows(cfg: TrainConfig, tokenizer, log) -> tuple[list, list, list | None]:
+    """(train rows, held-out rows, class names for seq_cls else None), tokenized; packed when `cfg.packing`."""
+    classes = None
+    if cfg.task == "seq_cls":
+        examples, stats, classes = D.load_classification_examples(cfg.data, tokenizer, cfg.max_length)
+        load_eval = lambda path: D.load_classification_examples(path, tokenizer, cfg.max_length, classes)[0]  # noqa: E731
+    elif cfg.task == "seq2seq":
+        examples, stats = D.load_seq2seq_examples(cfg.data, tokenizer, cfg.max_length)
+        load_eval = lambda path: D.load_seq2seq_examples(path, tokenizer, cfg.max_length)[0]  # noqa: E731
+    else:
+        examples, stats = D.load_examples(cfg.data, tokenizer, cfg.max_length, cfg.train_on_prompt)
+        load_eval = lambda path: D.load_examples(path, tokenizer, cfg.max_length)[0]  # noqa: E731
+    if cfg.eval_data:
+        train_rows, val_rows = examples, load_eval(cfg.eval_data)
+    else:
+        train_rows, val_rows = D.split(examples, cfg.val_fraction, cfg.seed)
+    if cfg.packing:
+        train_rows = D.pack(train_rows, cfg.max_length)
+    log(f"data: {stats.rows} rows from {cfg.data} ({stats.truncated} truncated to {cfg.max_length} tokens, "
+        f"{stats.dropped_empty} dropped with no response tokens); {len(train_rows)} train / {len(val_rows)} val"
+        + (f"; {len(classes)} classes" if classes is not None else ""))
+    return train_rows, val_rows, classes
+
+
+def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=None,
+               num_labels: int | None = None) -> torch.nn.Module:
+    """The frozen base on the run's device: loaded (or the one handed in), quantized, fused, checkpointed."""
+    base = model if model is not None else load_model(cfg.model, dtype=dtype, quantize=cfg.quantize,
+                                                      attn_implementation=cfg.attn_implementation,
+                                                      num_labels=num_labels, seq2seq=cfg.task == "seq2seq")
+    if cfg.quantize is None:
+        base.to(device=env.device, dtype=dtype)
+    else:
+        if model is not None:  # a model handed in unquantized
+            quantize_model_nf4(base.to(dtype), compute_dtype=dtype)
+        base.to(env.device)  # moves the 4-bit buffers as they are
+    if cfg.fused_kernels:
+        fuse_rms_norms(base)
+        fuse_swiglu_mlps(base)
+        if cfg.task == "causal_lm" and cfg.padding_free:
+            use_varlen_attention(base)  # padding-free batches (kernels/varlen_attention.py)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return base
+
+
+def build_optimizer(cfg: TrainConfig, model: LoraModel, device: torch.device, total_steps: int):
+    """(optimizer, scheduler, trainable parameters): AdamW (LoRA+ groups when asked), warmup + cosine."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.loraplus_lr_ratio:
+        optimizer = create_loraplus_optimizer(model, cfg.lr, cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay)
+    else:
+        # torch's fused AdamW (CPU and CUDA): one kernel updates every adapter tensor instead of ~10 per tensor
+        # (plain tensors only: FSDP's sharded DTensors keep the default implementation)
+        fused = device.type in ("cpu", "cuda") and all(type(p.data) is torch.Tensor for p in params)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+    return optimizer, scheduler, params
+
+
+def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=None) -> Run:
+    check_run(cfg, env)
+    cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
+    memory_line = check_memory(cfg) if model is None and cfg.memory_check else None  # before anything is written
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    is_main = env.rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    if memory_line:
+        log(memory_line)
+
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    train_rows, val_rows, classes = load_rows(cfg, tokenizer, log)
+    rows_per_micro = cfg.batch_size * env.world_size
+    if len(train_rows) < rows_per_micro:
+        raise ValueError(f"{len(train_rows)} training rows is fewer than one batch of {rows_per_micro} rows")
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * (len(train_rows) // rows_per_micro) / cfg.grad_accum))
+
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    stored_as = resolve_saved_activations(cfg.saved_activations, dtype)
+    log(f"model: {cfg.model}; frozen weights in {cfg.quantize or ('bf16' if cfg.bf16 else 'fp32')} (adapters fp32; "
+        f"saved activations {'bf16' if stored_as == torch.bfloat16 else 'fp32'}); processes: {env.world_size}; "
+        f"device: {env.device}")
+    adapter_config = cfg.lora_config(total_steps)
+    base = build_base(cfg, env, dtype, model, num_labels=len(classes) if classes is not None else None)
+    if classes is not None:
+        base.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads each row's last real token
+        if is_main:
+            with atomic_path(os.path.join(cfg.output_dir, "labels.json")) as tmp, open(tmp, "w") as f:
+                json.dump({"id2label": {i: name for i, name in enumerate(classes)}}, f, indent=2)
+    peft_model = get_peft_model(base, adapter_config)
+    prompts = D.read_prompts(cfg.prompts) if is_main and cfg.prompts and cfg.task == "causal_lm" else []
+    before = answer_prompts(peft_model, tokenizer, prompts, cfg.max_new_tokens)
+    peft_model.train()
+    engine = dist_utils.wrap(LOSSES[cfg.task](peft_model, fused=cfg.fused_kernels), env, cfg.distributed)
+    optimizer, scheduler, params = build_optimizer(cfg, peft_model, env.device, total_steps)  # after FSDP's wrap
+    run = Run(cfg, env, log, tokenizer, train_rows, val_rows, total_steps, adapter_config, peft_model,
+              engine=engine, optimizer=optimizer, scheduler=scheduler, params=params,
+              keep_activations=(lambda: compressed_activations(stored_as)) if stored_as != dtype else nullcontext,
+              after_step=peft_model.step_hook,  # the same per-step object model.update_and_allocate drives
+              checkpoints=not (env.world_size > 1 and cfg.distributed == "fsdp"), prompts=prompts, before=before)
+    if adapter_config.svd_init and is_main and not cfg.resume:
+        peft_model.save_pretrained(run.initial_dir)
+    if env.world_size > 1:  # each process its own dropout stream (the adapters were initialised alike above)
+        torch.manual_seed(cfg.seed + 1 + env.rank)
+    if cfg.resume:
+        run.step, run.history = ckpt.load(cfg.output_dir, peft_model, optimizer, scheduler, env.rank)
+        log(f"resumed from step {run.step}")
+    if is_main:
+        cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
+    return run
