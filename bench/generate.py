@@ -10,13 +10,7 @@ import copy
 import json
 
 import torch
-from common import (
-    copy_lora_weights,
-    machine_name,
-    median_rates,
-    paired_models,
-    randomize_lora_B,
-)
+from common import copy_lora_weights, machine_name, median_rates, paired_models, randomize_lora_B
 
 from lorakit.models.loading import load_model
 

@@ -16,14 +16,7 @@ import json
 
 import peft
 import torch
-from common import (
-    LORA,
-    copy_lora_weights,
-    machine_name,
-    median_rates,
-    paired_models,
-    randomize_lora_B,
-)
+from common import LORA, copy_lora_weights, machine_name, median_rates, paired_models, randomize_lora_B
 
 import lorakit
 from lorakit.models.loading import load_model

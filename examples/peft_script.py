@@ -11,13 +11,7 @@ import tempfile
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lorakit import (
-    LoraConfig,
-    PeftModel,
-    TaskType,
-    get_peft_model,
-    get_peft_model_state_dict,
-)
+from lorakit import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 
 
 def base_model():

@@ -47,6 +47,23 @@ def _target(mod: Module, node: ast.ImportFrom | ast.Import, known: set[str]) -> 
     return subs if len(subs) == len(node.names) else [base, *subs]
 
 
+MODULE_REASON = "# imports inside functions:"  # a module-wide reason, e.g. in commands.py
+
+
+def _reason(lines: list[str], lineno: int, module_reason: str) -> str:
+    """Why an import sits inside a function: its own trailing comment, the comment line heading its block of
+    imports, or the module's `# imports inside functions: ...` line."""
+    own = lines[lineno - 1].partition("#")[2].strip()
+    if own:
+        return own
+    i = lineno - 2
+    while i >= 0 and lines[i].strip().startswith(("import ", "from ")):
+        i -= 1
+    if i >= 0 and lines[i].strip().startswith("#"):
+        return lines[i].strip().lstrip("#").strip()
+    return module_reason
+
+
 def read_modules(src: str = SRC) -> dict[str, Module]:
     paths = [os.path.join(d, n) for d, _, names in os.walk(src) for n in names if n.endswith(".py")]
     known = {module_name(p) for p in paths}
@@ -56,6 +73,8 @@ def read_modules(src: str = SRC) -> dict[str, Module]:
         mod = Module(module_name(path), path, text.count("\n"))
         tree = ast.parse(text)
         source_lines = text.split("\n")
+        module_reason = next((line.partition(MODULE_REASON)[2].strip() for line in source_lines
+                              if line.startswith(MODULE_REASON)), "")
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
@@ -63,10 +82,9 @@ def read_modules(src: str = SRC) -> dict[str, Module]:
                     mod.long_functions.append((node.name, length))
                 for inner in ast.walk(node):
                     if isinstance(inner, (ast.Import, ast.ImportFrom)):
-                        line = source_lines[inner.lineno - 1]
-                        reason = line.partition("#")[2].strip() or source_lines[inner.lineno - 2].strip().lstrip("#").strip() \
-                            if "#" in line or source_lines[inner.lineno - 2].strip().startswith("#") else ""
-                        mod.local_imports.append((inner.lineno, line.strip().partition("#")[0].strip(), reason))
+                        statement = source_lines[inner.lineno - 1].partition("#")[0].strip()
+                        mod.local_imports.append((inner.lineno, statement,
+                                                  _reason(source_lines, inner.lineno, module_reason)))
         for node in tree.body:
             nodes = [node]
             if isinstance(node, ast.If):  # `if TYPE_CHECKING:` blocks and import fallbacks still make arrows

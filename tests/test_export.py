@@ -137,11 +137,7 @@ def test_gguf_export_keeps_the_source_gguf_pre_tokenizer_and_bos_flags(tmp_path,
     import gguf
     from transformers import AutoTokenizer
 
-    from lorakit.models.loading import (
-        GGUF_TOKENIZER_FILE,
-        embedded_gguf_path,
-        gguf_tokenizer_settings,
-    )
+    from lorakit.models.loading import GGUF_TOKENIZER_FILE, embedded_gguf_path, gguf_tokenizer_settings
 
     smollm = gguf_tokenizer_settings(embedded_gguf_path("smollm2-135m"))
     assert smollm["pre"] == "smollm" and smollm["add_bos_token"] is False

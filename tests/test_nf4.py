@@ -7,14 +7,8 @@ from conftest import randomize_adapters, tiny_llama
 from torch import nn
 
 import lorakit
-from lorakit.quant.nf4 import (
-    NF4_CODE,
-    NF4Linear,
-    dequantize_nf4,
-    nf4_code_from_quantiles,
-    quantize_model_nf4,
-    quantize_nf4,
-)
+from lorakit.quant.nf4 import (NF4_CODE, NF4Linear, dequantize_nf4, nf4_code_from_quantiles, quantize_model_nf4,
+                               quantize_nf4)
 
 # bitsandbytes' published NF4 table (functional.py), copied as a literal reference.
 PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

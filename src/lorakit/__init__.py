@@ -1,39 +1,57 @@
-"""lorakit: LoRA fine-tuning and serving, with PEFT's API and file format."""
+"""lorakit: LoRA fine-tuning and serving, with PEFT's API and file format.
+
+The public names below load on first use (PEP 562), so `lorakit --help` and `import lorakit` do not pay for
+torch and transformers until a name that needs them is touched; `from lorakit import LoraConfig` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
 
 from . import moved_modules
-from .adapters import (
-                       LoraModel,
-                       PeftConfig,
-                       PeftModel,
-                       PeftModelForCausalLM,
-                       PeftModelForFeatureExtraction,
-                       PeftModelForQuestionAnswering,
-                       PeftModelForSeq2SeqLM,
-                       PeftModelForSequenceClassification,
-                       PeftModelForTokenClassification,
-                       PeftType,
-                       TaskType,
-                       get_layer_status,
-                       get_model_status,
-                       get_peft_model,
-                       get_peft_model_state_dict,
-                       inject_adapter_in_model,
-                       prepare_model_for_kbit_training,
-                       set_peft_model_state_dict,
-)
-from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
-from .models import load_model, load_tokenizer
-from .variants import AdaLoraConfig, LoraConfig, VeraConfig
 
 moved_modules.install()  # old module paths (lorakit.train_config, lorakit.model, ...) for one release
+
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaLoraConfig", "VeraConfig",
-    "LoraConfig", "LoraModel", "PeftModel", "get_peft_model", "LoraLayer", "LoraLinear", "LoraEmbedding",
-    "LoraConv", "load_model", "load_tokenizer", "__version__",
-    "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
-    "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "PeftConfig", "PeftType", "TaskType", "get_peft_model_state_dict", "inject_adapter_in_model",
-    "prepare_model_for_kbit_training", "set_peft_model_state_dict", "get_layer_status", "get_model_status",
-]
+# public name -> the subpackage that defines it
+_PUBLIC = {
+    **dict.fromkeys(["AdaLoraConfig", "LoraConfig", "VeraConfig"], "lorakit.variants"),
+    **dict.fromkeys(["LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear"], "lorakit.layers"),
+    **dict.fromkeys(["load_model", "load_tokenizer"], "lorakit.models"),
+    **dict.fromkeys([
+        "LoraModel", "PeftModel", "get_peft_model", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
+        "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+        "PeftModelForTokenClassification", "PeftConfig", "PeftType", "TaskType", "get_peft_model_state_dict",
+        "inject_adapter_in_model", "prepare_model_for_kbit_training", "set_peft_model_state_dict",
+        "get_layer_status", "get_model_status"], "lorakit.adapters"),
+}
+
+__all__ = [*_PUBLIC, "__version__"]
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from .adapters import (LoraModel,  # noqa: F401 (re-exported through __getattr__)
+                           PeftConfig, PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
+                           PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
+                           PeftModelForTokenClassification, PeftType, TaskType, get_layer_status, get_model_status,
+                           get_peft_model, get_peft_model_state_dict, inject_adapter_in_model,
+                           prepare_model_for_kbit_training, set_peft_model_state_dict)
+    from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear  # noqa: F401
+    from .models import load_model, load_tokenizer  # noqa: F401
+    from .variants import AdaLoraConfig, LoraConfig, VeraConfig  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # `lorakit.train` without importing it first
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

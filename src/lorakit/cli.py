@@ -58,11 +58,7 @@ def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool) -> None:
                    help="adapter directory (PEFT format)" + ("" if adapter_required else "; omit for the base model"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning and serving toolkit.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_train_command(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a LoRA adapter (no arguments: the demo)", allow_abbrev=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=textwrap.dedent("""\
@@ -76,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="QLoRA: frozen base in 4-bit NF4")
 
+
+def _add_generate_command(sub) -> None:
     p = sub.add_parser("generate", help="generate a completion for a prompt")
     _add_model_args(p, adapter_required=False)
     p.add_argument("prompt", help="user message (sent through the chat template)")
@@ -83,12 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     _add_runtime_args(p)
 
+
+def _add_chat_command(sub) -> None:
     p = sub.add_parser("chat", help="interactive chat, streaming tokens (empty line or Ctrl-D quits)")
     _add_model_args(p, adapter_required=False)
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     _add_runtime_args(p)
 
+
+def _add_export_command(sub) -> None:
     p = sub.add_parser("export", help="merged model (HF or GGUF) or a llama.cpp adapter GGUF",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=textwrap.dedent("""\
@@ -104,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["nf4"], default=None, help="base was trained in 4 bits: load it so")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
+
+def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a base model and many adapters")
     p.add_argument("--model", default="smollm2-135m", help="model name, transformers directory or .gguf file")
     p.add_argument("--adapter", action="append", default=[], type=name_and_dir, metavar="NAME=DIR",
@@ -118,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20)
     _add_runtime_args(p)
 
+
+def _add_merge_adapters_command(sub) -> None:
     p = sub.add_parser("merge-adapters", help="combine adapters into one (linear, cat, svd, ties, dare, ...)")
     p.add_argument("--model", default="smollm2-135m", help="base model the adapters were trained on")
     p.add_argument("--adapter", action="append", required=True, type=name_and_dir, metavar="NAME=DIR",
@@ -130,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the combined adapter")
     p.add_argument("--force", action="store_true", help="overwrite --out")
 
+
+def _add_calc_command(sub) -> None:
     p = sub.add_parser("calc", help="LoRA parameter counts, memory estimates, rank suggestions",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=textwrap.dedent("""\
@@ -157,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-size", type=float, default=None, help="parameters, e.g. 7e9 (for --suggest-rank)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _add_suggest_ranks_command(sub) -> None:
     p = sub.add_parser("suggest-ranks", help="per-layer ranks for a parameter budget, from an importance probe",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=textwrap.dedent("""                           Spend a LoRA parameter budget across layers: a short AdaLoRA-style probe on your
@@ -176,12 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the rank_pattern here (YAML flow mapping)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _add_eval_command(sub) -> None:
     p = sub.add_parser("eval", help="loss and perplexity of a model/adapter on a data file")
     _add_model_args(p, adapter_required=False)
     p.add_argument("--data", required=True, help="data file (any training format)")
     p.add_argument("--max-length", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=8)
     _add_runtime_args(p, default_dtype="fp32")  # losses comparable across machines by default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning and serving toolkit.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add_command in (_add_train_command, _add_generate_command, _add_chat_command, _add_export_command,
+                        _add_serve_command, _add_merge_adapters_command, _add_calc_command, _add_suggest_ranks_command,
+                        _add_eval_command):  # the order `lorakit --help` lists them in
+        add_command(sub)
     return parser
 
 

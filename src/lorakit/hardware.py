@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import os
 import threading
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,8 +56,6 @@ def attention_backends(device: torch.device | str = "cpu") -> contextlib.Abstrac
     """
     if torch.device(device).type != "cuda":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
@@ -86,9 +87,6 @@ def resolve_bf16(setting: bool | str, device: torch.device | str = "cpu") -> boo
 
 @functools.lru_cache(maxsize=1)
 def _libc():
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return libc if hasattr(libc, "malloc_trim") else None

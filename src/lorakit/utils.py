@@ -6,10 +6,12 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from torch import nn
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # annotations only: this module is imported by `lorakit --help`, which must not load torch
+    from torch import nn
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -151,11 +153,11 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, smoothing=0)
 
 
-def forward_getattr(module: nn.Module, name: str, target: Callable[[], object | None]):
-    """`__getattr__` of a wrapper module: nn.Module's own lookup (parameters, buffers, submodules), else the
-    attribute of the object `target()` returns; when that is None the AttributeError stands."""
+def forward_getattr(own_getattr: Callable[[str], Any], name: str, target: Callable[[], object | None]):
+    """`__getattr__` of a wrapper module: its own lookup first (`super().__getattr__`: parameters, buffers,
+    submodules), else the attribute of the object `target()` returns; when that is None the AttributeError stands."""
     try:
-        return nn.Module.__getattr__(module, name)
+        return own_getattr(name)
     except AttributeError:
         inner = target()
         if inner is None:

@@ -4,25 +4,12 @@ loading as model methods (files.py), merging and adapter arithmetic (merge.py, a
 classes (task_models.py), module-level helpers (peft_api.py) and status reports (status.py)."""
 
 from .model import BASE_ROW, LoraModel, PeftModel
-from .peft_api import (
-                       PeftConfig,
-                       PeftType,
-                       TaskType,
-                       get_peft_model_state_dict,
-                       inject_adapter_in_model,
-                       prepare_model_for_kbit_training,
-                       set_peft_model_state_dict,
-)
+from .peft_api import (PeftConfig, PeftType, TaskType, get_peft_model_state_dict, inject_adapter_in_model,
+                       prepare_model_for_kbit_training, set_peft_model_state_dict)
 from .status import get_layer_status, get_model_status
-from .task_models import (
-                       PeftModelForCausalLM,
-                       PeftModelForFeatureExtraction,
-                       PeftModelForQuestionAnswering,
-                       PeftModelForSeq2SeqLM,
-                       PeftModelForSequenceClassification,
-                       PeftModelForTokenClassification,
-                       get_peft_model,
-)
+from .task_models import (PeftModelForCausalLM, PeftModelForFeatureExtraction, PeftModelForQuestionAnswering,
+                          PeftModelForSeq2SeqLM, PeftModelForSequenceClassification, PeftModelForTokenClassification,
+                          get_peft_model)
 from .tuner import LoraTuner
 
 __all__ = ["BASE_ROW", "LoraModel", "LoraTuner", "PeftConfig", "PeftModel", "PeftModelForCausalLM",

@@ -48,7 +48,8 @@ class LoraModel(AdapterFiles, AdapterMerging, nn.Module):
 
     # --- attribute access like the wrapped model -------------------------------------------
     def __getattr__(self, name: str):
-        return forward_getattr(self, name, lambda: None if name in ("model", "base_model") else self.model)
+        return forward_getattr(super().__getattr__, name,
+                               lambda: None if name in ("model", "base_model") else self.model)
 
     @property
     def model(self) -> nn.Module:

@@ -23,19 +23,19 @@ RENAMED = {
     "qwen2_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
                   "down_proj": "down_proj"},
 }
+try:  # transformers 5's table of model types whose MoE experts are fused 3-D parameters
+    from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as CONVERSION_PATTERNS
+except ImportError:
+    CONVERSION_PATTERNS = None
 FUSED = {"mixtral": {"gate_up_proj": ("w1", "w3")}, "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj")}}
 
 
 def conversion_pattern(model) -> str | None:
     """The MoE layout the model's type shares (transformers' conversion table), if it is one PEFT rewrites."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    try:
-        from transformers.conversion_mapping import (
-            _MODEL_TO_CONVERSION_PATTERN as patterns,
-        )
-    except ImportError:  # an older transformers: experts are still nn.Linear, nothing to rewrite
+    if CONVERSION_PATTERNS is None:  # an older transformers: experts are still nn.Linear, nothing to rewrite
         return None
-    pattern = "mixtral" if model_type == "mixtral" else patterns.get(model_type)
+    pattern = "mixtral" if model_type == "mixtral" else CONVERSION_PATTERNS.get(model_type)
     return pattern if pattern in RENAMED else None
 
 

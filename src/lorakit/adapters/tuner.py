@@ -18,7 +18,8 @@ class LoraTuner(nn.Module):
         object.__setattr__(self, "_owner", owner)  # not a submodule: no cycle in modules() / state_dict()
 
     def __getattr__(self, name: str):
-        return forward_getattr(self, name, lambda: None if name.startswith("__") else self.__dict__.get("_owner"))
+        return forward_getattr(super().__getattr__, name,
+                               lambda: None if name.startswith("__") else self.__dict__.get("_owner"))
 
     def forward(self, *args, **kwargs):
         return self.__dict__["_owner"].forward(*args, **kwargs)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import gguf
 import numpy as np
 import torch
 from torch import nn
@@ -125,8 +126,6 @@ def permute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _name_map(target: GGUFTarget):
-    import gguf
-
     arch = gguf.MODEL_ARCH[target.arch.upper()]
     return gguf.get_tensor_name_map(arch, target.config.num_hidden_layers)
 
@@ -152,8 +151,6 @@ def _rotary_heads(gguf_name: str, target: GGUFTarget) -> int | None:
 
 
 def _write_gguf(path: str, writer_fn, force: bool, arch: str) -> str:
-    import gguf
-
     check_target(path, force, "file")
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -168,8 +165,6 @@ def _write_gguf(path: str, writer_fn, force: bool, arch: str) -> str:
 def export_gguf_adapter(peft_model, path: str, adapter_name: str | None = None, force: bool = False) -> str:
     """Write the adapter as a llama.cpp LoRA GGUF. ΔW = (alpha / r) * B @ A per tensor, as llama.cpp
     computes it; layers whose scaling differs from the file's single alpha get it folded into B."""
-    import gguf
-
     model = peft_model.get_base_model()
     target = gguf_target(model)
     name = adapter_name or peft_model.active_adapter
@@ -215,8 +210,6 @@ def export_gguf_adapter(peft_model, path: str, adapter_name: str | None = None, 
 
 
 def _tensor_for_gguf(t: torch.Tensor, out_type: str):
-    import gguf
-
     arr = t.detach().float().numpy()
     if arr.ndim == 1 or out_type == "f32":  # norms and biases stay f32, as llama.cpp's converter does
         return arr.astype(np.float32), None
@@ -244,8 +237,6 @@ def _add_hyperparameters(writer, target: GGUFTarget) -> None:
     writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     if rope["rope_type"] == "linear":
-        import gguf
-
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
@@ -256,8 +247,6 @@ def _add_hyperparameters(writer, target: GGUFTarget) -> None:
 
 def export_gguf(peft_model, tokenizer, path: str, out_type: str = "f16", force: bool = False) -> str:
     """Merge the adapter and write the whole model as GGUF (families in GGUF_FAMILIES), with its tokenizer."""
-    import gguf
-
     if out_type not in GGUF_TYPES:
         raise ValueError(f"GGUF type must be one of {GGUF_TYPES}, got {out_type!r}")
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 
+import gguf
+
+from ..models.loading import GGUF_TOKENIZER_FILE
+
 
 def _source_gguf_tokenizer(tokenizer) -> dict:
     """The tokenizer settings of the GGUF file the model was converted from (model_loading keeps them)."""
-    from ..models.loading import GGUF_TOKENIZER_FILE
-
     path = os.path.join(str(getattr(tokenizer, "name_or_path", "") or ""), GGUF_TOKENIZER_FILE)
     if not os.path.isfile(path):
         return {}
@@ -21,8 +23,6 @@ def _source_gguf_tokenizer(tokenizer) -> dict:
 
 def add_tokenizer(writer, tokenizer, config) -> None:
     """GPT-2-style BPE vocabulary (as SmolLM2 and Llama-3 use) with merges, special ids, chat template."""
-    import gguf
-
     if tokenizer is None:
         raise ValueError("GGUF export needs the tokenizer (it is embedded in the file)")
     data = json.loads(tokenizer.backend_tokenizer.to_str())

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 VARLEN = "lorakit_varlen"
 IGNORE = -100
@@ -49,8 +52,6 @@ def _segments(position_ids: torch.Tensor) -> list[int] | None:
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs):
     """transformers attention interface: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     position_ids = kwargs.get("position_ids")
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     segments = _segments(position_ids) if position_ids is not None else None
@@ -68,12 +69,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 
 def register() -> None:
     """Make VARLEN a valid `config._attn_implementation` (idempotent): this function for attention, sdpa's masks."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import (
-        ALL_MASK_ATTENTION_FUNCTIONS,
-        AttentionMaskInterface,
-    )
-
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 

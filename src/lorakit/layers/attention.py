@@ -41,7 +41,8 @@ class LoraMultiheadAttention(LoraLayer):
         base_layer.out_proj = LoraLinear(base_layer.out_proj)
 
     def __getattr__(self, name: str):
-        return forward_getattr(self, name, lambda: self.base_layer if name in LoraMultiheadAttention.PASSTHROUGH else None)
+        return forward_getattr(super().__getattr__, name,
+                               lambda: self.base_layer if name in LoraMultiheadAttention.PASSTHROUGH else None)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -15,13 +15,9 @@ import importlib.util
 import json
 import os
 
+import gguf
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-)
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from ..quant.load import load_nf4_model
 from ..utils import atomic_path
@@ -75,8 +71,6 @@ GGUF_TOKENIZER_KEYS = {"pre": "tokenizer.ggml.pre", "add_bos_token": "tokenizer.
 
 def gguf_tokenizer_settings(gguf_path: str) -> dict:
     """llama.cpp's pre-tokenizer name and BOS/EOS flags as the GGUF file states them (absent keys left out)."""
-    import gguf
-
     fields = gguf.GGUFReader(gguf_path).fields
     out = {}
     for name, key in GGUF_TOKENIZER_KEYS.items():
@@ -98,8 +92,6 @@ def _gguf_parsed_once():
     the tokenizer, the config and the weights, and rebuilds gguf's tensor-name table for every submodule (~400
     times); inside this context each file is parsed once and each table built once (the conversion of the
     embedded model: 44 s -> 22 s on an AVX2 EPYC). Readers are read-only memory maps, safe to share."""
-    import gguf
-
     real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict = {}
 

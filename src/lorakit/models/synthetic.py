@@ -19,6 +19,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from ..calc import ARCHITECTURES, Arch
 from ..utils import atomic_path
@@ -30,7 +31,6 @@ INIT_STD = 0.02
 
 def synthetic_config(arch: Arch, tokenizer):
     """The transformers config of an architecture from calc.ARCHITECTURES (Llama, or Qwen2 for Qwen shapes)."""
-    from transformers import LlamaConfig, Qwen2Config
 
     config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}.get(arch.model_type)
     if config_class is None:
@@ -44,7 +44,6 @@ def synthetic_config(arch: Arch, tokenizer):
 
 def parameter_shapes(config) -> dict[str, torch.Size]:
     """Name -> shape of every parameter the model's files hold (a tied head is stored once, as the embedding)."""
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

@@ -15,6 +15,7 @@ import os
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..hardware import release_freed_memory
 from ..kernels.linear_ce import sliced_linear
@@ -91,7 +92,6 @@ def read_tensor(f, entry: dict, into: torch.Tensor | None = None) -> torch.Tenso
 
 
 def load_nf4_model(directory: str, compute_dtype: torch.dtype = torch.bfloat16):
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     with torch.device("meta"):

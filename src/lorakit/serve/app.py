@@ -1,10 +1,11 @@
 """OpenAI-compatible HTTP server: one base model, many adapters, mixed-adapter batches.
 
 `model` in a request selects an adapter by name (or the base model by its name); the engine
-(serve_engine.py) decodes requests that arrive together in one batch. Endpoints: GET /health,
+(engine.py) decodes requests that arrive together in one batch. Endpoints: GET /health,
 GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
 server-sent events), POST /v1/adapters (load from under --adapter-root only), DELETE
-/v1/adapters/{name}. Errors are OpenAI-style JSON: {"error": {"message", "type", "code"}}.
+/v1/adapters/{name}. Errors are OpenAI-style JSON: {"error": {"message", "type", "code"}}; the engine's
+own refusals (errors.py) become 400 / 403 / 404 / 409 here.
 (No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.)
 """
 
@@ -13,10 +14,36 @@ import json
 import time
 import uuid
 
-from ..chat import render_prompt
-from .engine import APIError, Engine, Job, ServeConfig
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # an optional dependency: say how to get it
+    raise ImportError(f"lorakit serve needs fastapi and uvicorn ({e.name} is missing): "
+                      "pip install 'lorakit[serve]'") from e
 
-__all__ = ["APIError", "Engine", "ServeConfig", "create_app", "serve"]
+from ..chat import render_prompt
+from .engine import Engine, Job, ServeConfig
+from .errors import Conflict, EngineError, InvalidRequest, NotAllowed, NotFound
+
+__all__ = ["APIError", "create_app", "serve"]
+
+HTTP_STATUS = {InvalidRequest: (400, "invalid_request_error"), NotAllowed: (403, "permission_error"),
+               NotFound: (404, "invalid_request_error"), Conflict: (409, "invalid_request_error")}
+
+
+class APIError(Exception):
+    """An HTTP error answer: status, message, OpenAI-style code and type."""
+
+    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.kind = status, message, code, kind
+
+    @classmethod
+    def from_engine(cls, e: EngineError) -> "APIError":
+        status, kind = HTTP_STATUS[type(e)]
+        return cls(status, e.message, e.code, kind)
 
 
 def _int_param(body: dict, name: str, default: int, low: int, high: int) -> int:
@@ -47,20 +74,27 @@ def _request_params(engine: Engine, body: dict) -> tuple[str | None, int, float,
     return adapter, max_tokens, float(temperature), stream, ignore_eos
 
 
-def create_app(engine: Engine):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
+def create_app(engine: Engine) -> FastAPI:
     app = FastAPI(title="lorakit", version="0.1.0")
+    _add_error_handlers(app)
+    _add_completion_routes(app, engine)
+    _add_adapter_routes(app, engine)
+    return app
 
-    def error(e: APIError) -> JSONResponse:
-        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}},
-                            status_code=e.status)
 
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}},
+                        status_code=e.status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
-        return error(e)
+        return _error(e)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_, e: EngineError):
+        return _error(APIError.from_engine(e))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):  # unknown routes, wrong methods
@@ -68,30 +102,78 @@ def create_app(engine: Engine):
         message = (f"no route {request.method} {request.url.path}; see GET /v1/models, POST /v1/completions, "
                    "POST /v1/chat/completions, POST /v1/adapters, DELETE /v1/adapters/{name}"
                    if e.status_code in (404, 405) else str(e.detail))
-        return error(APIError(e.status_code, message, codes.get(e.status_code, "http_error")))
+        return _error(APIError(e.status_code, message, codes.get(e.status_code, "http_error")))
 
     @app.exception_handler(Exception)
     async def _unexpected(_, e: Exception):  # a bug: still an OpenAI-style answer, and the server keeps going
-        return error(APIError(500, f"internal error ({type(e).__name__}: {e})", "internal_error", "server_error"))
+        return _error(APIError(500, f"internal error ({type(e).__name__}: {e})", "internal_error", "server_error"))
 
-    async def read_json(request: Request) -> dict:
-        limit = engine.config.max_body_bytes
-        too_large = APIError(413, f"request body exceeds {limit} bytes", "body_too_large")
-        if int(request.headers.get("content-length") or 0) > limit:  # refuse before reading it
-            raise too_large
-        raw = await request.body()
-        if len(raw) > limit:  # no or false Content-Length
-            raise too_large
-        try:
-            body = json.loads(raw or b"{}")
-        except json.JSONDecodeError as e:
-            raise APIError(400, f"request body is not valid JSON: {e.msg}", "invalid_json") from None
-        except UnicodeDecodeError:
-            raise APIError(400, "request body is not UTF-8 text", "invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object", "invalid_json")
-        return body
 
+async def _read_json(engine: Engine, request: Request) -> dict:
+    limit = engine.config.max_body_bytes
+    too_large = APIError(413, f"request body exceeds {limit} bytes", "body_too_large")
+    if int(request.headers.get("content-length") or 0) > limit:  # refuse before reading it
+        raise too_large
+    raw = await request.body()
+    if len(raw) > limit:  # no or false Content-Length
+        raise too_large
+    try:
+        body = json.loads(raw or b"{}")
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"request body is not valid JSON: {e.msg}", "invalid_json") from None
+    except UnicodeDecodeError:
+        raise APIError(400, "request body is not UTF-8 text", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object", "invalid_json")
+    return body
+
+
+def _prompt_text(engine: Engine, body: dict, chat: bool) -> str:
+    """The text to complete: the chat template applied to `messages`, or `prompt` as it is."""
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str)
+                and m.get("role") in ("system", "user", "assistant") for m in messages):
+            raise APIError(400, "messages must be a non-empty list of {role, content} objects", "invalid_messages")
+        return render_prompt([{"role": m["role"], "content": m["content"]} for m in messages], engine.tokenizer)
+    text = body.get("prompt")
+    if not isinstance(text, str) or not text:
+        raise APIError(400, "prompt must be a non-empty string", "invalid_prompt")
+    return text
+
+
+async def _complete(engine: Engine, request: Request, chat: bool):
+    body = await _read_json(engine, request)
+    adapter, max_tokens, temperature, stream, ignore_eos = _request_params(engine, body)
+    ids = engine.tokenizer(_prompt_text(engine, body, chat), add_special_tokens=not chat)["input_ids"]
+    job = engine.submit(ids, adapter, max_tokens, temperature, ignore_eos)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    model_name = body.get("model") or engine.base_name
+    created = int(time.time())
+    if stream:
+        return StreamingResponse(_stream(engine, job, rid, model_name, created, chat), media_type="text/event-stream")
+    finish = "length"
+    while True:
+        item = await _next_item(job, request)
+        if isinstance(item, Exception):
+            raise APIError(500, f"generation failed: {item}", "generation_failed", "server_error")
+        token, finished = item
+        if finished:
+            finish = "stop" if token == engine.tokenizer.eos_token_id else "length"
+            break
+    text = engine.tokenizer.decode(job.generated, skip_special_tokens=True)
+    usage = {"prompt_tokens": len(ids), "completion_tokens": len(job.generated),
+             "total_tokens": len(ids) + len(job.generated)}
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [choice], "usage": usage}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": usage}
+
+
+def _add_completion_routes(app: FastAPI, engine: Engine) -> None:
     @app.get("/health")
     async def health():
         return {"status": "ok", "adapters": engine.adapter_names()}
@@ -102,58 +184,19 @@ def create_app(engine: Engine):
         return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "lorakit"}
                                           for i in ids]}
 
-    async def run(request: Request, chat: bool):
-        body = await read_json(request)
-        adapter, max_tokens, temperature, stream, ignore_eos = _request_params(engine, body)
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str)
-                    and m.get("role") in ("system", "user", "assistant") for m in messages):
-                raise APIError(400, "messages must be a non-empty list of {role, content} objects", "invalid_messages")
-            text = render_prompt([{"role": m["role"], "content": m["content"]} for m in messages], engine.tokenizer)
-        else:
-            text = body.get("prompt")
-            if not isinstance(text, str) or not text:
-                raise APIError(400, "prompt must be a non-empty string", "invalid_prompt")
-        ids = engine.tokenizer(text, add_special_tokens=not chat)["input_ids"]
-        job = engine.submit(ids, adapter, max_tokens, temperature, ignore_eos)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        model_name = body.get("model") or engine.base_name
-        created = int(time.time())
-        if stream:
-            return StreamingResponse(_stream(engine, job, rid, model_name, created, chat),
-                                     media_type="text/event-stream")
-        finish = "length"
-        while True:
-            item = await _next_item(job, request)
-            if isinstance(item, Exception):
-                raise APIError(500, f"generation failed: {item}", "generation_failed", "server_error")
-            token, finished = item
-            if finished:
-                finish = "stop" if token == engine.tokenizer.eos_token_id else "length"
-                break
-        text = engine.tokenizer.decode(job.generated, skip_special_tokens=True)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(job.generated),
-                 "total_tokens": len(ids) + len(job.generated)}
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": [choice], "usage": usage}
-        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": usage}
-
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await run(request, chat=False)
+        return await _complete(engine, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await run(request, chat=True)
+        return await _complete(engine, request, chat=True)
 
+
+def _add_adapter_routes(app: FastAPI, engine: Engine) -> None:
     @app.post("/v1/adapters")
     async def load_adapter(request: Request):
-        body = await read_json(request)
+        body = await _read_json(engine, request)
         name, path = body.get("name"), body.get("path")
         if not isinstance(name, str) or not isinstance(path, str):
             raise APIError(400, "give 'name' and 'path' (relative to the adapter root) as strings", "invalid_adapter")
@@ -165,8 +208,6 @@ def create_app(engine: Engine):
         """Later requests naming it get 404 at once; requests already accepted finish with it, then it is freed."""
         removed = await asyncio.get_running_loop().run_in_executor(None, engine.delete_adapter, name)
         return {"id": name, "object": "model", "deleted": True, "pending_requests": not removed}
-
-    return app
 
 
 async def _next_item(job: Job, request) -> object:
@@ -214,8 +255,6 @@ async def _stream_chunks(engine: Engine, job: Job, rid: str, model_name: str, cr
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    import uvicorn
-
     engine = Engine(config)
     print(f"lorakit serve: {engine.base_name} + adapters {engine.adapter_names()} on http://{host}:{port}", flush=True)
     uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")

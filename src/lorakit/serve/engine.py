@@ -23,23 +23,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters.model import LoraModel
-from ..hardware import (
-    check_device_setting,
-    check_dtype_setting,
-    resolve_device_type,
-    resolve_dtype,
-)
+from ..hardware import check_device_setting, check_dtype_setting, resolve_device_type, resolve_dtype
 from ..models.loading import load_model, load_tokenizer
 from ..utils import check_positive_int
 from ..variants.registry import read_config
+from .errors import Conflict, InvalidRequest, NotAllowed, NotFound
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a module-dict key: no '.', no '/'
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.kind = status, message, code, kind
 
 
 @dataclass
@@ -116,26 +106,27 @@ class Engine:
 
     def load_adapter(self, name: str, path: str, check_root: bool = True) -> None:
         if not ADAPTER_NAME.fullmatch(name) or name == self.base_name:
-            raise APIError(400, f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-' (starting with a "
-                           f"letter or digit), other than the base model's name {self.base_name!r}", "invalid_name")
+            raise InvalidRequest(f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-' (starting "
+                                 f"with a letter or digit), other than the base model's name {self.base_name!r}",
+                                 "invalid_name")
         if "\x00" in path:
-            raise APIError(400, "adapter path must not contain a NUL character", "invalid_path")
+            raise InvalidRequest("adapter path must not contain a NUL character", "invalid_path")
         if name in self.deleting:
-            raise APIError(409, f"adapter {name!r} is being deleted (requests still use it); retry shortly",
+            raise Conflict(f"adapter {name!r} is being deleted (requests still use it); retry shortly",
                            "adapter_being_deleted")
         if name in self._loaded():
-            raise APIError(409, f"adapter {name!r} is already loaded", "adapter_exists")
+            raise Conflict(f"adapter {name!r} is already loaded", "adapter_exists")
         if check_root:
             path = self._under_root(path)
         if not os.path.isdir(path):
-            raise APIError(404, f"adapter directory {path!r} not found", "adapter_not_found")
+            raise NotFound(f"adapter directory {path!r} not found", "adapter_not_found")
         try:
             dora = read_config(path).use_dora
         except (ValueError, OSError) as e:
-            raise APIError(400, f"cannot load adapter {name!r}: {e}", "bad_adapter") from None
+            raise InvalidRequest(f"cannot load adapter {name!r}: {e}", "bad_adapter") from None
         if dora:  # its weight norm is per adapter: it cannot share a batch with other rows
-            raise APIError(400, f"adapter {name!r} is a DoRA adapter, which cannot join mixed-adapter batches; "
-                           "serve its merged model instead (lorakit export --format hf)", "unsupported_adapter")
+            raise InvalidRequest(f"adapter {name!r} is a DoRA adapter, which cannot join mixed-adapter batches; "
+                                 "serve its merged model instead (lorakit export --format hf)", "unsupported_adapter")
         with self.lock:
             try:
                 if isinstance(self.model, LoraModel):
@@ -143,18 +134,17 @@ class Engine:
                 else:
                     self.model = LoraModel.from_pretrained(self.model, path, adapter_name=name)
             except (ValueError, OSError) as e:
-                raise APIError(400, f"cannot load adapter {name!r}: {e}", "bad_adapter") from None
+                raise InvalidRequest(f"cannot load adapter {name!r}: {e}", "bad_adapter") from None
 
     def _under_root(self, path: str) -> str:
         root = self.config.adapter_root
         if not root:
-            raise APIError(403, "loading adapters at runtime is disabled (start the server with --adapter-root)",
-                           "adapter_loading_disabled", "permission_error")
+            raise NotAllowed("loading adapters at runtime is disabled (start the server with --adapter-root)",
+                             "adapter_loading_disabled")
         real_root = os.path.realpath(root)
         real = os.path.realpath(os.path.join(real_root, path))
         if os.path.commonpath([real, real_root]) != real_root:
-            raise APIError(403, f"adapter path {path!r} is outside the adapter root", "path_outside_root",
-                           "permission_error")
+            raise NotAllowed(f"adapter path {path!r} is outside the adapter root", "path_outside_root")
         return real
 
     def delete_adapter(self, name: str) -> bool:
@@ -162,7 +152,7 @@ class Engine:
         Returns True when it was removed now."""
         with self.registry:
             if name not in self.adapter_names():
-                raise APIError(404, f"adapter {name!r} is not loaded", "adapter_not_found")
+                raise NotFound(f"adapter {name!r} is not loaded", "adapter_not_found")
             self.deleting.add(name)
             now = not self.in_use.get(name)
         if now:
@@ -195,7 +185,7 @@ class Engine:
         if model_name in (None, "", self.base_name):
             return None
         if model_name not in self.adapter_names():
-            raise APIError(404, f"model {model_name!r} not found; available: {[self.base_name, *self.adapter_names()]}",
+            raise NotFound(f"model {model_name!r} not found; available: {[self.base_name, *self.adapter_names()]}",
                            "model_not_found")
         return model_name
 
@@ -203,13 +193,13 @@ class Engine:
     def submit(self, ids: list[int], adapter: str | None, max_tokens: int, temperature: float,
                ignore_eos: bool = False) -> Job:
         if len(ids) > self.config.max_prompt_tokens:
-            raise APIError(400, f"prompt has {len(ids)} tokens; the limit is {self.config.max_prompt_tokens}",
-                           "prompt_too_long")
+            raise InvalidRequest(f"prompt has {len(ids)} tokens; the limit is {self.config.max_prompt_tokens}",
+                                 "prompt_too_long")
         job = Job(ids, adapter, max_tokens, temperature, asyncio.get_running_loop(), asyncio.Queue(),
                   ignore_eos=ignore_eos)
         with self.registry:  # checked again here: the adapter may have been deleted since resolve()
             if adapter is not None and adapter not in self.adapter_names():
-                raise APIError(404, f"model {adapter!r} not found (deleted); available: "
+                raise NotFound(f"model {adapter!r} not found (deleted); available: "
                                f"{[self.base_name, *self.adapter_names()]}", "model_not_found")
             if adapter is not None:
                 self.in_use[adapter] = self.in_use.get(adapter, 0) + 1

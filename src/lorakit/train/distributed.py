@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..hardware import resolve_device_type
 
@@ -57,11 +59,7 @@ def wrap(model: torch.nn.Module, env: Env, kind: str) -> torch.nn.Module:
     if kind == "fsdp":
         # FSDP2 (per-parameter sharding) works on CPU with gloo too, and mixes frozen base weights
         # with trainable adapters without flattening them together.
-        from torch.distributed.fsdp import fully_shard
-
         return fully_shard(model)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
 

@@ -6,10 +6,11 @@ from ..utils import atomic_path
 
 
 def _pyplot():
+    # matplotlib takes ~0.9 s to import: only the end of a run (or a comparison plot) pays for it
     import matplotlib
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # files only, no display; must precede the pyplot import
+    import matplotlib.pyplot as plt  # after matplotlib.use (see above)
 
     return plt
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..kernels import fused_lora_linear
 from ..kernels.saved_activations import keep_exact
+from ..layers.linear import LoraLinear
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read one input
 
@@ -119,8 +120,6 @@ class ProjectionGroup:
 
 def find_groups(model: nn.Module) -> list[list[nn.Module]]:
     """Sibling LoraLinears named as in GROUPS (same parent, plain nn.Linear bases of one dtype and device)."""
-    from ..layers.linear import LoraLinear
-
     groups = []
     for parent in model.modules():
         for names in GROUPS:

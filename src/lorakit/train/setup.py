@@ -25,10 +25,7 @@ from ..adapters.task_models import get_peft_model
 from ..generation import answer_prompts
 from ..hardware import resolve_bf16
 from ..kernels.rms_norm import fuse_rms_norms
-from ..kernels.saved_activations import (
-    compressed_activations,
-    resolve_saved_activations,
-)
+from ..kernels.saved_activations import compressed_activations, resolve_saved_activations
 from ..kernels.swiglu import fuse_swiglu_mlps
 from ..kernels.varlen_attention import use_varlen_attention
 from ..models.loading import load_model, load_tokenizer, resolve_model_dir

@@ -1,4 +1,5 @@
-"""AdaLoRA (Zhang et al. 2023) with PEFT's exact semantics: its form, its config, its rank allocation.
+"""AdaLoRA (Zhang et al. 2023) with PEFT's exact semantics: its config and its rank allocation (the layer side,
+its form, is in adalora_form.py).
 
 Each adapted matrix is ΔW = s·B diag(E) A, s = alpha / init_r. After every optimizer step the allocator
   1. scores every parameter by sensitivity |p · ∂L/∂p|, smoothed (β1) and with its uncertainty (β2);
@@ -10,66 +11,15 @@ mask is frozen (`config.rank_pattern`) and re-applied every step until the end.
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..layers import LoraLayer
-from ..layers.form import AdapterForm
 from ..utils import check_positive_int
+from .adalora_form import AdaLoraForm, orthogonal_regularization, pattern_module, resize_by_rank_pattern, triplets
 from .default_targets import ADALORA_DEFAULTS
 from .lora_config import LoraConfig
-
-
-class AdaLoraForm(AdapterForm):
-    label = "ADALORA"
-    geometries = ("linear",)
-
-    def __init__(self, config: "AdaLoraConfig"):
-        self.config = config  # the allocator writes the kept triplets into config.rank_pattern while training
-
-    def scaling(self, r, lora_alpha):  # PEFT: alpha / (ranknum + 1e-5), ranknum = init_r
-        return lora_alpha / (self.config.init_r + 1e-5)
-
-    def create(self, layer, name):
-        """PEFT's SVDLinear layout: bare matrices lora_A (r, d_in), lora_E (r, 1), lora_B (d_out, r), and a
-        frozen, unsaved `ranknum` (= r at creation)."""
-        r = layer.adapters[name].r
-        layer.add_param("lora_A", name, torch.randn(r, layer.in_features))
-        layer.add_param("lora_E", name, torch.randn(r, 1))
-        layer.add_param("lora_B", name, torch.randn(layer.out_features, r))
-        layer.add_other("ranknum", name, torch.full((1,), float(r)))
-        if self.config.init_lora_weights is False:
-            return
-        nn.init.zeros_(layer.lora_E[name])
-        for factor in layer.pair(name):
-            nn.init.normal_(factor, std=0.02)
-
-    def file_key(self, key):  # PEFT stores bare matrices (`lora_A`); beside a LoRA adapter ours sit in modules
-        return key.removesuffix(".weight")
-
-    def factors(self, layer, name):
-        A, B = layer.pair(name)
-        return A * layer.lora_E[name], B, layer.adapters[name].scaling
-
-    def tensors(self, layer, name):
-        return [*layer.pair(name), layer.lora_E[name]]
-
-    def to_file(self, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-        """Keep only the kept singular triplets (PEFT's truncated layout): rows of lora_A / lora_E,
-        columns of lora_B, per `rank_pattern`."""
-        out = dict(state)
-        for key, mask in (self.config.rank_pattern or {}).items():
-            module = pattern_module(key)
-            keep = torch.tensor(mask, dtype=torch.bool)
-            for part in ("lora_A", "lora_E", "lora_B"):
-                full = f"{prefix}{module}.{part}"
-                if full in out and out[full].shape[0 if part != "lora_B" else 1] == len(mask):
-                    out[full] = out[full][:, keep] if part == "lora_B" else out[full][keep]
-        return out
 
 
 @dataclass
@@ -183,31 +133,6 @@ class AdaLoraConfig(LoraConfig):
         return RankAllocator(model, adapter_name).update_and_allocate
 
 
-def pattern_module(key: str) -> str:
-    """The module a rank_pattern key names: '<module>.lora_E' (saved) or '<module>.lora_E.<adapter>' (training)."""
-    return re.sub(r"\.lora_E(\.[^.]+)?$", "", key)
-
-
-def triplets(model, adapter_name: str):
-    """(key, layer) for every layer holding AdaLoRA adapter `adapter_name`; key = '<module>.lora_E'."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return [(f"{name}.lora_E", layer) for name, layer in base.named_modules()
-            if isinstance(layer, LoraLayer) and isinstance(getattr(layer.adapters.get(adapter_name), "form", None),
-                                                           AdaLoraForm)]
-
-
-def orthogonal_regularization(model, adapter_name: str) -> torch.Tensor:
-    """Mean over A and B matrices of ||P Pᵀ - I||_F (A rows, B columns orthonormal)."""
-    terms = []
-    for _, layer in triplets(model, adapter_name):
-        A, B = layer.pair(adapter_name)
-        for cov in (A @ A.T, B.T @ B):
-            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
-    if not terms:
-        return torch.zeros(())
-    return torch.stack(terms).mean()
-
-
 class RankAllocator:
     """Importance-based singular-value masking; call `update_and_allocate(model, step)` after each optimizer step
     (before zero_grad). Writes the kept triplets to `model.peft_config[adapter_name].rank_pattern`."""
@@ -308,22 +233,3 @@ class RankAllocator:
         elif c.rank_pattern:
             self.apply_rank_pattern()
         return budget
-
-
-def resize_by_rank_pattern(model, rank_pattern: dict, adapter_name: str) -> None:
-    """PEFT's `resize_modules_by_rank_pattern`: shrink each layer's adapter to its kept singular triplets
-    (keys '<module>.lora_E[.<adapter>]', masks as lists of bools or tensors). Outputs do not change: the
-    dropped triplets are the masked (E_i = 0) ones and the scaling stays alpha / init_r."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for key, mask in rank_pattern.items():
-        if not isinstance(mask, (list, torch.Tensor)):
-            raise TypeError(f"rank_pattern[{key!r}] must be a list of bools or a tensor, got {type(mask).__name__}")
-        keep = torch.as_tensor(mask, dtype=torch.bool).view(-1)
-        layer = base.get_submodule(pattern_module(key))
-        A, B = layer.pair(adapter_name)
-        E = layer.lora_E[adapter_name]
-        keep = keep.to(E.device)
-        for attr, kept in (("lora_A", A[keep]), ("lora_E", E[keep]), ("lora_B", B[:, keep])):
-            layer.add_param(attr, adapter_name, kept.detach().clone())
-            layer.matrix(attr, adapter_name).requires_grad_(E.requires_grad)
-        layer.adapters[adapter_name].r = int(keep.sum())
