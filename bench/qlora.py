@@ -24,7 +24,7 @@ from train_vs_peft import BATCH, LORA, LR, MAX_LEN, WARMUP, worker, write_bench_
 
 def qlora_worker(steps: int, seed: int, data_path: str) -> dict:
     from lorakit.train.config import TrainConfig
-    from lorakit.train.loop import train
+    from lorakit.train import train
 
     losses, times, last = [], [], [time.perf_counter()]
 

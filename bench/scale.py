@@ -40,7 +40,7 @@ REFUSED_EXIT = 2
 
 def packed_rows(tokenizer):
     """The demo rows packed into 512-token rows (the same rows for every run)."""
-    from lorakit import data as D
+    from lorakit.train import data as D
     from lorakit.train.config import DEMO_DATA
 
     examples, _ = D.load_examples(DEMO_DATA, tokenizer, LENGTH)
@@ -50,7 +50,7 @@ def packed_rows(tokenizer):
 def lorakit_worker(model_dir: str, run: str, steps: int) -> dict:
     from lorakit.hardware import peak_resident_gb
     from lorakit.train.config import TrainConfig
-    from lorakit.train.loop import train
+    from lorakit.train import train
 
     stamps = []
     cfg = TrainConfig(model=model_dir, prompts=None, output_dir=tempfile.mkdtemp(), max_length=LENGTH, packing=True,
@@ -69,7 +69,7 @@ def peft_worker(model_dir: str, steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorakit import data as D
+    from lorakit.train import data as D
     from lorakit.hardware import peak_resident_gb
     from lorakit.models.loading import load_tokenizer
     from lorakit.train.loop import batch_order

@@ -33,7 +33,7 @@ LR, WARMUP, BATCH, MAX_LEN, TURNS = 2e-4, 5, 8, 320, 3
 
 def write_bench_data(path: str, workload: str = "long") -> None:
     """3-turn conversations from the demo rows (~200 tokens each; `short`: the rows as they are), as JSONL."""
-    from lorakit import data as D
+    from lorakit.train import data as D
     from lorakit.train.config import DEMO_DATA
 
     rows = [r for _, r in D.read_rows(DEMO_DATA)]
@@ -55,7 +55,7 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
 
     import torch
 
-    from lorakit import data as D
+    from lorakit.train import data as D
     from lorakit.models.loading import load_tokenizer
     from lorakit.train.loop import batch_order
     from lorakit.train.setup import lr_lambda
@@ -97,7 +97,7 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
             print(f"  {kind} step {step + 1}/{steps} loss {losses[-1]:.4f} ({times[-1]:.1f} s)", file=sys.stderr)
     else:  # lorakit's default training path: the library's own loop, default settings
         from lorakit.train.config import TrainConfig
-        from lorakit.train.loop import train
+        from lorakit.train import train
 
         last = [time.perf_counter()]
 

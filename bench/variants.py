@@ -16,7 +16,7 @@ import time
 from common import machine_name
 
 from lorakit.train.config import DEMO_LORA, TrainConfig
-from lorakit.train.loop import train
+from lorakit.train import train
 from lorakit.train.plot import plot_curves
 
 HERE = os.path.dirname(os.path.abspath(__file__))

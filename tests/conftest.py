@@ -168,3 +168,21 @@ class CountMatmuls(TorchDispatchMode):
         if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+# Two fp32 computations of the same function in another operation order (lorakit vs PEFT, merged vs unmerged, fused
+# vs reference) differ by rounding: each reduction of n terms is off by up to ~sqrt(n)·eps32 (1.2e-7) of the largest
+# magnitude it adds, and a tiny model chains a few dozen of them (n <= 10^4 here: <= 1.2e-5 each). 1e-4 of the
+# tensor's largest magnitude covers that on every CPU's kernels, where a wrong formula is off by 1e-3 or more.
+# Elementwise relative tolerances do not follow this arithmetic: a near-zero element's rounding is relative to the
+# large terms that produced it (an Xeon failed rtol=1e-5 on one element of 48 of an attention gradient).
+FP32_REL = 1e-4
+
+
+def assert_close_fp32(actual, expected, msg=None, rel=FP32_REL):
+    """|actual - expected| <= rel x the largest magnitude in either tensor (see FP32_REL)."""
+    actual, expected = torch.as_tensor(actual).detach(), torch.as_tensor(expected).detach()
+    assert actual.shape == expected.shape, (msg, actual.shape, expected.shape)
+    scale = max(actual.abs().max().item(), expected.abs().max().item(), 1e-30) if actual.numel() else 1.0
+    error = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    assert error <= rel * scale, f"{msg or ''}: max |difference| {error:.3g} > {rel:g} x largest magnitude {scale:.3g}"

@@ -105,7 +105,7 @@ def test_nf4_quantization_on_gpu_gives_the_cpu_codes():
 @pytest.mark.parametrize("settings,tol", [({}, 1e-4), ({"quantize": "nf4", "bf16": True}, 2e-2)],
                          ids=["fp32", "qlora-bf16"])
 def test_training_on_gpu_tracks_the_cpu_run(tmp_path, tiny_tokenizer, settings, tol):
-    from lorakit.train.loop import train
+    from lorakit.train import train
 
     runs = {}
     for device in ("cpu", "cuda"):

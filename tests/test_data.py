@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_llama_for
 
-from lorakit import data as D
+from lorakit.train import data as D
 
 
 def _write(tmp_path, rows, name="d.jsonl"):

@@ -3,7 +3,7 @@
 import pytest
 
 from lorakit.train.config import TrainConfig
-from lorakit.train.loop import train
+from lorakit.train import train
 
 pytestmark = pytest.mark.integration
 SIGNATURE = "Happy trails"

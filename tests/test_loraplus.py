@@ -31,7 +31,7 @@ def test_training_with_loraplus_ratio(tmp_path, tiny_tokenizer):
     from conftest import tiny_llama_for
     from test_train import _cfg
 
-    from lorakit.train.loop import train
+    from lorakit.train import train
 
     result = train(_cfg(tmp_path, max_steps=6, loraplus_lr_ratio=8.0), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
     assert result["history"][-1]["train_loss"] < result["history"][1]["train_loss"]

@@ -8,7 +8,7 @@ import torch
 from conftest import copy_adapters_to_peft, randomize_adapters, tiny_llama
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit import merging as M
+from lorakit.adapters import arithmetic as M
 
 
 def _pair():

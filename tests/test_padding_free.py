@@ -130,7 +130,7 @@ def test_training_loop_padding_free_equals_padded(tmp_path, tiny_tokenizer, chec
     with gradient checkpointing too (the recomputed attention sees the same packed position ids)."""
     from conftest import tiny_llama_for
 
-    from lorakit.train.loop import train
+    from lorakit.train import train
 
     finals = []
     for padding_free in (True, False):

@@ -3,7 +3,7 @@
 import peft
 import pytest
 import torch
-from conftest import ConvNet, clone, randomize_adapters, tiny_gpt2, tiny_llama
+from conftest import ConvNet, assert_close_fp32, clone, randomize_adapters, tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit.adapters.peft_format import adapter_state_dict
@@ -198,8 +198,8 @@ def test_merge_and_unload_equals_peft(case):
         unmerged = _run(ours, x, case)
         merged_ours = _run(ours.merge_and_unload(), x, case)
         merged_theirs = _run(theirs.merge_and_unload(), x, case)
-    torch.testing.assert_close(merged_ours, unmerged, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(merged_ours, merged_theirs, atol=1e-5, rtol=1e-5)
+    assert_close_fp32(merged_ours, unmerged)
+    assert_close_fp32(merged_ours, merged_theirs)
 
 
 @pytest.mark.parametrize("case", ["tied_lora_embedding", "tied_lora_head"])
@@ -209,5 +209,5 @@ def test_tied_lora_merges_once_and_keeps_the_tie(case):
     with torch.no_grad():
         unmerged = _run(ours, x, case)
         merged = ours.merge_and_unload()
-        torch.testing.assert_close(_run(merged, x, case), unmerged, atol=1e-5, rtol=1e-5)
+        assert_close_fp32(_run(merged, x, case), unmerged)
     assert merged.lm_head.weight is merged.model.embed_tokens.weight

@@ -7,7 +7,7 @@ import os
 import peft
 import pytest
 import torch
-from conftest import copy_adapters_to_peft, randomize_adapters, tiny_llama
+from conftest import assert_close_fp32, copy_adapters_to_peft, randomize_adapters, tiny_llama
 
 import lorakit
 
@@ -50,7 +50,7 @@ def test_loading_for_inference_puts_the_model_in_eval_mode_and_returns_peft_resu
         assert not model.training and not any(m.training for m in model.modules()), lib.__name__
         assert _logits(model, ids).equal(_logits(model, ids))  # dropout 0.5 is off: deterministic
         results[lib.__name__] = (_logits(model, ids), result)
-    torch.testing.assert_close(results["lorakit"][0], results["peft"][0], atol=1e-5, rtol=1e-5)
+    assert_close_fp32(results["lorakit"][0], results["peft"][0])
     if loader == "load_adapter":
         for _, result in results.values():
             assert list(result.missing_keys) == [] and list(result.unexpected_keys) == []
@@ -78,7 +78,7 @@ def test_peft_keyword_arguments_are_accepted_and_mean_the_same(tmp_path, ids):
         assert not (out / "none" / "adapter_config.json").exists()
         merged = model.merge_and_unload(progressbar=True, safe_merge=True, adapter_names=["default"])
         outputs[lib] = _logits(merged, ids)
-    torch.testing.assert_close(outputs["lorakit"], outputs["peft"], atol=1e-5, rtol=1e-5)
+    assert_close_fp32(outputs["lorakit"], outputs["peft"])
 
 
 def test_several_active_adapters_add_and_layers_can_be_switched_off(ids):
@@ -99,7 +99,7 @@ def test_several_active_adapters_add_and_layers_can_be_switched_off(ids):
         results[name] = (both, off, _logits(model, ids), trainable, list(model.active_adapters))
     ours, theirs = results["lorakit"], results["peft"]
     for a, b in zip(ours[:3], theirs[:3]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert_close_fp32(a, b)
     assert ours[3] == theirs[3] and ours[4] == theirs[4] == ["default", "b"]
     torch.testing.assert_close(ours[1], _logits(tiny_llama(), ids))  # disabled = the base model
 
@@ -121,7 +121,7 @@ def test_state_dict_helpers_config_loading_and_enums_match_peft(tmp_path, ids):
     fresh = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     result = lorakit.set_peft_model_state_dict(fresh, their_sd)
     assert list(result.unexpected_keys) == []
-    torch.testing.assert_close(_logits(fresh, ids), _logits(theirs, ids), atol=1e-5, rtol=1e-5)
+    assert_close_fp32(_logits(fresh, ids), _logits(theirs, ids))
     peft.get_peft_model(tiny_llama(), peft.VeraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
     assert type(lorakit.PeftConfig.from_pretrained(str(tmp_path))).__name__ == "VeraConfig"
     assert isinstance(lorakit.LoraConfig(), lorakit.PeftConfig)
@@ -177,8 +177,7 @@ def test_init_lora_weights_names_are_case_insensitive_as_in_peft():
         peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init))
         layer = ours.get_base_model().model.layers[0].self_attn.q_proj
         if init == "OLoRA":  # the adapter holds W's principal part: base + ΔW is the original weight
-            torch.testing.assert_close(layer.base_layer.weight + layer.get_delta_weight("default"),
-                                       tiny_llama().model.layers[0].self_attn.q_proj.weight, atol=1e-5, rtol=1e-5)
+            assert_close_fp32(layer.base_layer.weight + layer.get_delta_weight("default"), tiny_llama().model.layers[0].self_attn.q_proj.weight)
         else:
             assert layer.lora_A["default"].weight.std().item() == pytest.approx(1 / 4, rel=0.3)
 
@@ -194,8 +193,8 @@ def test_base_rows_named_as_in_peft_and_a_second_adapter_with_bias_is_refused(id
     with torch.no_grad():
         mine = ours(input_ids=ids, adapter_names=rows).logits
         their = theirs(input_ids=ids, adapter_names=rows).logits
-    torch.testing.assert_close(mine, their, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(mine[1], _logits(tiny_llama(), ids)[1], atol=1e-5, rtol=1e-5)
+    assert_close_fp32(mine, their)
+    assert_close_fp32(mine[1], _logits(tiny_llama(), ids)[1])
     for model, lib in ((ours, lorakit), (theirs, peft)):
         model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["q_proj"], bias="all"))  # one with bias: fine
         with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
@@ -251,7 +250,7 @@ def test_cat_combination_with_a_rank_pattern_equals_peft(ids):
         model.set_adapter("c")
         logits[name] = _logits(model.eval(), ids)
         assert model.peft_config["c"].r == 6
-    torch.testing.assert_close(logits["lorakit"], logits["peft"], atol=1e-5, rtol=1e-5)
+    assert_close_fp32(logits["lorakit"], logits["peft"])
 
 
 class _GroupedConvNet(torch.nn.Module):
@@ -273,16 +272,16 @@ def test_lora_on_grouped_convolutions_as_in_peft(tmp_path):
     copy_adapters_to_peft(ours, theirs)
     x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(3))
     out_ours, out_theirs = ours(x), theirs(x)
-    torch.testing.assert_close(out_ours, out_theirs, atol=1e-5, rtol=1e-5)
+    assert_close_fp32(out_ours, out_theirs)
     out_ours.square().mean().backward()
     out_theirs.square().mean().backward()
     for (n, p), (m, q) in zip(sorted((n, p) for n, p in ours.named_parameters() if p.requires_grad),
                               sorted((n, p) for n, p in theirs.named_parameters() if p.requires_grad)):
         assert n == m and p.grad is not None
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+        assert_close_fp32(p.grad, q.grad)
     ours.save_pretrained(str(tmp_path))
     loaded = peft.PeftModel.from_pretrained(_GroupedConvNet(), str(tmp_path))
-    torch.testing.assert_close(loaded(x), out_ours.detach(), atol=1e-5, rtol=1e-5)
+    assert_close_fp32(loaded(x), out_ours.detach())
     with pytest.raises(ValueError, match="grouped"):
         ours.merge_adapter()
     with pytest.raises(NotImplementedError):
@@ -335,7 +334,7 @@ def test_trainable_tokens_with_several_adapters_as_in_peft(ids):
         out["after_delete"] = _logits(model, ids)
         seen[name] = out
     for key, value in seen["peft"].items():
-        torch.testing.assert_close(seen["lorakit"][key], value, atol=1e-5, rtol=1e-5, msg=key)
+        assert_close_fp32(seen["lorakit"][key], value, msg=key)
     assert not torch.allclose(seen["lorakit"]["default"], seen["lorakit"]["b"])
     torch.testing.assert_close(seen["lorakit"]["mixed"][0], seen["lorakit"]["b"][0])
     torch.testing.assert_close(seen["lorakit"]["mixed"][1], seen["lorakit"]["default"][1])
@@ -417,7 +416,7 @@ def test_adalora_training_loop_written_for_peft_gives_peft_numbers(tmp_path):
         for lib in (lorakit, peft):
             loaded = lib.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / name))
             from_file[lib.__name__] = _logits(loaded, ids)
-        torch.testing.assert_close(from_file["lorakit"], from_file["peft"], atol=1e-5, rtol=1e-5)
+        assert_close_fp32(from_file["lorakit"], from_file["peft"])
     saved = [lorakit.PeftConfig.from_pretrained(str(tmp_path / name)).rank_pattern for name in models]
     assert saved[0] == saved[1] and all(k.endswith(".lora_E") for k in saved[0])
     ours.resize_modules_by_rank_pattern(ours.peft_config["default"].rank_pattern, "default")
@@ -465,25 +464,25 @@ def test_lora_on_multihead_attention_is_w_plus_delta_and_uses_peft_names(tmp_pat
     params = [p for _, p in sorted(ours.named_parameters()) if p.requires_grad]
     for a, b in zip(torch.autograd.grad(got.square().sum(), params),
                     torch.autograd.grad(expected.square().sum(), params)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert_close_fp32(a, b)
     with torch.no_grad():
-        torch.testing.assert_close(copy.deepcopy(ours).merge_and_unload()(x), got.detach(), atol=1e-5, rtol=1e-5)
+        assert_close_fp32(copy.deepcopy(ours).merge_and_unload()(x), got.detach())
     # beside PEFT, with out_proj's adapter at zero (where PEFT's double count makes no difference)
     for model in (ours, theirs):
         torch.nn.init.zeros_(model.get_base_model().attn.base_layer.out_proj.lora_B["default"].weight)
     out_ours, out_theirs = ours(x), theirs(x)
-    torch.testing.assert_close(out_ours, out_theirs, atol=1e-5, rtol=1e-5)
+    assert_close_fp32(out_ours, out_theirs)
     out_ours.square().sum().backward()
     out_theirs.square().sum().backward()
     theirs_grads = dict(theirs.named_parameters())
     for name, p in ours.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, theirs_grads[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+            assert_close_fp32(p.grad, theirs_grads[name].grad, msg=name)
     ours.save_pretrained(str(tmp_path / "ours"))
     theirs.save_pretrained(str(tmp_path / "theirs"))
     for lib, other in ((peft, "ours"), (lorakit, "theirs")):
         loaded = lib.PeftModel.from_pretrained(_AttentionNet(), str(tmp_path / other))
-        torch.testing.assert_close(loaded(x), out_ours.detach(), atol=1e-5, rtol=1e-5)
+        assert_close_fp32(loaded(x), out_ours.detach())
     plain = ours.merge_and_unload()
     assert type(plain.attn) is torch.nn.MultiheadAttention and type(plain.attn.out_proj) is not lorakit.LoraLinear
     with pytest.raises(ValueError, match="DoRA"):

@@ -161,7 +161,7 @@ def test_train_with_grouped_projections_equals_train_without(tmp_path, saved):
     """The training loop (fused kernels, projections grouped) against fused_kernels: false, 3 steps, fp32 base."""
     from conftest import tiny_train_config
 
-    from lorakit.train.loop import train
+    from lorakit.train import train
 
     finals = []
     for fused in (True, False):

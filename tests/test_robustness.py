@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorakit import cli
-from lorakit import data as D
-from lorakit.train.loop import train
+from lorakit.train import data as D
+from lorakit.train import train
 from lorakit.utils import atomic_path
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from lorakit.train.config import TrainConfig
-from lorakit.train.loop import train
+from lorakit.train import train
 
 PROMPT = "Tell me something."
 

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_llama_for
+from conftest import assert_close_fp32, tiny_llama_for
 from conftest import tiny_train_config as _cfg
 
 from lorakit.train.config import DEMO_DATA
-from lorakit.train.loop import train
+from lorakit.train import train
 from lorakit.train.setup import lr_lambda
 
 
@@ -311,7 +311,7 @@ def test_sequence_classification_task_trains_and_peft_loads_the_adapter(tmp_path
         result["adapter_dir"]).eval()
     with torch.no_grad():
         expected = theirs(**ids).logits
-        torch.testing.assert_close(ours(**ids).logits, expected, atol=1e-5, rtol=1e-4)
+        assert_close_fp32(ours(**ids).logits, expected)
     assert expected[0].argmax() == 1 and expected[1].argmax() == 0  # pos, neg
 
 
@@ -351,11 +351,11 @@ def test_seq2seq_task_trains_t5_and_peft_loads_the_adapter(tmp_path, tiny_tokeni
     theirs = peft.PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "t5"),
                                             result["adapter_dir"]).eval()
     with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, atol=1e-5, rtol=1e-4)
+        assert_close_fp32(ours(**inputs).logits, theirs(**inputs).logits)
 
 
 def test_seq2seq_rows_need_input_and_target(tmp_path, tiny_tokenizer):
-    from lorakit import data as D
+    from lorakit.train import data as D
 
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"input": "a b"}) + "\n")

@@ -6,12 +6,12 @@ import json
 import peft
 import pytest
 import torch
-from conftest import ConvNet, tiny_gpt2, tiny_llama
+from conftest import ConvNet, assert_close_fp32, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
 from lorakit import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model
-from lorakit.export.merged import export_gguf_adapter
+from lorakit.export import export_gguf_adapter
 from lorakit.variants.adalora import RankAllocator, pattern_module
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
@@ -50,10 +50,10 @@ def assert_matches_peft(ours, theirs, inputs, ada=False):
 
     out_a, grads_a = outputs_and_grads(ours, inputs, ours_to_peft)
     out_b, grads_b = outputs_and_grads(theirs, inputs)
-    torch.testing.assert_close(out_a, out_b, atol=1e-5, rtol=1e-5)
+    assert_close_fp32(out_a, out_b)
     assert set(grads_a) == set(grads_b), sorted(set(grads_a) ^ set(grads_b))[:6]
     for n in grads_a:
-        torch.testing.assert_close(grads_a[n], grads_b[n], atol=1e-5, rtol=1e-4, msg=n)
+        assert_close_fp32(grads_a[n], grads_b[n], msg=n)
 
 
 def round_trip(base, ours_config, inputs, tmp_path, peft_kwargs=None, ada=False):
@@ -70,7 +70,7 @@ def round_trip(base, ours_config, inputs, tmp_path, peft_kwargs=None, ada=False)
     with torch.no_grad():
         a, b = ours(inputs) if inputs.is_floating_point() else ours(input_ids=inputs).logits, \
             back(inputs) if inputs.is_floating_point() else back(input_ids=inputs).logits
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_close_fp32(a, b)
     return ours, theirs
 
 
@@ -86,9 +86,9 @@ def test_dora_llama_equals_peft(tmp_path, ids, dropout):
     a = outputs_and_grads(ours, ids, peft_name)
     torch.manual_seed(0)  # same dropout masks: both draw one mask per layer with nn.Dropout
     b = outputs_and_grads(theirs, ids)
-    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+    assert_close_fp32(a[0], b[0])
     for n in b[1]:
-        torch.testing.assert_close(a[1][n], b[1][n], atol=1e-5, rtol=1e-4, msg=n)
+        assert_close_fp32(a[1][n], b[1][n], msg=n)
 
 
 def test_dora_round_trips_on_gpt2_and_conv(tmp_path, ids):
@@ -124,14 +124,14 @@ def test_dora_starts_as_the_base_model_and_merges_exactly(ids):
         unmerged = model(input_ids=ids).logits
         assert (unmerged - ref).abs().max() > 1e-2  # the adapter does something
         model.merge_adapter()
-        torch.testing.assert_close(model(input_ids=ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+        assert_close_fp32(model(input_ids=ids).logits, unmerged)
         model.unmerge_adapter()
         restored = {n.replace(".base_layer", ""): p for n, p in model.get_base_model().named_parameters()
                     if "lora_" not in n}
         for n, q in base.named_parameters():
-            torch.testing.assert_close(restored[n], q, atol=1e-6, rtol=1e-5)
+            assert_close_fp32(restored[n], q)
         plain = model.merge_and_unload()
-        torch.testing.assert_close(plain(ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+        assert_close_fp32(plain(ids).logits, unmerged)
 
 
 def test_dora_magnitude_is_the_only_change_of_column_norms():
@@ -141,7 +141,7 @@ def test_dora_magnitude_is_the_only_change_of_column_norms():
     perturb_adapters(model)
     m = model.get_base_model()[0].lora_magnitude_vector["default"].detach().clone()
     model.merge_adapter()
-    torch.testing.assert_close(model.get_base_model()[0].base_layer.weight.norm(dim=1), m, atol=1e-5, rtol=1e-5)
+    assert_close_fp32(model.get_base_model()[0].base_layer.weight.norm(dim=1), m)
 
 
 # --- PiSSA / OLoRA ----------------------------------------------------------------------------------
@@ -170,12 +170,11 @@ def test_svd_init_factors_equal_peft(init):
         q = b[n]
         if init == "pissa" and ".lora_" in n:  # singular vectors are defined up to sign: compare B@A per layer
             continue
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)
+        assert_close_fp32(p, q, msg=n)
     for layer_name, layer in ours.get_base_model().named_modules():
         if isinstance(layer, lorakit.layers.LoraLinear):
             theirs_layer = theirs.get_base_model().get_submodule(layer_name)
-            torch.testing.assert_close(layer.delta_weight("default"), theirs_layer.get_delta_weight("default"),
-                                       atol=1e-5, rtol=1e-4)
+            assert_close_fp32(layer.delta_weight("default"), theirs_layer.get_delta_weight("default"))
 
 
 def test_pissa_converts_to_a_plain_lora_on_the_original_base(tmp_path, ids):
@@ -258,7 +257,7 @@ def test_adalora_schedule_reaches_the_target_budget_and_peft_reads_it(tmp_path, 
     for loader in (lorakit.PeftModel.from_pretrained, peft.PeftModel.from_pretrained):
         loaded = loader(tiny_llama(), str(tmp_path)).eval()
         with torch.no_grad():
-            torch.testing.assert_close(loaded(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-5)
+            assert_close_fp32(loaded(input_ids=ids).logits, ref)
     loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
     assert sum(l.r["default"] for l in loaded.base_model._layers()) == config.target_r * n_targets
 
@@ -272,11 +271,11 @@ def test_adalora_orthogonality_regulariser_equals_peft(ids):
     assert not result.unexpected_keys, result.unexpected_keys[:3]
     ours_loss = ours(input_ids=ids, labels=ids).loss  # both add the regulariser inside forward
     theirs_loss = theirs(input_ids=ids, labels=ids).loss
-    torch.testing.assert_close(ours_loss, theirs_loss, atol=1e-5, rtol=1e-5)
+    assert_close_fp32(ours_loss, theirs_loss)
     with torch.no_grad():
         plain = ours.get_base_model()(input_ids=ids, labels=ids).loss
     assert ours.regularization_loss().item() > 0.1
-    torch.testing.assert_close(ours_loss - plain, 0.5 * ours.regularization_loss(), atol=1e-5, rtol=1e-5)
+    assert_close_fp32(ours_loss - plain, 0.5 * ours.regularization_loss())
 
 
 # --- invalid combinations fail before anything is built -------------------------------------------
@@ -339,7 +338,7 @@ def test_mixed_batches_serve_vera_and_adalora_rows(ids, config):
             else:
                 model.set_adapter(name)
                 alone = model(input_ids=batch[i:i + 1]).logits
-            torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+            assert_close_fp32(mixed[i:i + 1], alone)
 
 
 @pytest.mark.parametrize("config", [
@@ -356,12 +355,12 @@ def test_merged_equals_unmerged_for_every_variant(ids, config):
     with torch.no_grad():
         unmerged = model(input_ids=ids).logits
         model.merge_adapter()
-        torch.testing.assert_close(model(input_ids=ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+        assert_close_fp32(model(input_ids=ids).logits, unmerged)
         model.unmerge_adapter()
-        torch.testing.assert_close(model(input_ids=ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+        assert_close_fp32(model(input_ids=ids).logits, unmerged)
         plain = model.merge_and_unload()
         assert not any(isinstance(m, lorakit.LoraLayer) for m in plain.modules())
-        torch.testing.assert_close(plain(ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+        assert_close_fp32(plain(ids).logits, unmerged)
 
 
 def test_adalora_and_lora_adapters_share_a_layer_and_keep_peft_file_keys(tmp_path, ids):

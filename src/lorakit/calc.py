@@ -38,7 +38,7 @@ class Arch:
     tied: bool = False
     gated_mlp: bool = True
     nominal_params: float | None = None  # the size the model is known by, e.g. 7e9
-    model_type: str = "llama"            # transformers' model_type (synthetic_models builds llama or qwen2)
+    model_type: str = "llama"            # transformers' model_type (models/synthetic.py builds llama or qwen2)
 
     @property
     def kv_dim(self) -> int:

@@ -14,7 +14,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ..quant.nf4 import NF4Linear
 from ..variants.lora_config import LoraConfig
 from ..variants.registry import read_config
-from . import peft_format as peft_io
+from . import peft_format
 from .inject import adapter_layers, inject_adapter
 
 
@@ -56,14 +56,14 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
                               unwrap_compiled: bool = False, save_embedding_layers: str | bool = "auto"):
     """The adapter's tensors under the keys PEFT writes to adapter_model.safetensors (no adapter name)."""
     config = getattr(model, "peft_config", {}).get(adapter_name)
-    return peft_io.adapter_state_dict(_root(model), adapter_name, config, save_embedding_layers)
+    return peft_format.adapter_state_dict(_root(model), adapter_name, config, save_embedding_layers)
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, adapter_name: str = "default",
                               ignore_mismatched_sizes: bool = False, low_cpu_mem_usage: bool = False):
     """Load PEFT-keyed adapter tensors into adapter `adapter_name`. Returns the load result (missing /
     unexpected keys); a shape that does not fit raises ValueError, as PEFT raises on a size mismatch."""
-    peft_io.load_adapter_weights(_root(model), adapter_name, peft_model_state_dict, source="state dict")
+    peft_format.load_adapter_weights(_root(model), adapter_name, peft_model_state_dict, source="state dict")
     return _IncompatibleKeys([], [])
 
 
@@ -79,7 +79,7 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
         for p in layer.adapter_parameters(adapter_name).values():
             p.requires_grad_(not peft_config.inference_mode)
     if state_dict is not None:
-        peft_io.load_adapter_weights(model, adapter_name, state_dict, source="state_dict")
+        peft_format.load_adapter_weights(model, adapter_name, state_dict, source="state_dict")
     return model
 
 

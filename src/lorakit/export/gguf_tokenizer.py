@@ -13,7 +13,7 @@ from ..models.loading import GGUF_TOKENIZER_FILE
 
 
 def _source_gguf_tokenizer(tokenizer) -> dict:
-    """The tokenizer settings of the GGUF file the model was converted from (model_loading keeps them)."""
+    """The tokenizer settings of the GGUF file the model was converted from (models/loading.py keeps them)."""
     path = os.path.join(str(getattr(tokenizer, "name_or_path", "") or ""), GGUF_TOKENIZER_FILE)
     if not os.path.isfile(path):
         return {}

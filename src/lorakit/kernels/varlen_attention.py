@@ -73,8 +73,51 @@ def register() -> None:
     AttentionMaskInterface.register(VARLEN, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+# Model types whose padding-free step the family tests prove equal to the padded step (loss and every adapter
+# gradient, tests/test_model_families.py). Others stay on padded batches: Falcon, for one, runs its own attention
+# for anything but "sdpa", so packed rows would see each other.
+PROVEN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "mixtral", "qwen2_moe", "olmoe",
+                                "gpt_neox", "opt", "gpt2"})
+DROPOUT_FIELDS = ("dropout", "pdrop", "jitter_noise")  # attention_dropout, resid_pdrop, router_jitter_noise, ...
+OTHER_HEADS = ("classifier_", "summary_")  # dropouts of classification heads a causal LM does not run
+
+
+def active_dropout(model) -> tuple[str, float] | None:
+    """A dropout the model applies while training (config field or nn.Dropout module, LoRA's own excluded), or None."""
+    config = getattr(model, "config", None)
+    for name, value in (config.to_dict() if config is not None else {}).items():
+        if any(f in name for f in DROPOUT_FIELDS) and not name.startswith(OTHER_HEADS) \
+                and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return name, float(value)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0 and "lora_dropout" not in name:
+            return name, float(module.p)
+    return None
+
+
+def padding_free_blocker(model, lora_dropout: float = 0.0) -> str | None:
+    """Why a padding-free step would not compute exactly what the padded step computes for this model, or None."""
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in ("sdpa", VARLEN):
+        return f"its attention is {attention!r} (padding-free batches need 'sdpa')"
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PROVEN_MODEL_TYPES:
+        return (f"model type {model_type!r} is not one whose padding-free step is proven equal to the padded step "
+                f"(proven: {', '.join(sorted(PROVEN_MODEL_TYPES))})")
+    dropout = active_dropout(model)
+    if dropout:
+        return (f"the model applies dropout while training ({dropout[0]}={dropout[1]:g}): its random masks would be "
+                "drawn over other positions than in the padded batch")
+    if lora_dropout:
+        return (f"lora_dropout={lora_dropout:g}: its random masks would be drawn over other positions than in the "
+                "padded batch (lora_dropout: 0 trains padding-free)")
+    return None
+
+
 def use_varlen_attention(model) -> bool:
-    """Switch a transformers model that uses `sdpa` to VARLEN (same results on every call); True if switched."""
+    """Switch a transformers model that uses `sdpa` to VARLEN (same results on every call); True if switched.
+    Whether its padding-free *training* step is exact is `padding_free_blocker`'s question."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False

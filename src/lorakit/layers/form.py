@@ -40,7 +40,7 @@ class AdapterForm:
     label = "LoRA"                                 # how messages name the form
     geometries = ("linear", "embedding", "conv")   # the layer geometries it is defined on
     fusable = False    # the fused LoRA training kernel computes its forward exactly (plain LoRA only)
-    mixable = True     # rows of one batch may use it beside other adapters (see multi.py)
+    mixable = True     # rows of one batch may use it beside other adapters (see layers/mixed_batch.py)
 
     def scaling(self, r: int, lora_alpha: float) -> float:
         return lora_alpha / r

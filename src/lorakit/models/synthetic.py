@@ -1,6 +1,6 @@
 """Models of real shape with random weights, for measuring memory and speed at scale (never quality).
 
-    python -m lorakit.synthetic_models llama-3-8b [smollm2-360m ...]   # prints each model's directory
+    python -m lorakit.models.synthetic llama-3-8b [smollm2-360m ...]   # prints each model's directory
 
 Each is a transformers model directory (config.json, bf16 safetensors shards with their index, and the
 embedded SmolLM2 tokenizer, whose 49,152 ids fit every vocabulary here), written once under the lorakit

@@ -1,6 +1,6 @@
 """The serving engine: one base model, its adapters, and the worker thread that decodes batches.
 
-Requests that arrive together are decoded together (each row with its own adapter, see multi.py):
+Requests that arrive together are decoded together (each row with its own adapter, see layers/mixed_batch.py):
 the worker collects up to `max_batch_size` jobs, waiting at most `max_wait_ms` for more. serve.py is
 the HTTP side.
 

@@ -1,6 +1,6 @@
 """The one training loop: single process, or DDP/FSDP when launched by torchrun.
 
-`train` reads top to bottom: set up (train_setup.py) -> steps (eval, checkpoint) -> save adapter,
+`train` reads top to bottom: set up (setup.py) -> steps (eval, checkpoint) -> save adapter,
 metrics, plot. Ctrl-C saves a checkpoint and returns; `resume=True` continues bit-exactly (same data
 order, optimizer, scheduler and RNG states).
 """

@@ -32,13 +32,13 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
     return bool(torch.all(mask[:, :-1] | ~mask[:, 1:]))
 
 
-def fused_head_supported(model: nn.Module) -> bool:
-    """True when hidden -> logits is exactly `hidden @ lm_head.weight.T` and lm_head is frozen."""
+def fused_head_supported(model: nn.Module, frozen: bool = True) -> bool:
+    """True when hidden -> logits is exactly `hidden @ lm_head.weight.T` (and, with `frozen`, lm_head is frozen)."""
     get_decoder = getattr(model, "get_decoder", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
     return (callable(get_decoder) and type(head) is nn.Linear and head.bias is None
-            and not head.weight.requires_grad
+            and not (frozen and head.weight.requires_grad)
             and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS))
 
 

@@ -24,10 +24,7 @@ from ..adapters.model import LoraModel
 from ..adapters.task_models import get_peft_model
 from ..generation import answer_prompts
 from ..hardware import resolve_bf16
-from ..kernels.rms_norm import fuse_rms_norms
 from ..kernels.saved_activations import compressed_activations, resolve_saved_activations
-from ..kernels.swiglu import fuse_swiglu_mlps
-from ..kernels.varlen_attention import use_varlen_attention
 from ..models.loading import load_model, load_tokenizer, resolve_model_dir
 from ..quant.nf4 import quantize_model_nf4
 from ..utils import atomic_path
@@ -37,6 +34,7 @@ from . import checkpoint as ckpt
 from . import data as D
 from . import distributed as dist_utils
 from .config import TrainConfig
+from .fast_paths import enable_fast_paths
 from .loss import LOSSES
 from .memory_check import check_fits, run_shape
 
@@ -122,8 +120,8 @@ def load_rows(cfg: TrainConfig, tokenizer, log) -> tuple[list, list, list | None
     return train_rows, val_rows, classes
 
 
-def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=None,
-               num_labels: int | None = None) -> torch.nn.Module:
+def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=None, num_labels: int | None = None,
+               lora_dropout: float = 0.0, log=print) -> torch.nn.Module:
     """The frozen base on the run's device: loaded (or the one handed in), quantized, fused, checkpointed."""
     base = model if model is not None else load_model(cfg.model, dtype=dtype, quantize=cfg.quantize,
                                                       attn_implementation=cfg.attn_implementation,
@@ -134,11 +132,8 @@ def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=
         if model is not None:  # a model handed in unquantized
             quantize_model_nf4(base.to(dtype), compute_dtype=dtype)
         base.to(env.device)  # moves the 4-bit buffers as they are
-    if cfg.fused_kernels:
-        fuse_rms_norms(base)
-        fuse_swiglu_mlps(base)
-        if cfg.task == "causal_lm" and cfg.padding_free:
-            use_varlen_attention(base)  # padding-free batches (kernels/varlen_attention.py)
+    if cfg.fused_kernels:  # each where it is exact for this model (fast_paths.py), saying so
+        log(enable_fast_paths(base, cfg.task, cfg.padding_free, lora_dropout))
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return base
@@ -185,7 +180,8 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
         f"saved activations {'bf16' if stored_as == torch.bfloat16 else 'fp32'}); processes: {env.world_size}; "
         f"device: {env.device}")
     adapter_config = cfg.lora_config(total_steps)
-    base = build_base(cfg, env, dtype, model, num_labels=len(classes) if classes is not None else None)
+    base = build_base(cfg, env, dtype, model, num_labels=len(classes) if classes is not None else None,
+                      lora_dropout=getattr(adapter_config, "lora_dropout", 0.0), log=log)
     if classes is not None:
         base.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads each row's last real token
         if is_main:

@@ -223,11 +223,11 @@ class LoraConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "LoraConfig":
-        """The config saved in `directory` (any form: lorakit.forms.read_config picks the class)."""
+        """The config saved in `directory` (any form: lorakit.variants.read_config picks the class)."""
         data = read_config_file(directory)
         if data.get("peft_type", "LORA") != cls.PEFT_TYPE:
             raise ValueError(f"{directory!s} holds a {data.get('peft_type')} adapter, not {cls.PEFT_TYPE}; "
-                             "read it with lorakit.forms.read_config")
+                             "read it with lorakit.variants.read_config")
         return cls.from_dict(data)
 
     def rank_for(self, module_name: str) -> int:
