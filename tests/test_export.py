@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_gpt2, tiny_llama_for
+from conftest import make_tiny_tokenizer, randomize_adapters, tiny_gpt2, tiny_llama_for
 
 import lorakit
 from lorakit import export
@@ -92,7 +92,8 @@ def test_merged_gguf_reloads_in_transformers_with_same_logits(tmp_path, tiny_tok
     model = _adapted(tiny_tokenizer)
     with torch.no_grad():
         expected = model(input_ids=_ids()).logits
-    path = export.export_gguf(model, tiny_tokenizer, str(tmp_path / f"model-{out_type}.gguf"), out_type)
+    path = export.export_gguf(model, tiny_tokenizer, str(tmp_path / f"model-{out_type}.gguf"), out_type,
+                              pretokenizer="gpt-2")
     reader = gguf.GGUFReader(path)
     meta = _fields(reader)
     assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == [2]
@@ -115,7 +116,8 @@ def test_gguf_export_rejects_other_architectures(tmp_path):
 def test_llama_cpp_runs_exported_base_plus_adapter_like_lorakit(tmp_path, tiny_tokenizer):
     """Optional: only where llama-cpp-python is installed (it is not a dependency)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    base_path = export.export_gguf(tiny_llama_for(tiny_tokenizer), tiny_tokenizer, str(tmp_path / "base.gguf"), "f32")
+    base_path = export.export_gguf(tiny_llama_for(tiny_tokenizer), tiny_tokenizer, str(tmp_path / "base.gguf"), "f32",
+                                   pretokenizer="gpt-2")
     model = _adapted(tiny_tokenizer)  # the same base weights (same seed), plus an adapter
     adapter_path = export.export_gguf_adapter(model, str(tmp_path / "adapter.gguf"))
     prompt = _ids()[0].tolist()
@@ -148,8 +150,36 @@ def test_gguf_export_keeps_the_source_gguf_pre_tokenizer_and_bos_flags(tmp_path,
     path = export.export_gguf(_adapted(tiny_tokenizer), tokenizer, str(tmp_path / "m.gguf"), "f32")
     meta = _fields(gguf.GGUFReader(path))
     assert meta["tokenizer.ggml.pre"] == "smollm" and meta["tokenizer.ggml.add_bos_token"] == [False]
-    plain = export.export_gguf(_adapted(tiny_tokenizer), tiny_tokenizer, str(tmp_path / "p.gguf"), "f32")
-    assert _fields(gguf.GGUFReader(plain))["tokenizer.ggml.pre"] == "default"  # no source file: llama.cpp's default
+    plain = export.export_gguf(_adapted(tiny_tokenizer), tiny_tokenizer, str(tmp_path / "p.gguf"), "f32",
+                               pretokenizer="gpt-2")
+    assert _fields(gguf.GGUFReader(plain))["tokenizer.ggml.pre"] == "gpt-2"  # no source file: the name given
+
+
+def test_gguf_export_from_a_model_directory_finds_the_pre_tokenizer_as_llama_cpp_s_converter_does(tmp_path):
+    """A tokenizer from a plain transformers directory (no source GGUF) gets the pre-tokenizer llama.cpp's converter
+    gives it: the sha256 of its ids for the converter's probe text, looked up in the converter's table (SmolLM2's:
+    "smollm", the hash llama.cpp lists for SmolLM-135M). A tokenizer the table does not know is refused before
+    anything is merged or written, naming --gguf-pretokenizer; given, the name is written."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from lorakit.export.pretokenizer import KNOWN_PRETOKENIZERS, probe_hash
+    from lorakit.models.loading import load_tokenizer
+
+    directory = tmp_path / "smollm2-tokenizer"
+    load_tokenizer("smollm2-135m").save_pretrained(directory)
+    plain = AutoTokenizer.from_pretrained(str(directory))
+    assert KNOWN_PRETOKENIZERS[probe_hash(plain)] == "smollm"
+    path = export.export_gguf(tiny_llama_for(plain), plain, str(tmp_path / "dir.gguf"), "f32")
+    assert _fields(gguf.GGUFReader(path))["tokenizer.ggml.pre"] == "smollm"
+
+    unknown = make_tiny_tokenizer()  # trained here: its ids are in no table
+    model = _adapted(unknown)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="--gguf-pretokenizer"):
+        export.export_gguf(model, unknown, str(tmp_path / "refused.gguf"), "f32")
+    assert not (tmp_path / "refused.gguf").exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not merged
 
 
 
@@ -169,18 +199,23 @@ def test_llama_cpp_tokenizes_the_exported_smollm2_gguf_as_transformers(tmp_path)
     llama_cpp = pytest.importorskip("llama_cpp")
     from lorakit.models.loading import embedded_gguf_path, load_tokenizer
 
+    from transformers import AutoTokenizer
+
     tokenizer = load_tokenizer("smollm2-135m")
-    path = export.export_gguf(tiny_llama_for(tokenizer), tokenizer, str(tmp_path / "smollm-tok.gguf"), "f32")
-    ours = llama_cpp.Llama(model_path=path, n_ctx=64, vocab_only=True, verbose=False)
+    tokenizer.save_pretrained(tmp_path / "plain")  # as a user's own model directory holds it: no source GGUF
+    plain = AutoTokenizer.from_pretrained(str(tmp_path / "plain"))
     source = llama_cpp.Llama(model_path=embedded_gguf_path("smollm2-135m"), n_ctx=64, vocab_only=True, verbose=False)
-    differs_from_transformers = []
-    for text in LLAMA_CPP_TEXTS:
-        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
-        got = ours.tokenize(text.encode(), add_bos=False, special=True)
-        assert got == source.tokenize(text.encode(), add_bos=False, special=True), text
-        if got != expected:
-            differs_from_transformers.append(text)
-    assert differs_from_transformers == [t for t in LLAMA_CPP_TEXTS if "½" in t]
+    for name, tok in (("from-gguf", tokenizer), ("from-dir", plain)):
+        path = export.export_gguf(tiny_llama_for(tok), tok, str(tmp_path / f"{name}.gguf"), "f32")
+        ours = llama_cpp.Llama(model_path=path, n_ctx=64, vocab_only=True, verbose=False)
+        differs_from_transformers = []
+        for text in LLAMA_CPP_TEXTS:
+            expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+            got = ours.tokenize(text.encode(), add_bos=False, special=True)
+            assert got == source.tokenize(text.encode(), add_bos=False, special=True), (name, text)
+            if got != expected:
+                differs_from_transformers.append(text)
+        assert differs_from_transformers == [t for t in LLAMA_CPP_TEXTS if "½" in t], name
 
 
 @pytest.mark.parametrize("family", sorted(export.GGUF_FAMILIES))
@@ -194,14 +229,16 @@ def test_llama_cpp_runs_each_family_like_lorakit(family, tmp_path, tiny_tokenize
 
     torch.manual_seed(0)
     base = FAMILIES[family][0](len(tiny_tokenizer)).eval()
-    base_path = export.export_gguf(copy.deepcopy(base), tiny_tokenizer, str(tmp_path / "base.gguf"), "f32")
+    base_path = export.export_gguf(copy.deepcopy(base), tiny_tokenizer, str(tmp_path / "base.gguf"), "f32",
+                                   pretokenizer="gpt-2")
     model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     randomize_adapters(model, seed=4, scale=0.1)
     adapter_path = export.export_gguf_adapter(model, str(tmp_path / "adapter.gguf"))
     ids = torch.randint(3, len(tiny_tokenizer), (12,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    merged_path = export.export_gguf(copy.deepcopy(model), tiny_tokenizer, str(tmp_path / "merged.gguf"), "f32")
+    merged_path = export.export_gguf(copy.deepcopy(model), tiny_tokenizer, str(tmp_path / "merged.gguf"), "f32",
+                                     pretokenizer="gpt-2")
     scale = max(1.0, float(np.abs(expected).max()))
     for kwargs in ({"model_path": merged_path}, {"model_path": base_path, "lora_path": adapter_path}):
         llm = llama_cpp.Llama(**kwargs, n_ctx=64, logits_all=True, verbose=False)

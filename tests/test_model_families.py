@@ -301,13 +301,13 @@ def test_causal_family_gguf_export(name, tiny_tokenizer, tmp_path, record_proper
     path = tmp_path / f"{name}.gguf"
     if name not in export.GGUF_FAMILIES:
         with pytest.raises(ValueError, match="GGUF export supports") as refusal:
-            export.export_gguf(model, tiny_tokenizer, str(path), "f32")
+            export.export_gguf(model, tiny_tokenizer, str(path), "f32", pretokenizer="gpt-2")
         assert not path.exists()
         record_property("refused", str(refusal.value).split(";")[0])  # the reason, without the model's name
         return
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    export.export_gguf(model, tiny_tokenizer, str(path), "f32")
+    export.export_gguf(model, tiny_tokenizer, str(path), "f32", pretokenizer="gpt-2")
     fields = gguf.GGUFReader(str(path)).fields
     arch = export.GGUF_FAMILIES[name].arch
     assert fields["general.architecture"].contents() == arch
@@ -362,7 +362,7 @@ def test_causal_family_gguf_adapter(name, tiny_tokenizer, tmp_path, record_prope
     tensors = _gguf_tensors(path)
     layers = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
     assert len(tensors) == 2 * len(layers)
-    export.export_gguf(copy.deepcopy(model), tiny_tokenizer, str(tmp_path / "merged.gguf"), "f32")
+    export.export_gguf(copy.deepcopy(model), tiny_tokenizer, str(tmp_path / "merged.gguf"), "f32", pretokenizer="gpt-2")
     merged_names = set(_gguf_tensors(tmp_path / "merged.gguf"))
     family, config = export.GGUF_FAMILIES[name], base.config
     for hf_name, layer in layers.items():

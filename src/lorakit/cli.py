@@ -103,6 +103,9 @@ def _add_export_command(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf file")
     p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default=None, help="hf: weight dtype (default: base's)")
     p.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="gguf: tensor type")
+    p.add_argument("--gguf-pretokenizer", default=None, metavar="NAME",
+                   help="gguf: llama.cpp's pre-tokenizer name (e.g. llama-bpe, qwen2, smollm, gpt-2), for a tokenizer "
+                        "llama.cpp's converter does not recognise (default: found as that converter finds it)")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="base was trained in 4 bits: load it so")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 

@@ -119,7 +119,8 @@ def cmd_export(args) -> int:
         dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}.get(args.dtype)
         out = export.export_hf(model, tokenizer, args.out, dtype=dtype, force=args.force)
     elif args.format == "gguf":
-        out = export.export_gguf(model, tokenizer, args.out, args.gguf_type, force=args.force)
+        out = export.export_gguf(model, tokenizer, args.out, args.gguf_type, force=args.force,
+                                 pretokenizer=args.gguf_pretokenizer)
     else:
         out = export.export_gguf_adapter(model, args.out, force=args.force)
     print(f"wrote {out}")

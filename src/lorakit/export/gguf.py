@@ -25,7 +25,7 @@ from torch import nn
 from ..layers import LoraLayer
 from ..utils import atomic_path, check_target
 from ..variants.dora import DoraForm
-from .gguf_tokenizer import add_tokenizer
+from .gguf_tokenizer import add_tokenizer, check_tokenizer
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -245,12 +245,15 @@ def _add_hyperparameters(writer, target: GGUFTarget) -> None:
         target.family.extra_keys(writer, config)
 
 
-def export_gguf(peft_model, tokenizer, path: str, out_type: str = "f16", force: bool = False) -> str:
-    """Merge the adapter and write the whole model as GGUF (families in GGUF_FAMILIES), with its tokenizer."""
+def export_gguf(peft_model, tokenizer, path: str, out_type: str = "f16", force: bool = False,
+                pretokenizer: str | None = None) -> str:
+    """Merge the adapter and write the whole model as GGUF (families in GGUF_FAMILIES), with its tokenizer.
+    `pretokenizer`: llama.cpp's pre-tokenizer name, for a tokenizer its converter's table does not know."""
     if out_type not in GGUF_TYPES:
         raise ValueError(f"GGUF type must be one of {GGUF_TYPES}, got {out_type!r}")
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     target = gguf_target(base)  # refuse before merging: a refused export leaves the model as it was
+    pre = check_tokenizer(tokenizer, pretokenizer)
     model = peft_model.merge_and_unload() if hasattr(peft_model, "merge_and_unload") else peft_model
     name_map = _name_map(target)
     family = target.family
@@ -259,7 +262,7 @@ def export_gguf(peft_model, tokenizer, path: str, out_type: str = "f16", force: 
         _add_hyperparameters(writer, target)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type])
-        add_tokenizer(writer, tokenizer, target.config)
+        add_tokenizer(writer, tokenizer, target.config, pre)
         skip_head = family.head_is_embedding or getattr(target.config, "tie_word_embeddings", False)
         for hf_name, tensor in model.state_dict().items():
             if (skip_head and hf_name == "lm_head.weight") or hf_name.endswith("rotary_emb.inv_freq"):

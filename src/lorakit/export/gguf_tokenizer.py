@@ -1,6 +1,7 @@
 """The tokenizer inside an exported GGUF file: a GPT-2-style BPE vocabulary with merges, token types, special ids,
-chat template, and the source GGUF's pre-tokenizer name and BOS/EOS flags (llama.cpp splits text by that name
-before BPE, so a model converted from a GGUF keeps tokenizing as it did there)."""
+chat template, the pre-tokenizer name llama.cpp splits text by before BPE (the source GGUF's own for a model
+converted from one, so it keeps tokenizing as it did there; else found as llama.cpp's converter finds it,
+pretokenizer.py) and the source's BOS/EOS flags."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import gguf
 
 from ..models.loading import GGUF_TOKENIZER_FILE
+from .pretokenizer import pretokenizer_name
 
 
 def _source_gguf_tokenizer(tokenizer) -> dict:
@@ -21,14 +23,22 @@ def _source_gguf_tokenizer(tokenizer) -> dict:
         return json.load(f)
 
 
-def add_tokenizer(writer, tokenizer, config) -> None:
-    """GPT-2-style BPE vocabulary (as SmolLM2 and Llama-3 use) with merges, special ids, chat template."""
+def check_tokenizer(tokenizer, pretokenizer: str | None = None) -> str:
+    """Refuse a tokenizer the export cannot write (before anything is merged or written); returns the
+    pre-tokenizer name llama.cpp will split text by (see pretokenizer.py)."""
     if tokenizer is None:
         raise ValueError("GGUF export needs the tokenizer (it is embedded in the file)")
+    kind = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("type")
+    if kind != "BPE":
+        raise ValueError(f"GGUF export supports BPE tokenizers; this one is {kind!r}")
+    return pretokenizer_name(tokenizer, _source_gguf_tokenizer(tokenizer).get("pre"), pretokenizer)
+
+
+def add_tokenizer(writer, tokenizer, config, pretokenizer: str) -> None:
+    """GPT-2-style BPE vocabulary (as SmolLM2 and Llama-3 use) with merges, special ids, chat template;
+    `pretokenizer` from check_tokenizer."""
     data = json.loads(tokenizer.backend_tokenizer.to_str())
     model = data["model"]
-    if model.get("type") != "BPE":
-        raise ValueError(f"GGUF export supports BPE tokenizers; this one is {model.get('type')!r}")
     vocab = model["vocab"]
     size = max(config.vocab_size, len(vocab))
     tokens = [f"[PAD{i}]" for i in range(size)]
@@ -41,8 +51,7 @@ def add_tokenizer(writer, tokenizer, config) -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     source = _source_gguf_tokenizer(tokenizer)
     writer.add_tokenizer_model("gpt2")
-    # llama.cpp splits text before BPE by this name; the source GGUF's own (SmolLM2: "smollm"), else "default"
-    writer.add_tokenizer_pre(source.get("pre", "default"))
+    writer.add_tokenizer_pre(pretokenizer)  # llama.cpp splits text by this name before BPE
     for flag in ("add_bos_token", "add_eos_token"):
         if flag in source:
             getattr(writer, f"add_{flag}")(bool(source[flag]))
