@@ -98,8 +98,12 @@ def test_export_cli_writes_each_format(capsys, tmp_path, tiny_model_dir):
     adapter = _adapter_dir(tmp_path, tiny_model_dir)
     for fmt, out in (("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf"), ("gguf-adapter", tmp_path / "a.gguf")):
         code, stdout, err = _run(capsys, "export", f"--model={tiny_model_dir}", f"--adapter={adapter}",
-                                 f"--format={fmt}", f"--out={out}", "--gguf-type=f32")
+                                 f"--format={fmt}", f"--out={out}", "--gguf-type=f32", "--gguf-pretokenizer=gpt-2")
         assert code == 0 and out.exists(), err
+    # the tiny test tokenizer is in no table of llama.cpp's: without the name, one line naming the option, exit 2
+    code, _, err = _run(capsys, "export", f"--model={tiny_model_dir}", f"--adapter={adapter}", "--format=gguf",
+                        f"--out={tmp_path / 'refused.gguf'}")
+    assert code == 2 and "--gguf-pretokenizer" in err and not (tmp_path / "refused.gguf").exists()
 
 
 def test_merge_adapters_cli(capsys, tmp_path, tiny_model_dir):

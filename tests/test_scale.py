@@ -2,6 +2,7 @@
 check refusing a run (both measured in their own processes, as a user runs them), and the calculator's run
 model against hand-computed components."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -109,11 +110,33 @@ def test_predict_run_components_follow_the_formula():
     adapter = n_layers * 16 * (2 * (h + h) + 2 * (h + kv) + 3 * (h + i))
     assert got["adapters"] == pytest.approx(adapter * 16 / 1e9)
     tokens = 2048
-    one_layer = tokens * (10 * h + 2 * kv + 4 * i) * 2  # bf16 saved activations when computing in fp32
+    one_layer = tokens * (10 * h + 2 * kv + 4 * i) * 4  # saved in the compute dtype (fp32) by default
     assert got["activations"] == pytest.approx((n_layers * tokens * h * 4 + one_layer) / 1e9)
     assert got["total"] == pytest.approx(sum(v for k, v in got.items() if k != "total"))
     without = calc.predict_run(arch, calc.RunShape(storage="nf4", batch=4, length=512, rank=16))
     assert without["activations"] == pytest.approx(n_layers * one_layer / 1e9)
+    halved = calc.predict_run(arch, calc.RunShape(storage="nf4", batch=4, length=512, rank=16, saved_bytes=2))
+    assert halved["activations"] == pytest.approx(n_layers * one_layer / 2 / 1e9)  # saved_activations: bf16
+
+
+def test_saved_activations_auto_keeps_fp32_unless_only_bf16_copies_fit(generated_model, tmp_path):
+    """`saved_activations: auto` on an fp32 run: fp32 (exact) where it fits; bf16 copies, with the reason, only
+    where fp32 would not fit and bf16 does; fp32 again where neither fits (the memory check then refuses it)."""
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.memory_check import choose_saved_activations, run_shape
+
+    cfg = TrainConfig(model=generated_model, output_dir=str(tmp_path), bf16=False, batch_size=4, max_length=64,
+                      lora={"r": 8})
+    peak = {saved: calc.predict_run(calc.get_arch(generated_model),
+                                    run_shape(dataclasses.replace(cfg, saved_activations=saved)))["total"]
+            for saved in ("fp32", "bf16")}
+    assert peak["bf16"] < peak["fp32"]
+    for limit, expected in ((peak["fp32"] + 1, "fp32"), ((peak["fp32"] + peak["bf16"]) / 2, "bf16"),
+                            (peak["bf16"] - 0.01, "fp32")):
+        saved, note = choose_saved_activations(dataclasses.replace(cfg, memory_limit_gb=limit), generated_model)
+        assert saved == expected and (note is not None) == (expected == "bf16"), (limit, saved, note)
+    assert choose_saved_activations(dataclasses.replace(cfg, bf16=True), generated_model) == ("auto", None)
+    assert choose_saved_activations(dataclasses.replace(cfg, saved_activations="bf16"), generated_model)[0] == "bf16"
 
 
 FRAGMENTING = """

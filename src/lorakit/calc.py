@@ -177,7 +177,7 @@ class RunShape:
     rank: int = 16
     targets: tuple[str, ...] | None = None  # None: every linear layer
     gradient_checkpointing: bool = False
-    saved_bytes: int | None = None    # bytes per saved activation value (None: 2 = bf16, as saved_activations: auto)
+    saved_bytes: int | None = None    # bytes per saved activation value (None: the compute dtype's, as auto)
 
     def __post_init__(self):
         if self.storage not in (None, "nf4"):
@@ -200,7 +200,7 @@ def predict_run(arch: Arch, run: RunShape) -> dict[str, float]:
     of one MLP (gradients of the intermediate activations); allocator: the freed heap the training loop lets
     glibc keep before returning it (ALLOCATOR_SLACK_GB); runtime: the process before the model loads."""
     compute = 4 if run.compute == "fp32" else 2
-    saved = run.saved_bytes or (2 if run.compute == "fp32" else compute)
+    saved = run.saved_bytes or compute
     shapes = arch.matrices()
     linear = arch.layers * sum(o * i for o, i in shapes.values())
     other = arch.base_params() - linear

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 
 
 def _load(model_name: str, adapter: str | None, quantize: str | None = None, dtype: str = "fp32",
@@ -19,12 +20,14 @@ def _load(model_name: str, adapter: str | None, quantize: str | None = None, dty
     """Model (+ adapter, fp32 adapters on the base's device) and tokenizer; `dtype` / `device` as the CLI's
     --dtype / --device (auto: bf16 where the device has fast bf16; the GPU when torch sees one)."""
     from .adapters.model import PeftModel
-    from .hardware import resolve_device_type, resolve_dtype
+    from .hardware import compute_dtype_note, resolve_device_type, resolve_dtype
     from .models.loading import load_model, load_tokenizer
 
     if adapter and not os.path.isdir(adapter):
         raise FileNotFoundError(f"adapter directory {adapter} does not exist")
     device_type = resolve_device_type(device)
+    if dtype == "auto":
+        print(compute_dtype_note(device_type), file=sys.stderr)
     tokenizer = load_tokenizer(model_name)
     model = load_model(model_name, quantize=quantize, dtype=resolve_dtype(dtype, device_type), device=device_type)
     if adapter:
@@ -132,6 +135,10 @@ def cmd_serve(args) -> int:
         from .serve import ServeConfig, serve
     except ImportError:  # pragma: no cover
         raise ValueError("lorakit serve needs fastapi and uvicorn: pip install 'lorakit[serve]'") from None
+    from .hardware import compute_dtype_note, resolve_device_type
+
+    if args.dtype == "auto":
+        print(compute_dtype_note(resolve_device_type(args.device)), file=sys.stderr)
     serve(ServeConfig(model=args.model, adapters=dict(args.adapter), adapter_root=args.adapter_root,
                       max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                       max_tokens_cap=args.max_tokens_cap, max_prompt_tokens=args.max_prompt_tokens,

@@ -14,6 +14,12 @@ if TYPE_CHECKING:  # annotations only: this module is imported by `lorakit --hel
     from torch import nn
 
 
+def cache_root() -> str:
+    """lorakit's cache directory: $XDG_CACHE_HOME/lorakit (default ~/.cache/lorakit)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lorakit")
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where the submodule called `name` (dotted path) is."""
     parent_name, _, child = name.rpartition(".")

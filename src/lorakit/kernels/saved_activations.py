@@ -84,9 +84,10 @@ class compressed_activations(torch.autograd.graph.saved_tensors_hooks):
 
 
 def resolve_saved_activations(setting: str, compute_dtype: torch.dtype) -> torch.dtype:
-    """The storage dtype for `saved_activations: auto|bf16|fp32`: auto = bf16 when computing in fp32."""
+    """The storage dtype for `saved_activations: auto|bf16|fp32`: auto = the compute dtype (exact; the training
+    set-up turns auto into bf16 for an fp32 run only where fp32 copies would not fit, train/memory_check.py)."""
     if setting == "auto":
-        return torch.bfloat16 if compute_dtype == torch.float32 else compute_dtype
+        return compute_dtype
     choices = {"bf16": torch.bfloat16, "fp32": torch.float32}
     if setting not in choices:
         raise ValueError(f"saved_activations must be 'auto', 'bf16' or 'fp32', got {setting!r}")

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from ..calc import ARCHITECTURES, Arch
-from ..utils import atomic_path
-from .loading import cache_root, load_tokenizer
+from ..utils import atomic_path, cache_root
+from .loading import load_tokenizer
 
 SHARD_BYTES = 1 << 30
 INIT_STD = 0.02

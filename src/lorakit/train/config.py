@@ -69,8 +69,8 @@ class TrainConfig:
     freed_memory_slack_gb: float | None = 0.5  # return freed heap to the OS whenever resident memory grew this
                                                # much (glibc fragments under training: a 1B QLoRA step's peak
                                                # 5.1 GB -> ~2.5 GB); null = never
-    saved_activations: str = "auto"       # dtype of activations kept for backward: auto = bf16 when computing
-                                          # in fp32 (no fast bf16 here), else the compute dtype; bf16 | fp32
+    saved_activations: str = "auto"       # dtype of activations kept for backward: auto = the compute dtype
+                                          # (exact), bf16 for an fp32 run only where fp32 would not fit; bf16 | fp32
     quantize: str | None = None           # "nf4": frozen base in 4-bit NF4 (QLoRA)
     fused_kernels: bool = True            # chunked lm_head + cross-entropy on labelled rows, fused RMSNorm
                                           # and SwiGLU (fewer saved activations)

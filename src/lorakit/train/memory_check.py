@@ -44,6 +44,7 @@ def run_shape(cfg) -> calc.RunShape:
 
 
 ALTERNATIVES = (  # what a refusal suggests, in order: (setting as the user writes it, the change to the run)
+    ("saved_activations: bf16", {"saved_bytes": 2}),  # backward reads bf16-rounded inputs: not exact, but close
     ("gradient_checkpointing: true", {"gradient_checkpointing": True}),
     ("quantize: nf4", {"storage": "nf4"}),
     ("quantize: nf4 + gradient_checkpointing: true", {"storage": "nf4", "gradient_checkpointing": True}),
@@ -86,3 +87,27 @@ def check_fits(model_dir: str, shape: calc.RunShape, limit_gb: float | None) -> 
         f"{predicted['weights']:.1f}, activations {predicted['activations']:.1f}), {available:.1f} GB is available; "
         + (f"would fit: {'; '.join(options)}" if options else "nothing smaller fits: use a smaller model")
         + " (set memory_check: false to start anyway)")
+
+
+def choose_saved_activations(cfg, model_dir: str | None) -> tuple[str, str | None]:
+    """`saved_activations: auto` decided for a run computing in fp32: "fp32" (backward reads exactly what forward
+    computed) unless the run is predicted not to fit that way but to fit keeping bf16 copies; with the reason.
+    A bf16 run keeps bf16 (its activations are bf16 already); a run that cannot be sized keeps fp32."""
+    if cfg.saved_activations != "auto" or cfg.bf16:
+        return cfg.saved_activations, None
+    available = cfg.memory_limit_gb if cfg.memory_limit_gb is not None else available_gb()
+    if model_dir is None or available is None or not cfg.memory_check:
+        return "fp32", None
+    try:
+        arch = calc.get_arch(model_dir)
+    except calc.ArchUnknown:
+        return "fp32", None
+    exact = calc.predict_run(arch, run_shape(dataclasses.replace(cfg, saved_activations="fp32")))["total"]
+    if exact <= available:
+        return "fp32", None
+    halved = calc.predict_run(arch, run_shape(dataclasses.replace(cfg, saved_activations="bf16")))["total"]
+    if halved > available:  # neither fits: the memory check refuses the exact plan, naming what would fit
+        return "fp32", None
+    return "bf16", (f"saved activations: bf16 copies (backward reads bf16-rounded inputs): fp32 copies would need "
+                    f"{exact:.1f} GB of the {available:.1f} GB available, bf16 {halved:.1f} GB "
+                    "(saved_activations: fp32 to insist)")

@@ -23,7 +23,7 @@ from .. import calc
 from ..adapters.model import LoraModel
 from ..adapters.task_models import get_peft_model
 from ..generation import answer_prompts
-from ..hardware import resolve_bf16
+from ..hardware import compute_dtype_note, resolve_bf16
 from ..kernels.saved_activations import compressed_activations, resolve_saved_activations
 from ..models.loading import load_model, load_tokenizer, resolve_model_dir
 from ..quant.nf4 import quantize_model_nf4
@@ -36,7 +36,7 @@ from . import distributed as dist_utils
 from .config import TrainConfig
 from .fast_paths import enable_fast_paths
 from .loss import LOSSES
-from .memory_check import check_fits, run_shape
+from .memory_check import check_fits, choose_saved_activations, run_shape
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -85,6 +85,14 @@ def check_run(cfg: TrainConfig, env: dist_utils.Env) -> None:
     """Refuse what depends on the launch (TrainConfig refused the rest when it was made), before anything loads."""
     if cfg.resume and env.world_size > 1 and cfg.distributed == "fsdp":
         raise ValueError("--resume is not supported with distributed=fsdp; use ddp for resumable runs")
+
+
+def _model_dir(cfg: TrainConfig) -> str | None:
+    """The model's directory where the calculator can size it without loading it, else None."""
+    try:
+        return resolve_model_dir(cfg.model)
+    except (OSError, ValueError):
+        return None
 
 
 def check_memory(cfg: TrainConfig) -> str | None:
@@ -156,7 +164,10 @@ def build_optimizer(cfg: TrainConfig, model: LoraModel, device: torch.device, to
 
 def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=None) -> Run:
     check_run(cfg, env)
+    dtype_note = compute_dtype_note(env.device) if cfg.bf16 == "auto" else None
     cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
+    saved, saved_note = choose_saved_activations(cfg, _model_dir(cfg) if model is None else None)
+    cfg = dataclasses.replace(cfg, saved_activations=saved)
     memory_line = check_memory(cfg) if model is None and cfg.memory_check else None  # before anything is written
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -164,8 +175,11 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
     os.makedirs(cfg.output_dir, exist_ok=True)
     is_main = env.rank == 0
     log = print if is_main else (lambda *a, **k: None)
-    if memory_line:
-        log(memory_line)
+    if dtype_note:
+        log(dtype_note)
+    for line in (memory_line, saved_note):
+        if line:
+            log(line)
 
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     train_rows, val_rows, classes = load_rows(cfg, tokenizer, log)

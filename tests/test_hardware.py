@@ -1,0 +1,43 @@
+"""The compute dtype `auto` picks is measured, not read from CPU flags: matmul rates timed once per CPU model /
+torch version / thread count, cached, and bf16 chosen only where it beat fp32 by the margin."""
+
+import json
+
+import pytest
+import torch
+
+from lorakit import hardware
+
+
+@pytest.mark.parametrize("rates, bf16", [({"fp32": 110.0, "bf16": 385.0}, True),   # an EPYC with fast bf16
+                                         ({"fp32": 248.0, "bf16": 142.0}, False),  # a Xeon listing avx512_bf16
+                                         ({"fp32": 100.0, "bf16": 105.0}, False)])  # within the margin
+def test_a_timing_table_picks_the_dtype(rates, bf16, monkeypatch):
+    assert hardware.fast_bf16("cpu", rates) is bf16
+    monkeypatch.setattr(hardware, "cpu_matmul_rates", lambda: rates)
+    assert hardware.resolve_bf16("auto") is bf16
+    assert hardware.resolve_dtype("auto", "cpu") == (torch.bfloat16 if bf16 else torch.float32)
+    assert hardware.resolve_bf16(False) is False and hardware.resolve_dtype("fp32", "cpu") == torch.float32
+    note = hardware.compute_dtype_note("cpu")
+    assert note.startswith(f"auto dtype: {'bf16' if bf16 else 'fp32'}") and f"{rates['fp32']:g} GFLOP/s" in note
+
+
+def test_rates_are_measured_once_and_kept_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(hardware, "measure_matmul_rates", lambda: calls.append(1) or {"fp32": 90.0, "bf16": 30.0})
+    hardware.cpu_matmul_rates.cache_clear()
+    try:
+        assert hardware.cpu_matmul_rates() == {"fp32": 90.0, "bf16": 30.0}
+        table = json.loads((tmp_path / "lorakit" / "calibration.json").read_text())
+        (key,) = table
+        assert hardware.cpu_model() in key and torch.__version__ in key
+        hardware.cpu_matmul_rates.cache_clear()  # a new process: read from the file, not measured again
+        assert hardware.cpu_matmul_rates() == {"fp32": 90.0, "bf16": 30.0} and calls == [1]
+    finally:
+        hardware.cpu_matmul_rates.cache_clear()
+
+
+def test_measured_rates_are_rates():
+    rates = hardware.measure_matmul_rates(shapes=((128, 128, 128),), repeats=2)
+    assert set(rates) == {"fp32", "bf16"} and all(r > 0 for r in rates.values())
