@@ -491,3 +491,15 @@ def test_lora_on_multihead_attention_is_w_plus_delta_and_uses_peft_names(tmp_pat
         net = torch.nn.Module()
         net.attn = torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=8)
         lorakit.get_peft_model(net, lorakit.LoraConfig(target_modules=["attn"]))
+
+
+@pytest.mark.parametrize("config", [dict(cls="LoraConfig", r=4), dict(cls="VeraConfig", r=8),
+                                    dict(cls="AdaLoraConfig", init_r=4, target_r=2, total_step=10)])
+def test_model_prefix_is_peft_s(config):
+    """`model.prefix` (and `model.base_model.prefix`), which PEFT's helpers and TRL's weight sync read, is PEFT's
+    for the form: every trainable adapter parameter's name holds it."""
+    kw = {k: v for k, v in config.items() if k != "cls"}
+    ours = lorakit.get_peft_model(tiny_llama(), getattr(lorakit, config["cls"])(target_modules=["q_proj"], **kw))
+    theirs = peft.get_peft_model(tiny_llama(), getattr(peft, config["cls"])(target_modules=["q_proj"], **kw))
+    assert ours.prefix == ours.base_model.prefix == theirs.prefix == theirs.base_model.prefix
+    assert all(ours.prefix in n for n, p in ours.named_parameters() if p.requires_grad)

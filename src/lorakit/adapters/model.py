@@ -105,6 +105,13 @@ class LoraModel(AdapterFiles, AdapterMerging, nn.Module):
 
     # --- adapters ----------------------------------------------------------------------------
     @property
+    def prefix(self) -> str:
+        """The start of the trained adapter parameters' names (PEFT's tuner attribute: "lora_", VeRA's
+        "vera_lambda_"), by the active adapter's form; PEFT's helpers and TRL's weight sync read it."""
+        config = self.peft_config.get(self.active_adapter)
+        return config.PREFIX if config is not None else LoraConfig.PREFIX
+
+    @property
     def active_adapters(self) -> list[str]:
         """The adapters whose updates are applied (their deltas add), in order."""
         return list(self._active)

@@ -70,6 +70,7 @@ class LoraConfig:
     extra_fields: dict[str, Any] = field(default_factory=dict, repr=False)
 
     PEFT_TYPE = "LORA"
+    PREFIX = "lora_"  # the start of its parameter names (PEFT's tuner.prefix)
     DEFAULT_TARGETS = LORA_DEFAULTS  # target_modules=None: PEFT's modules per model_type
     resumable = True  # a run with this adapter can continue from a checkpoint
 

@@ -119,6 +119,7 @@ class VeraConfig(LoraConfig):
     peft_type: str = "VERA"
 
     PEFT_TYPE = "VERA"
+    PREFIX = "vera_lambda_"
     DEFAULT_TARGETS = VERA_DEFAULTS
     FIELD_TYPES = {**LoraConfig.FIELD_TYPES, "projection_prng_key": ((int,), "an integer"),
                    "save_projection": ((bool,), "true or false"), "init_weights": ((bool,), "true or false"),
