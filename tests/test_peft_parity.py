@@ -503,3 +503,27 @@ def test_model_prefix_is_peft_s(config):
     theirs = peft.get_peft_model(tiny_llama(), getattr(peft, config["cls"])(target_modules=["q_proj"], **kw))
     assert ours.prefix == ours.base_model.prefix == theirs.prefix == theirs.base_model.prefix
     assert all(ours.prefix in n for n, p in ours.named_parameters() if p.requires_grad)
+
+
+def test_base_model_state_dict_helpers_and_get_submodules_match_peft():
+    """PEFT's get_base_model_state_dict / set_base_model_state_dict (original keys, no adapter tensors, wrapper
+    infixes dropped) and peft.utils._get_submodules give the same keys and tensors on lorakit's models."""
+    from peft.utils import _get_submodules as peft_get_submodules
+
+    from lorakit.utils import _get_submodules
+
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+               trainable_token_indices=[1, 2])
+    ours = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg))
+    mine, their = lorakit.get_base_model_state_dict(ours), peft.get_base_model_state_dict(theirs)
+    assert sorted(mine) == sorted(their) == sorted(tiny_llama().state_dict())
+    assert all(torch.equal(mine[k], their[k]) for k in mine)
+    fresh = {k: torch.randn_like(v) for k, v in mine.items()}
+    assert lorakit.set_base_model_state_dict(ours, fresh) == ([], [])
+    assert all(torch.equal(lorakit.get_base_model_state_dict(ours)[k], v) for k, v in fresh.items())
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        lorakit.set_base_model_state_dict(ours, {**fresh, "nope.weight": torch.zeros(1)})
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    (p1, t1, n1), (p2, t2, n2) = _get_submodules(ours, key), peft_get_submodules(theirs, key)
+    assert (type(p1).__name__, n1) == (type(p2).__name__, n2) and t1.base_layer.weight.shape == t2.base_layer.weight.shape

@@ -26,7 +26,8 @@ _PUBLIC = {
         "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
         "PeftModelForTokenClassification", "PeftConfig", "PeftType", "TaskType", "get_peft_model_state_dict",
         "inject_adapter_in_model", "prepare_model_for_kbit_training", "set_peft_model_state_dict",
-        "get_layer_status", "get_model_status"], "lorakit.adapters"),
+        "get_layer_status", "get_model_status", "get_base_model_state_dict", "set_base_model_state_dict"],
+        "lorakit.adapters"),
 }
 
 __all__ = [*_PUBLIC, "__version__"]
@@ -37,7 +38,8 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
                            PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
                            PeftModelForTokenClassification, PeftType, TaskType, get_layer_status, get_model_status,
                            get_peft_model, get_peft_model_state_dict, inject_adapter_in_model,
-                           prepare_model_for_kbit_training, set_peft_model_state_dict)
+                           prepare_model_for_kbit_training, set_peft_model_state_dict, get_base_model_state_dict,
+                           set_base_model_state_dict)
     from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear  # noqa: F401
     from .models import load_model, load_tokenizer  # noqa: F401
     from .variants import AdaLoraConfig, LoraConfig, VeraConfig  # noqa: F401

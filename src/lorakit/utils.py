@@ -27,6 +27,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    """(parent, module, its attribute name) for the submodule at dotted `key` (PEFT's helper, same name)."""
+    parent_name, _, name = key.rpartition(".")
+    return model.get_submodule(parent_name), model.get_submodule(key), name
+
+
 def swap_modules(model: nn.Module, matches: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> int:
     """Replace every submodule `m` with `matches(m)` true by `make(m)`. Returns how many were replaced."""
     names = [n for n, m in model.named_modules() if matches(m)]
