@@ -368,3 +368,14 @@ def test_load_1000_requests_with_adapters_coming_and_going_and_streams_dropped(l
     after = [timed_probe() for _ in range(10)]
     assert max(after) < 3 * before, (after, before)
     assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_a_tiny_temperature_samples_the_greedy_token_instead_of_failing():
+    """softmax(logits / T) overflows fp32 for T ~ 1e-103 (the fuzz test's find: 500 'probability tensor contains
+    inf'); the limit T -> 0 is greedy, which the sampler returns."""
+    from lorakit.serve.engine import _pick
+
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    assert all(_pick(logits, t) == 1 for t in (2e-103, 1e-300, 1e-7))
+    torch.manual_seed(0)
+    assert {_pick(logits, 1.0) for _ in range(200)} == {0, 1, 2}

@@ -16,19 +16,18 @@ from torch import nn
 
 from ..layers import LoraLayer
 from ..layers.mixed_batch import row_adapters
-from ..quant.nf4 import NF4Linear
 from ..utils import forward_getattr
 from ..variants.lora_config import DEFAULT_ADAPTER, LoraConfig
-from . import status
 from .files import AdapterFiles, cast_to_base_dtype
 from .inject import adapter_layers, inject_adapter
 from .merge import AdapterMerging
+from .status import AdapterReport
 from .tuner import LoraTuner
 
 BASE_ROW = "__base__"  # PEFT's name for a row of a mixed batch that uses no adapter
 
 
-class LoraModel(AdapterFiles, AdapterMerging, nn.Module):
+class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, nn.Module):
     """A model with LoRA adapters. Build it with `get_peft_model` or `LoraModel.from_pretrained`.
 
     >>> model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
@@ -267,30 +266,6 @@ class LoraModel(AdapterFiles, AdapterMerging, nn.Module):
                 layer.disable_adapters = False
                 if merged.get(id(layer)):
                     layer.merge(merged[id(layer)])
-
-    # --- parameters ----------------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts, counted as PEFT counts them."""
-        trainable = total = 0
-        for p in self.parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-        # 4-bit weights live in buffers; count them as the parameters they stand for (PEFT does too).
-        total += sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, NF4Linear))
-        return trainable, total
-
-    def get_layer_status(self) -> list:
-        """PEFT's per-layer status (lorakit.adapters.status.TunerLayerStatus)."""
-        return status.get_layer_status(self)
-
-    def get_model_status(self):
-        """PEFT's model status (lorakit.adapters.status.TunerModelStatus)."""
-        return status.get_model_status(self)
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / total:.4f}")
 
     task_classes: dict[str, type["LoraModel"]] = {}  # task_type -> PEFT's task class (task_models.py fills it)
 

@@ -110,3 +110,30 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         available_adapters=sorted(set().union(*(s.available_adapters for s in layers))),
         devices={k: sorted(v) for k, v in devices.items()},
         quantization_backend=_one_or_irregular({s.quantization_backend for s in layers}))
+
+
+class AdapterReport:
+    """PEFT's parameter counts and status reports, as LoraModel methods (a mixin LoraModel inherits)."""
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, counted as PEFT counts them."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        # 4-bit weights live in buffers; count them as the parameters they stand for (PEFT does too).
+        total += sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, NF4Linear))
+        return trainable, total
+
+    def get_layer_status(self) -> list:
+        """PEFT's per-layer status (lorakit.adapters.status.TunerLayerStatus)."""
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        """PEFT's model status (lorakit.adapters.status.TunerModelStatus)."""
+        return get_model_status(self)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")

@@ -261,6 +261,12 @@ class Engine:
 
 
 def _pick(logits: torch.Tensor, temperature: float) -> int:
+    """Greedy at temperature 0, else a sample of softmax(logits / T) (computed in fp64: a tiny T sharpens it
+    towards greedy, never to inf/nan)."""
     if temperature <= 0:
         return int(logits.argmax())
-    return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1))
+    scaled = logits.double() / temperature
+    probs = torch.softmax(scaled - scaled.max(), -1)
+    if not torch.isfinite(probs).all():  # T so small that even fp64 overflows: the limit is greedy
+        return int(logits.argmax())
+    return int(torch.multinomial(probs, 1))

@@ -54,7 +54,7 @@ class TrainConfig:
     grad_accum: int = 1
     epochs: float = 1.5                   # the demo: 33 steps, under 5 min on a 2-core AVX2 CPU
     max_steps: int = 0                    # > 0 overrides epochs
-    lr: float = 1e-3
+    lr: float = 6e-4                      # the demo: learns the house style, keeps more of what the base knew
     weight_decay: float = 0.0
     loraplus_lr_ratio: float | None = None  # LoRA+: B matrices at lr * ratio (e.g. 16); None = plain AdamW
     warmup_steps: int = 5
@@ -86,7 +86,7 @@ class TrainConfig:
     eval_every: int = 10
     save_every: int = 25
     seed: int = 0
-    max_new_tokens: int = 40
+    max_new_tokens: int = 64              # answers to the prompts before and after (room for the signature)
     resume: bool = False
     memory_check: bool = True             # refuse, before loading, a run whose predicted peak memory
                                           # (lorakit calc's model of this run) exceeds what is available
