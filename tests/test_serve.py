@@ -12,6 +12,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from lorakit.train.config import TrainConfig
 from lorakit.train import train
