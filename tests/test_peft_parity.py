@@ -527,3 +527,21 @@ def test_base_model_state_dict_helpers_and_get_submodules_match_peft():
     key = "base_model.model.model.layers.0.self_attn.q_proj"
     (p1, t1, n1), (p2, t2, n2) = _get_submodules(ours, key), peft_get_submodules(theirs, key)
     assert (type(p1).__name__, n1) == (type(p2).__name__, n2) and t1.base_layer.weight.shape == t2.base_layer.weight.shape
+
+
+def test_active_adapter_is_a_name_or_the_list_of_names_as_in_peft():
+    """`active_adapter` is the name while one adapter is active and the list when several are (PEFT's tuner)."""
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"])
+    ours = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg))
+    for model, lib in ((ours, lorakit), (theirs, peft)):
+        model.add_adapter("other", lib.LoraConfig(**cfg))
+    seen = {}
+    for name, model in (("ours", ours), ("theirs", theirs)):
+        steps = [model.active_adapter]
+        model.set_adapter("other")
+        steps.append(model.active_adapter)
+        model.base_model.set_adapter(["default", "other"])
+        steps += [model.base_model.active_adapter, model.active_adapters]
+        seen[name] = steps
+    assert seen["ours"] == seen["theirs"] == ["default", "other", ["default", "other"], ["default", "other"]]

@@ -195,7 +195,7 @@ def resize_adapter(model, name: str, new_r: int) -> float:
         kept += s[:new_r].square().sum().item()
         total += s.square().sum().item()
         new[layer_name] = (A2, B2)
-    active = model.active_adapter
+    active = model.active_adapters
     model.delete_adapter(name)
     model.add_adapter(name, dataclasses.replace(config, r=new_r, lora_alpha=new_r, rank_pattern={}, alpha_pattern={},
                                                 target_modules=sorted(new)))
@@ -205,6 +205,6 @@ def resize_adapter(model, name: str, new_r: int) -> float:
             A, B, _ = _factors(layers[layer_name], name)
             A.copy_(A2)
             B.copy_(B2)
-    if active == name or model.active_adapter is None:
-        model.set_adapter(name)
+    if name in active or not model.active_adapters:
+        model.set_adapter(active or [name])
     return kept / total if total else 1.0

@@ -73,15 +73,15 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, nn.Module):
     def weighted_regularization(self) -> torch.Tensor | None:
         """The term the active adapter's form adds to the training loss (AdaLoRA: orth_reg_weight x
         orthogonality), or None. The training loop and forward both add exactly this."""
-        config = self.peft_config.get(self.active_adapter)
+        config = self.peft_config.get(self._first_active)
         if config is None or not config.regularization_weight:
             return None
-        return config.regularization_weight * config.regularization(self, self.active_adapter)
+        return config.regularization_weight * config.regularization(self, self._first_active)
 
     def regularization_loss(self) -> torch.Tensor:
         """The active adapter's regulariser before weighting (AdaLoRA's orthogonality; 0 for other forms)."""
-        config = self.peft_config.get(self.active_adapter)
-        reg = config.regularization(self, self.active_adapter) if config is not None else None
+        config = self.peft_config.get(self._first_active)
+        reg = config.regularization(self, self._first_active) if config is not None else None
         return torch.zeros(()) if reg is None else reg
 
     def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
@@ -107,7 +107,7 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, nn.Module):
     def prefix(self) -> str:
         """The start of the trained adapter parameters' names (PEFT's tuner attribute: "lora_", VeRA's
         "vera_lambda_"), by the active adapter's form; PEFT's helpers and TRL's weight sync read it."""
-        config = self.peft_config.get(self.active_adapter)
+        config = self.peft_config.get(self._first_active)
         return config.PREFIX if config is not None else LoraConfig.PREFIX
 
     @property
@@ -116,8 +116,12 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, nn.Module):
         return list(self._active)
 
     @property
-    def active_adapter(self) -> str | None:
-        """The active adapter's name (the first, when several are active)."""
+    def active_adapter(self) -> str | list[str] | None:
+        """The active adapter's name; the list of names when several are active (as PEFT's tuner returns it)."""
+        return self._active[0] if len(self._active) == 1 else (list(self._active) or None)
+
+    @property
+    def _first_active(self) -> str | None:
         return self._active[0] if self._active else None
 
     def _layers(self):

@@ -167,7 +167,7 @@ def export_gguf_adapter(peft_model, path: str, adapter_name: str | None = None, 
     computes it; layers whose scaling differs from the file's single alpha get it folded into B."""
     model = peft_model.get_base_model()
     target = gguf_target(model)
-    name = adapter_name or peft_model.active_adapter
+    name = adapter_name or peft_model.active_adapters[0]
     if name not in peft_model.peft_config:
         raise ValueError(f"unknown adapter {name!r}; loaded adapters: {sorted(peft_model.peft_config)}")
     name_map = _name_map(target)
