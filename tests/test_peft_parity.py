@@ -545,3 +545,26 @@ def test_active_adapter_is_a_name_or_the_list_of_names_as_in_peft():
         steps += [model.base_model.active_adapter, model.active_adapters]
         seen[name] = steps
     assert seen["ours"] == seen["theirs"] == ["default", "other", ["default", "other"], ["default", "other"]]
+
+
+def test_layer_level_set_adapter_enable_adapters_and_adapter_names_as_in_peft(ids):
+    """PEFT's layer API: layer.set_adapter(name) activates it there and makes only its parameters trainable,
+    enable_adapters(False) freezes every adapter and gives the base output, True restores the active one;
+    _all_available_adapter_names lists every adapter the layer holds."""
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"])
+    ours = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg))
+    results = {}
+    for name, model, lib in (("ours", ours, lorakit), ("theirs", theirs, peft)):
+        model.add_adapter("other", lib.LoraConfig(**cfg))
+        layer = model.get_base_model().model.layers[0].self_attn.q_proj
+        layer.set_adapter("other")
+        grads = sorted(n for n, p in layer.named_parameters() if p.requires_grad)
+        layer.enable_adapters(False)
+        frozen = [n for n, p in layer.named_parameters() if p.requires_grad]
+        off = layer.disable_adapters
+        layer.enable_adapters(True)
+        results[name] = (layer._all_available_adapter_names(), grads, frozen, off, layer.disable_adapters,
+                         list(layer.active_adapters))
+    assert results["ours"] == results["theirs"]
+    assert results["ours"][1] == ["lora_A.other.weight", "lora_B.other.weight"]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .form import Adapter, AdapterForm
+from .peft_layer_api import PeftLayerAPI
 
 
 class Matrix(nn.Module):
@@ -20,7 +21,7 @@ class Matrix(nn.Module):
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(PeftLayerAPI, nn.Module):
     """Adapter bookkeeping shared by every wrapped layer type."""
 
     geometry = ""

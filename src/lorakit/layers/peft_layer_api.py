@@ -1,0 +1,32 @@
+"""PEFT's per-layer adapter switches (BaseTunerLayer.set_adapter / enable_adapters / _all_available_adapter_names),
+as a mixin LoraLayer inherits: code written against PEFT's layers calls them directly."""
+
+from __future__ import annotations
+
+
+class PeftLayerAPI:
+    """Needs the layer's `adapter_names`, `adapter_parameters(name)`, `set_active_adapters` and `disable_adapters`."""
+
+    def _all_available_adapter_names(self) -> list[str]:
+        """Every adapter this layer holds, sorted (PEFT's name)."""
+        return sorted(self.adapter_names)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate these adapters on this layer: their parameters train (unless `inference_mode`), the others'
+        are frozen, as PEFT's layer-level set_adapter does."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self._all_available_adapter_names():
+            for p in self.adapter_parameters(name).values():
+                p.requires_grad_(name in names and not inference_mode)
+        self.set_active_adapters(names)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch this layer's adapters on (the active ones train again) or off (all frozen, base output)."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self.disable_adapters = False
+            return
+        for name in self._all_available_adapter_names():
+            for p in self.adapter_parameters(name).values():
+                p.requires_grad_(False)
+        self.disable_adapters = True
