@@ -215,7 +215,7 @@ def _predict_training_run(args) -> tuple[dict, str]:
                           length=args.max_length, rank=args.rank, targets=targets,
                           gradient_checkpointing=args.gradient_checkpointing)
     predicted = calc.predict_run(arch, shape)
-    available = args.memory_gb if args.memory_gb is not None else available_gb()
+    available = available_gb(args.memory_gb)
     out = {"model": args.model, "base_params": arch.base_params(), "run": dataclasses.asdict(shape),
            "predicted_peak_gb": predicted, "available_gb": available}
     text = (f"{args.model}: {arch.base_params() / 1e9:.2f} B base parameters; predicted peak "

@@ -73,10 +73,11 @@ def pretokenizer_name(tokenizer, source_name: str | None = None, override: str |
         return override
     if source_name:
         return source_name
-    found = KNOWN_PRETOKENIZERS.get(probe_hash(tokenizer))
+    digest = probe_hash(tokenizer)
+    found = KNOWN_PRETOKENIZERS.get(digest)
     if found is None:
         raise ValueError(f"llama.cpp's converter does not know this tokenizer's pre-tokenizer (probe hash "
-                         f"{probe_hash(tokenizer)[:16]}...), and a wrong one silently tokenizes text differently; "
+                         f"{digest[:16]}...), and a wrong one silently tokenizes text differently; "
                          f"name it with --gguf-pretokenizer NAME (export_gguf(..., pretokenizer=NAME)), e.g. one "
                          f"of {', '.join(NAMES)}")
     return found

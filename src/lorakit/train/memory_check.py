@@ -18,8 +18,11 @@ class MemoryRefusal(ValueError):
     """A run predicted to need more memory than the machine has."""
 
 
-def available_gb() -> float | None:
-    """MemAvailable from /proc/meminfo in GB (None where the system does not say)."""
+def available_gb(limit_gb: float | None = None) -> float | None:
+    """`limit_gb` when set (memory_limit_gb, --memory-gb), else MemAvailable from /proc/meminfo in GB (None where
+    the system does not say)."""
+    if limit_gb is not None:
+        return limit_gb
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -75,7 +78,7 @@ def check_fits(model_dir: str, shape: calc.RunShape, limit_gb: float | None) -> 
     naming what would fit instead, when the prediction exceeds it."""
     arch = calc.get_arch(model_dir)
     predicted = calc.predict_run(arch, shape)
-    available = limit_gb if limit_gb is not None else available_gb()
+    available = available_gb(limit_gb)
     parts = ", ".join(f"{name} {value:.2f}" for name, value in predicted.items() if name != "total")
     summary = (f"memory: predicted peak {predicted['total']:.2f} GB ({parts})"
                + (f" of {available:.1f} GB available" if available is not None else ""))
@@ -95,7 +98,7 @@ def choose_saved_activations(cfg, model_dir: str | None) -> tuple[str, str | Non
     A bf16 run keeps bf16 (its activations are bf16 already); a run that cannot be sized keeps fp32."""
     if cfg.saved_activations != "auto" or cfg.bf16:
         return cfg.saved_activations, None
-    available = cfg.memory_limit_gb if cfg.memory_limit_gb is not None else available_gb()
+    available = available_gb(cfg.memory_limit_gb)
     if model_dir is None or available is None or not cfg.memory_check:
         return "fp32", None
     try:

@@ -87,19 +87,23 @@ def check_run(cfg: TrainConfig, env: dist_utils.Env) -> None:
         raise ValueError("--resume is not supported with distributed=fsdp; use ddp for resumable runs")
 
 
-def _model_dir(cfg: TrainConfig) -> str | None:
-    """The model's directory where the calculator can size it without loading it, else None."""
-    try:
-        return resolve_model_dir(cfg.model)
-    except (OSError, ValueError):
-        return None
+def resolve_run_settings(cfg: TrainConfig, env: dist_utils.Env, model=None) -> tuple[TrainConfig, list[str]]:
+    """The `auto` settings decided before anything is loaded or written (compute dtype by measurement, saved
+    activations by memory) and the memory check; returns the decided config and the lines saying why."""
+    dtype_note = compute_dtype_note(env.device) if cfg.bf16 == "auto" else None
+    cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
+    model_dir = resolve_model_dir(cfg.model) if model is None and cfg.memory_check else None  # sized, not loaded
+    saved, saved_note = choose_saved_activations(cfg, model_dir)
+    cfg = dataclasses.replace(cfg, saved_activations=saved)
+    memory_line = check_memory(cfg, model_dir) if model_dir else None
+    return cfg, [line for line in (dtype_note, memory_line, saved_note) if line]
 
 
-def check_memory(cfg: TrainConfig) -> str | None:
+def check_memory(cfg: TrainConfig, model_dir: str) -> str | None:
     """The run's predicted peak memory against what is available (see memory_check.py); None where the model's
     config cannot be sized (not a decoder config the calculator knows)."""
     try:
-        return check_fits(resolve_model_dir(cfg.model), run_shape(cfg), cfg.memory_limit_gb)
+        return check_fits(model_dir, run_shape(cfg), cfg.memory_limit_gb)
     except calc.ArchUnknown:
         return None
 
@@ -164,22 +168,15 @@ def build_optimizer(cfg: TrainConfig, model: LoraModel, device: torch.device, to
 
 def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=None) -> Run:
     check_run(cfg, env)
-    dtype_note = compute_dtype_note(env.device) if cfg.bf16 == "auto" else None
-    cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
-    saved, saved_note = choose_saved_activations(cfg, _model_dir(cfg) if model is None else None)
-    cfg = dataclasses.replace(cfg, saved_activations=saved)
-    memory_line = check_memory(cfg) if model is None and cfg.memory_check else None  # before anything is written
+    cfg, notes = resolve_run_settings(cfg, env, model)  # before anything is written
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
     is_main = env.rank == 0
     log = print if is_main else (lambda *a, **k: None)
-    if dtype_note:
-        log(dtype_note)
-    for line in (memory_line, saved_note):
-        if line:
-            log(line)
+    for line in notes:
+        log(line)
 
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     train_rows, val_rows, classes = load_rows(cfg, tokenizer, log)
