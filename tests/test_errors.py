@@ -101,17 +101,25 @@ def test_corrupt_files(tmp_path):
         lorakit.PeftModel.from_pretrained(tiny_llama(), str(path))
 
 
-def test_pickle_weights_refused_unless_allowed(tmp_path):
+def test_pickle_weights_load_as_tensors_only_and_code_is_refused_unless_allowed(tmp_path):
     from safetensors.torch import load_file
 
     path = _saved(tmp_path, r=4)
     weights = load_file(path / "adapter_model.safetensors")
     torch.save(weights, path / "adapter_model.bin")
     (path / "adapter_model.safetensors").unlink()
+    model = lorakit.PeftModel.from_pretrained(tiny_llama(), str(path))  # tensors only: as PEFT reads .bin
+    assert model.peft_config["default"].r == 4
+    key = next(k for k in weights if "lora_B" in k)
+    name = key.replace(".weight", ".default.weight")
+    torch.testing.assert_close(dict(model.named_parameters())[name], weights[key], rtol=0, atol=0)
+    torch.save({**weights, "extra": _NotATensor()}, path / "adapter_model.bin")  # needs full pickle
     with pytest.raises(ValueError, match="allow_pickle=True"):
         lorakit.PeftModel.from_pretrained(tiny_llama(), str(path))
-    model = lorakit.PeftModel.from_pretrained(tiny_llama(), str(path), allow_pickle=True)
-    assert model.peft_config["default"].r == 4
+
+
+class _NotATensor:
+    pass
 
 
 def test_unknown_adapter_name():

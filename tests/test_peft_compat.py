@@ -1,5 +1,7 @@
 """lorakit vs PEFT 0.21 on the same weights: outputs, gradients, files in both directions, counts."""
 
+import re
+
 import peft
 import pytest
 import torch
@@ -47,10 +49,13 @@ CASES = {
     "llama_seq_cls": (lambda: tiny_llama_classifier(), dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
                                                             task_type="SEQ_CLS")),
     "grouped_conv": (lambda: GroupedConvNet().eval(), dict(target_modules=["conv", "head"], r=4, lora_alpha=8)),
+    # DoRA's norm on a grouped conv uses PEFT's stand-in for ΔW (B A has no grouped shape): same outputs as PEFT
+    "grouped_conv_dora": (lambda: GroupedConvNet().eval(), dict(target_modules=["conv", "head"], r=4, lora_alpha=8,
+                                                                use_dora=True)),
 }
 # PEFT adds a tied LoRA's ΔW to the shared weight twice when merging (its merged model is wrong); lorakit
 # merges it once: test_tied_lora_merges_once checks lorakit's merge against its own unmerged outputs.
-MERGEABLE = set(CASES) - {"tied_lora_embedding", "tied_lora_head", "grouped_conv"}  # grouped: PEFT refuses too
+MERGEABLE = set(CASES) - {"tied_lora_embedding", "tied_lora_head", "grouped_conv", "grouped_conv_dora"}  # grouped: PEFT refuses too
 
 
 def tiny_llama_classifier():
@@ -86,11 +91,17 @@ def _inputs(case):
     torch.manual_seed(5)
     if case.startswith("convnet"):
         return torch.randn(2, 3, 16, 16)
-    if case == "grouped_conv":
+    if case.startswith("grouped_conv"):
         return torch.randn(2, 4, 5, 5)
     if case.startswith("mlp"):
         return torch.randn(2, 5, 10)
     return torch.randint(0, 128, (2, 9))
+
+
+def _ours_name(peft_name: str) -> str:
+    """PEFT keeps DoRA's magnitude in a module (`lora_magnitude_vector.<adapter>.weight`), lorakit as the parameter
+    `lora_magnitude_vector.<adapter>`; files use the same key (test_lorakit_file_loads_in_peft_with_same_outputs)."""
+    return re.sub(r"(lora_magnitude_vector\.[^.]+)\.weight$", r"\1", peft_name)
 
 
 def _run(model, x, case):
@@ -121,7 +132,8 @@ def test_outputs_and_gradients_equal_peft(case):
     assert (out_ours - out_theirs).abs().max() < 1e-5
     out_ours.square().mean().backward()
     out_theirs.square().mean().backward()
-    grads_theirs = {k.replace(".default", ""): p.grad for k, p in theirs.named_parameters() if p.requires_grad}
+    grads_theirs = {_ours_name(k).replace(".default", ""): p.grad for k, p in theirs.named_parameters()
+                    if p.requires_grad}
     grads_ours = {k.replace(".default", ""): p.grad for k, p in ours.named_parameters() if p.requires_grad}
     assert set(grads_ours) == set(grads_theirs)
     for key, grad in grads_ours.items():
@@ -182,7 +194,7 @@ def test_state_dict_keys_values_and_mode_equal_peft(case):
     common = ours_modes.keys() & theirs_modes.keys()  # PEFT keeps empty containers lorakit does not create
     assert len(common) > len(ours_modes) * 0.9
     assert {n: ours_modes[n] for n in common} == {n: theirs_modes[n] for n in common}
-    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    ours_state, theirs_state = ours.state_dict(), {_ours_name(k): v for k, v in theirs.state_dict().items()}
     assert sorted(ours_state) == sorted(theirs_state)
     for key, value in ours_state.items():
         torch.testing.assert_close(value, theirs_state[key], atol=0, rtol=0, msg=key)

@@ -2,6 +2,7 @@
 (outputs, trainable parameters, files, training/eval mode, return values)."""
 
 import copy
+import json
 import os
 
 import peft
@@ -126,8 +127,13 @@ def test_state_dict_helpers_config_loading_and_enums_match_peft(tmp_path, ids):
     assert type(lorakit.PeftConfig.from_pretrained(str(tmp_path))).__name__ == "VeraConfig"
     assert isinstance(lorakit.LoraConfig(), lorakit.PeftConfig)
     config = lorakit.LoraConfig(task_type=lorakit.TaskType.CAUSAL_LM, target_modules=["q_proj"])
-    assert config.task_type == peft.TaskType.CAUSAL_LM and type(config.task_type) is str
-    assert lorakit.PeftType.LORA == peft.PeftType.LORA == config.peft_type
+    theirs_config = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"])
+    assert config.task_type == theirs_config.task_type == "CAUSAL_LM"
+    assert config.peft_type == theirs_config.peft_type and config.peft_type.value == theirs_config.peft_type.value
+    for value in (config.task_type, config.peft_type):  # enums, as PEFT's peft_type, that print as their names
+        assert str(value) == value.value and f"{value}" == value.value
+    assert lorakit.LoraConfig(task_type="CAUSAL_LM").task_type is lorakit.TaskType.CAUSAL_LM
+    assert json.loads(json.dumps(config.to_dict()))["peft_type"] == "LORA"
 
 
 def test_inject_adapter_in_model_matches_peft():
@@ -135,6 +141,22 @@ def test_inject_adapter_in_model_matches_peft():
     theirs = peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=TARGETS), tiny_llama())
     assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
     assert _trainable(ours) == _trainable(theirs)
+
+
+def test_low_cpu_mem_usage_injects_meta_placeholders_that_a_state_dict_fills_as_in_peft():
+    config = dict(r=4, target_modules=TARGETS, init_lora_weights=False)
+    trained = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(**config))
+    state = lorakit.get_peft_model_state_dict(trained)
+    ours = lorakit.inject_adapter_in_model(lorakit.LoraConfig(**config), tiny_llama(), low_cpu_mem_usage=True)
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(**config), tiny_llama(), low_cpu_mem_usage=True)
+    meta = {n for n, p in ours.named_parameters() if p.is_meta}
+    assert meta == {n for n, p in theirs.named_parameters() if p.is_meta} and meta
+    assert all("lora_" in n for n in meta)
+    lorakit.set_peft_model_state_dict(ours, state)
+    assert not any(p.is_meta for p in ours.parameters())
+    assert _trainable(ours) == _trainable(theirs)
+    ids = torch.randint(0, 128, (2, 7))
+    torch.testing.assert_close(ours(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_prepare_model_for_kbit_training_matches_peft():

@@ -280,8 +280,8 @@ def test_adalora_orthogonality_regulariser_equals_peft(ids):
 
 # --- invalid combinations fail before anything is built -------------------------------------------
 @pytest.mark.parametrize("make,match", [
-    (lambda: get_peft_model(nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)), LoraConfig(r=2, target_modules=["0"],
-                                                                                      use_dora=True)), "DoRA"),
+    (lambda: get_peft_model(nn.Sequential(nn.MultiheadAttention(8, 2)), LoraConfig(r=2, target_modules=["0"],
+                                                                                    use_dora=True)), "DoRA"),
     (lambda: get_peft_model(tiny_llama(), VeraConfig(target_modules=["embed_tokens"])), "VERA adapters support"),
     (lambda: get_peft_model(tiny_llama(), AdaLoraConfig(target_modules=["q_proj"])), "total_step"),
     (lambda: get_peft_model(tiny_llama(), LoraConfig(target_modules=["embed_tokens"], init_lora_weights="olora")),

@@ -5,8 +5,9 @@ classes (task_models.py), module-level helpers (peft_api.py) and status reports 
 
 from .base_state import get_base_model_state_dict, set_base_model_state_dict
 from .model import BASE_ROW, LoraModel, PeftModel
-from .peft_api import (PeftConfig, PeftType, TaskType, get_peft_model_state_dict, inject_adapter_in_model,
-                       prepare_model_for_kbit_training, set_peft_model_state_dict)
+from ..variants.peft_types import PeftType, TaskType
+from .peft_api import (PeftConfig, get_peft_model_state_dict, inject_adapter_in_model, prepare_model_for_kbit_training,
+                       set_peft_model_state_dict)
 from .status import get_layer_status, get_model_status
 from .task_models import (PeftModelForCausalLM, PeftModelForFeatureExtraction, PeftModelForQuestionAnswering,
                           PeftModelForSeq2SeqLM, PeftModelForSequenceClassification, PeftModelForTokenClassification,

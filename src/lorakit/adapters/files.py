@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import warnings
 
 import torch
@@ -17,6 +18,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ..layers import LoraLayer
 from ..variants.lora_config import DEFAULT_ADAPTER, LoraConfig
 from . import peft_format
+from .model_card import write_model_card
 
 
 class AdapterFiles:
@@ -26,7 +28,8 @@ class AdapterFiles:
                         selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
                         is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
                         **_) -> None:
-        """Write each adapter in PEFT's format: 'default' in `save_directory`, others in a subfolder.
+        """Write each adapter in PEFT's format: 'default' in `save_directory`, others in a subfolder, and PEFT's
+        model card (README.md: Hub metadata; an existing card keeps its text).
 
         `safe_serialization=False` writes `adapter_model.bin` (pickle) as PEFT does; `is_main_process=False`
         writes nothing (distributed runs). `path_initial_model_for_weight_conversion`: where a PiSSA/OLoRA
@@ -41,10 +44,25 @@ class AdapterFiles:
             self._check_known(name)
         if not is_main_process:
             return
+        config = self.active_peft_config or next(iter(self.peft_config.values()))
+        os.makedirs(save_directory, exist_ok=True)
+        write_model_card(save_directory, self.get_base_model(), config.peft_type, config.task_type == "CAUSAL_LM")
         for name in selected_adapters or list(self.peft_config):
             out_dir = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
             self.save_adapter(name, out_dir, path_initial_model_for_weight_conversion, safe_serialization,
                               save_embedding_layers)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload adapter", **save_kwargs):
+        """Save (as save_pretrained, with `save_kwargs`) and upload to the Hugging Face Hub repo `repo_id`,
+        created if missing. Needs network access and a token (`token` or `huggingface-cli login`)."""
+        from huggingface_hub import HfApi  # imports inside functions: only uploading needs the Hub client
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, **save_kwargs)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
 
     def save_adapter(self, adapter_name: str, directory: str, initial_adapter_dir: str | None = None,
                      safe_serialization: bool = True, save_embedding_layers: str | bool = "auto") -> None:
@@ -97,7 +115,7 @@ class AdapterFiles:
     @staticmethod
     def _read_adapter(model_id, is_trainable: bool, allow_pickle: bool, config: LoraConfig | None):
         file_config, state = peft_format.read_adapter(str(model_id), allow_pickle=allow_pickle)
-        config = file_config if config is None else dataclasses.replace(config)
+        config = file_config if config is None else config  # a config passed in is used as is, as in PEFT
         config.inference_mode = not is_trainable
         return config, state
 

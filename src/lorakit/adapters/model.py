@@ -121,6 +121,11 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, nn.Module):
         return self._active[0] if len(self._active) == 1 else (list(self._active) or None)
 
     @property
+    def active_peft_config(self) -> LoraConfig | None:
+        """The (first) active adapter's config, as PEFT's PeftModel names it."""
+        return self.peft_config.get(self._first_active)
+
+    @property
     def _first_active(self) -> str | None:
         return self._active[0] if self._active else None
 

@@ -4,7 +4,6 @@ in-place injection and k-bit preparation. Same names, signatures and behaviour a
 from __future__ import annotations
 
 import abc
-import enum
 import os
 
 import torch
@@ -16,23 +15,6 @@ from ..variants.lora_config import LoraConfig
 from ..variants.registry import read_config
 from . import peft_format
 from .inject import adapter_layers, inject_adapter
-
-
-class PeftType(str, enum.Enum):
-    """The adapter forms lorakit implements, under PEFT's names."""
-
-    LORA = "LORA"
-    VERA = "VERA"
-    ADALORA = "ADALORA"
-
-
-class TaskType(str, enum.Enum):
-    SEQ_CLS = "SEQ_CLS"
-    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-    CAUSAL_LM = "CAUSAL_LM"
-    TOKEN_CLS = "TOKEN_CLS"
-    QUESTION_ANS = "QUESTION_ANS"
-    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
 class PeftConfig(abc.ABC):
@@ -70,7 +52,9 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, ada
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default",
                             low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> nn.Module:
     """Add the adapter's layers to `model` in place, without a wrapper (PEFT's low-level API). Only the new
-    adapter's parameters are trainable. Returns `model`."""
+    adapter's parameters are trainable. Returns `model`. `low_cpu_mem_usage=True` leaves the new adapter's
+    tensors as uninitialised placeholders on the meta device, as PEFT does, for `state_dict` (or a later
+    set_peft_model_state_dict) to fill."""
     inject_adapter(model, peft_config, adapter_name)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -78,6 +62,8 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
         layer.set_active_adapters([adapter_name])
         for p in layer.adapter_parameters(adapter_name).values():
             p.requires_grad_(not peft_config.inference_mode)
+            if low_cpu_mem_usage:
+                torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
     if state_dict is not None:
         peft_format.load_adapter_weights(model, adapter_name, state_dict, source="state_dict")
     return model

@@ -3,7 +3,8 @@
 A directory holds `adapter_config.json` and `adapter_model.safetensors` whose keys are
 `base_model.model.<module path>.<lora param>` with the adapter name removed, e.g.
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. Writes are atomic
-(temp file + rename); pickle `.bin` files load only with an explicit `allow_pickle=True`.
+(temp file + rename); pickle `.bin` files load through torch's restricted unpickler (tensors only; full pickle
+only with an explicit `allow_pickle=True`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import warnings
 
@@ -145,11 +147,21 @@ def read_adapter(directory: str, allow_pickle: bool = False) -> tuple[LoraConfig
         except Exception as e:  # safetensors raises its own error types for truncated/garbled files
             raise ValueError(f"{path} is not a valid safetensors file ({e}); re-save or re-download it") from None
     if os.path.isfile(pickle_path):
-        if not allow_pickle:
-            raise ValueError(f"{directory} has only {PICKLE_WEIGHTS_NAME} (pickle, can run code on load); "
-                             "pass allow_pickle=True if you trust it, or convert it to safetensors")
-        return config, torch.load(pickle_path, map_location="cpu", weights_only=True)
+        return config, read_pickle_weights(pickle_path, allow_pickle)
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+
+
+def read_pickle_weights(path: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """PEFT's `adapter_model.bin`, read by torch's restricted unpickler (tensors and plain containers: no code
+    runs), as PEFT reads it. A file that needs full pickle loads only with `allow_pickle=True`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not allow_pickle:
+            raise ValueError(f"{path} holds more than tensors ({str(e).splitlines()[0]}); full pickle can run code "
+                             "on load: pass allow_pickle=True only if you trust it, or convert it to safetensors"
+                             ) from None
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_adapter_weights(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor],
@@ -174,7 +186,10 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, state_dict: dict[s
             raise ValueError(f"{source}: tensor {key} has shape {tuple(tensor.shape)} but module {module!r} of "
                              f"this model expects {tuple(param.shape)}; was the adapter trained on another model?")
         with torch.no_grad():
-            param.copy_(tensor)
+            if param.is_meta:  # a placeholder (inject_adapter_in_model(low_cpu_mem_usage=True)) takes the tensor
+                torch.utils.swap_tensors(param, nn.Parameter(tensor.to(param.dtype), param.requires_grad))
+            else:
+                param.copy_(tensor)
     if unexpected:
         raise ValueError(f"{source}: {len(unexpected)} tensors match no module of this model, e.g. "
                          f"{unexpected[:3]}; was the adapter trained on another model?")

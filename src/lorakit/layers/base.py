@@ -178,6 +178,11 @@ class LoraLayer(PeftLayerAPI, nn.Module):
     def oriented_delta(self, name: str) -> torch.Tensor:
         return self.stored_orientation(self.delta_weight(name, dtype=torch.float32))
 
+    def norm_delta(self, name: str) -> torch.Tensor:
+        """The ΔW DoRA's weight norm ||W + ΔW|| uses: ΔW itself (oriented, fp32) except where a layer says
+        otherwise (grouped convolutions)."""
+        return self.oriented_delta(name)
+
     def effective_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A', B', s) with ΔW = s · B' A', whatever the adapter's form."""
         return self.adapters[name].form.factors(self, name)

@@ -50,6 +50,16 @@ class LoraConv(LoraLayer):
                              f"{self.base_layer.groups}), as in PEFT; keep the adapter unmerged")
         return LF.conv_delta(A, B, s)
 
+    def norm_delta(self, name):
+        """Grouped convs have no ΔW of the base's shape (B A mixes all input channels into each group), so DoRA's
+        norm takes PEFT's stand-in: s · B(-1, r) @ A(r, -1) reshaped to W's shape; adapters then load and compute
+        as in PEFT. Ungrouped: the true ΔW."""
+        if self.base_layer.groups == 1:
+            return super().norm_delta(name)
+        A, B, s = self.effective_factors(name)
+        r = A.shape[0]
+        return (B.float().reshape(-1, r) @ A.float().reshape(r, -1)).reshape(self.base_layer.weight.shape) * s
+
     def base_apply(self, h, weight):
         return self.base_layer._conv_forward(h, weight, None)
 

@@ -68,18 +68,16 @@ class DoraForm(AdapterForm):
         return self.inner.scaling(r, lora_alpha)
 
     def check_target(self, target, base, geometry):
-        if geometry not in self.geometries or getattr(base, "groups", 1) > 1:
-            raise ValueError("use_dora=True: DoRA supports Linear, Conv1D, Embedding and Conv1d/2d/3d layers (groups=1); "
-                             f"target {target!r} is {type(base).__name__}"
-                             f"{f' with groups={base.groups}' if getattr(base, 'groups', 1) > 1 else ''}; "
-                             "exclude it or set use_dora=False")
+        if geometry not in self.geometries:
+            raise ValueError("use_dora=True: DoRA supports Linear, Conv1D, Embedding and Conv1d/2d/3d layers; "
+                             f"target {target!r} is {type(base).__name__}; exclude it or set use_dora=False")
         self.inner.check_target(target, base, geometry)
 
     def create(self, layer, name):
         self.inner.create(layer, name)
         with torch.no_grad():  # magnitude starts at ||W + ΔW||, so the adapter starts as a no-op (PEFT's init)
             weight = layer.oriented_weight()
-            norm = weight_norm(weight, layer.oriented_delta(name).to(weight.device))
+            norm = weight_norm(weight, layer.norm_delta(name).to(weight.device))
         layer.add_param("lora_magnitude_vector", name, norm.view(magnitude_shape(weight)))
 
     def factors(self, layer, name):
@@ -93,13 +91,13 @@ class DoraForm(AdapterForm):
         the bias; with it, W is applied to the dropped-out input."""
         A, B, s = self.factors(layer, name)
         if layer.geometry == "embedding":  # token ids in, no dropout, no bias: (m/n) · (base(x) + ΔW x), as PEFT
-            norm = weight_norm(layer.oriented_weight().float(), layer.oriented_delta(name).detach())
+            norm = weight_norm(layer.oriented_weight().float(), layer.norm_delta(name).detach())
             scale = magnitude_scale(layer.lora_magnitude_vector[name], norm, 0)
             return scale * (result + layer.lowrank_update(x, name, A, B, s))
         drop = layer.lora_dropout[name]
         h = drop(x.to(torch.float32))
         weight = layer.oriented_weight().to(torch.float32)
-        norm = weight_norm(weight, layer.oriented_delta(name).detach())
+        norm = weight_norm(weight, layer.norm_delta(name).detach())
         channel_dims = layer.channel_dims(x)
         scale = magnitude_scale(layer.lora_magnitude_vector[name], norm, channel_dims)
         bias = getattr(layer.base_layer, "bias", None)

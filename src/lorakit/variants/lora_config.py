@@ -21,6 +21,7 @@ from ..utils import check_positive_int
 from .default_targets import LORA_DEFAULTS
 from .dora import DoraForm
 from .lora import LoraForm
+from .peft_types import PeftType, TaskType, as_enum
 
 CONFIG_NAME = "adapter_config.json"
 DEFAULT_ADAPTER = "default"  # the adapter name PEFT uses when none is given
@@ -103,10 +104,8 @@ class LoraConfig:
 
     def __post_init__(self):
         self.check_field_types()
-        for name in ("task_type", "peft_type"):  # PEFT's TaskType / PeftType enums are str subclasses
-            value = getattr(self, name)
-            if isinstance(value, str) and type(value) is not str:
-                setattr(self, name, str(value.value if hasattr(value, "value") else value))
+        self.task_type = as_enum(TaskType, self.task_type)  # PEFT's enums (strings equal to their names)
+        self.peft_type = as_enum(PeftType, self.peft_type)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.target_parameters, (set, tuple)):
