@@ -126,7 +126,7 @@ def test_unknown_adapter_name():
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     for call in (lambda: model.set_adapter("nope"), lambda: model.delete_adapter("nope"),
                  lambda: model.merge_adapter(["nope"])):
-        with pytest.raises(ValueError, match=r"unknown adapter 'nope'; loaded adapters: \['default'\]"):
+        with pytest.raises(ValueError, match=r"Adapter nope does not exist; loaded adapters: \['default'\]"):
             call()
 
 

@@ -204,10 +204,29 @@ def test_dropout_active_only_in_training():
         assert not torch.equal(model(input_ids=x).logits, model(input_ids=x).logits)
 
 
-def test_saved_files_are_only_adapter_and_config(tmp_path):
+def test_saved_files_and_model_card_as_in_peft(tmp_path):
+    import peft
+    import yaml
+
     model, _ = _build("llama")
-    model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    model.get_base_model().config._name_or_path = "org/tiny-llama"
+    theirs = peft.get_peft_model(_build("llama")[0].unload(), peft.LoraConfig(target_modules=["q_proj"]))
+    theirs.get_base_model().config._name_or_path = "org/tiny-llama"
+    cards = {}
+    for name, m in (("ours", model), ("theirs", theirs)):
+        m.save_pretrained(tmp_path / name)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == \
+            ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        text = (tmp_path / name / "README.md").read_text()
+        cards[name] = yaml.safe_load(text.split("---")[1])
+    for key in ("library_name", "base_model", "tags", "pipeline_tag"):
+        assert cards["ours"].get(key) == cards["theirs"].get(key), key
+    assert "lora" in cards["ours"]["tags"] and cards["ours"]["base_model"] == "org/tiny-llama"
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "README.md").write_text("---\nmeta: hello\n---\nMy card\n")
+    model.save_pretrained(tmp_path / "own")
+    text = (tmp_path / "own" / "README.md").read_text()
+    assert "meta: hello" in text and "My card" in text and "library_name: peft" in text
 
 
 def test_new_adapter_modules_start_in_training_mode_as_in_peft():

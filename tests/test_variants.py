@@ -227,6 +227,19 @@ def test_adalora_outputs_and_grads_equal_peft(tmp_path, ids):
     round_trip(tiny_llama(), AdaLoraConfig(**ada_config()), ids, tmp_path, ada=True)
 
 
+def test_adalora_on_conv2d_equals_peft_and_merges_exactly(tmp_path):
+    """PEFT's SVDConv2d: ΔW = s·B diag(E) A reshaped to the kernel; outputs, gradients and files as PEFT's."""
+    torch.manual_seed(0)
+    net, x = ConvNet().eval(), torch.randn(2, 3, 16, 16)
+    config = AdaLoraConfig(**ada_config(target_modules=["conv1", "conv2", "head"]))
+    ours, _ = round_trip(net, config, x, tmp_path, ada=True)
+    with torch.no_grad():
+        merged = copy.deepcopy(ours).merge_and_unload()(x)
+        assert_close_fp32(merged, ours(x))
+    with pytest.raises(ValueError, match="Conv2d layers with groups=1 only"):
+        get_peft_model(ConvNet(), AdaLoraConfig(**ada_config(target_modules=["conv1d"])))
+
+
 def test_adalora_schedule_reaches_the_target_budget_and_peft_reads_it(tmp_path, ids):
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), AdaLoraConfig(**ada_config()))

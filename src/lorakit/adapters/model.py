@@ -8,13 +8,10 @@ names start with `base_model.model.` (what optimizer groups, wrap policies and n
 from __future__ import annotations
 
 import contextlib
-import warnings
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from ..layers import LoraLayer
 from ..layers.mixed_batch import row_adapters
 from ..utils import forward_getattr
 from ..variants.lora_config import DEFAULT_ADAPTER, LoraConfig
@@ -22,12 +19,13 @@ from .files import AdapterFiles, cast_to_base_dtype
 from .inject import adapter_layers, inject_adapter
 from .merge import AdapterMerging
 from .status import AdapterReport
+from .switches import AdapterSwitches
 from .tuner import LoraTuner
 
 BASE_ROW = "__base__"  # PEFT's name for a row of a mixed batch that uses no adapter
 
 
-class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, nn.Module):
+class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, AdapterSwitches, nn.Module):
     """A model with LoRA adapters. Build it with `get_peft_model` or `LoraModel.from_pretrained`.
 
     >>> model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
@@ -137,7 +135,8 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, nn.Module):
         """Add a new adapter (not activated; call `set_adapter`). Parameters start frozen unless active.
         Adapters are fp32 (PEFT's autocast_adapter_dtype=True); with False they take an fp16/bf16 base's dtype."""
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists; pick another name or "
+                             "delete_adapter() it")
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"expected a lorakit LoraConfig, got {type(peft_config).__name__}")
         configs = (*self.peft_config.values(), peft_config)
@@ -192,39 +191,14 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, nn.Module):
 
     def _check_known(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(self.peft_config)}")
-
-    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Activate one adapter, or several (their deltas add, as in PEFT). Their parameters become trainable
-        unless `inference_mode` or their config's inference_mode; all others are frozen."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for name in names:
-            self._check_known(name)
-        for layer in self._layers():  # refuse before any layer changes (trainable tokens: one active adapter)
-            if hasattr(layer, "check_active"):
-                layer.check_active(names)
-        self._active = names
-        for layer in self._layers():
-            layer.set_active_adapters(names)
-        self._set_trainable(frozen=inference_mode)
-
-    def disable_adapter_layers(self) -> None:
-        """Turn every adapter off in place (the model computes the base model) until enable_adapter_layers()."""
-        for name in self._active:
-            if self.peft_config[name].bias != "none":
-                warnings.warn(f"Careful, disabling adapter layers with bias configured to be "
-                              f"'{self.peft_config[name].bias}' does not produce the same output as the base model "
-                              "would without adaption.")
-        for layer in self._layers():
-            layer.disable_adapters = True
-
-    def enable_adapter_layers(self) -> None:
-        for layer in self._layers():
-            layer.disable_adapters = False
+            raise ValueError(f"Adapter {adapter_name} does not exist; loaded adapters: {sorted(self.peft_config)}")
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter and free its parameters."""
+        """Remove an adapter and free its parameters. A merged adapter is refused (unmerge it first)."""
         self._check_known(adapter_name)
+        if any(adapter_name in getattr(layer, "merged_adapters", ()) for layer in self._layers()):
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge "
+                             "them first.")
         for layer in self._layers():
             layer.delete_adapter(adapter_name)
         self.__dict__.get("_step_hooks", {}).pop(adapter_name, None)
@@ -235,46 +209,6 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, nn.Module):
             self._active = remaining
             if remaining:
                 self.set_adapter(remaining)
-
-    def _set_trainable(self, frozen: bool = False) -> None:
-        """Freeze everything, then unfreeze the active adapters (and biases as their configs ask)."""
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for name in [] if frozen else self._active:
-            self._unfreeze(name)
-
-    def _unfreeze(self, name: str) -> None:
-        config = self.peft_config.get(name)
-        if config is None or config.inference_mode:
-            return
-        for layer in self._layers():
-            for p in layer.adapter_parameters(name).values():
-                p.requires_grad_(True)
-        if config.bias == "all":
-            for name, p in self.model.named_parameters():
-                if name.endswith(".bias"):
-                    p.requires_grad_(True)
-        elif config.bias == "lora_only":
-            for layer in self._layers():
-                if isinstance(layer, LoraLayer) and getattr(layer.base_layer, "bias", None) is not None:
-                    layer.base_layer.bias.requires_grad_(True)
-
-    @contextmanager
-    def disable_adapter(self):
-        """Run the base model: adapters off (merged ones are unmerged for the duration, then re-merged)."""
-        layers = self._layers()
-        merged = {id(l): list(l.merged_adapters) for l in layers if hasattr(l, "unmerge")}
-        for layer in layers:
-            if hasattr(layer, "unmerge"):
-                layer.unmerge()
-            layer.disable_adapters = True
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.disable_adapters = False
-                if merged.get(id(layer)):
-                    layer.merge(merged[id(layer)])
 
     task_classes: dict[str, type["LoraModel"]] = {}  # task_type -> PEFT's task class (task_models.py fills it)
 

@@ -18,7 +18,7 @@ CARD_NAME = "README.md"
 
 def adapter_tags(model, peft_type: str) -> list[str]:
     """PEFT's tags: the base model's own, `transformers` for a transformers model, `lora` for LoRA adapters and
-    `base_model:adapter:<name>` when the base model has a name."""
+    `base_model:adapter:<name_or_path>` for a model that has the attribute."""
     from transformers import PreTrainedModel
 
     tags = set(getattr(model, "model_tags", None) or [])
@@ -26,9 +26,8 @@ def adapter_tags(model, peft_type: str) -> list[str]:
         tags.add("transformers")
     if peft_type == "LORA":
         tags.add("lora")
-    name = getattr(model, "name_or_path", None)
-    if name:
-        tags.add(f"base_model:adapter:{name}")
+    if hasattr(model, "name_or_path"):  # transformers models (PEFT tags even an empty name)
+        tags.add(f"base_model:adapter:{model.name_or_path}")
     return sorted(tags)
 
 

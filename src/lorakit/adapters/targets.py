@@ -89,6 +89,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules `config` adapts. Raises ValueError for names that match nothing."""
     modules = dict(_plain_modules(model))
     spec = config.target_modules
+    if spec in (None, [], "") and getattr(config, "target_parameters", None):
+        return []  # parameters only (PEFT)
     if spec is None:
         raise ValueError("target_modules is not set: give module names (e.g. ['q_proj', 'v_proj']), "
                          "a regex string, or 'all-linear'")
@@ -140,8 +142,11 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig, module_targets:
     if not found:
         names = [f"{n}.{p}" for n, m in _plain_modules(model) for p, _ in m.named_parameters(recurse=False)
                  if p != "weight" and p != "bias"]
-        raise ValueError(f"target_parameters={wanted} were set but no parameter was matched; bare parameters in "
-                         f"this model look like {names[:3] or 'nothing (every parameter is a weight or bias)'}")
+        peft_words = "" if module_targets else ("No `target_modules` passed but also no `target_parameters` found. "
+                                                "Please check the values for these arguments. ")
+        raise ValueError(f"{peft_words}target_parameters={wanted} were set but no parameter was matched; bare "
+                         f"parameters in this model look like "
+                         f"{names[:3] or 'nothing (every parameter is a weight or bias)'}")
     return found
 
 

@@ -4,13 +4,12 @@ activation, deletion, the forward that asks each adapter's form, and merging."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
 
-from .form import Adapter, AdapterForm
-from .peft_layer_api import PeftLayerAPI
+from .form import Adapter, AdapterFieldView, AdapterForm
+from .peft_layer_api import PeftLayerAPI, merge_candidates
 
 
 class Matrix(nn.Module):
@@ -83,16 +82,17 @@ class LoraLayer(PeftLayerAPI, nn.Module):
         return list(self.adapters)
 
     @property
-    def r(self) -> dict[str, int]:
-        return {n: a.r for n, a in self.adapters.items()}
+    def r(self) -> AdapterFieldView:
+        """{adapter: rank}, live (PEFT's dict)."""
+        return AdapterFieldView(self.adapters, "r")
 
     @property
-    def lora_alpha(self) -> dict[str, float]:
-        return {n: a.lora_alpha for n, a in self.adapters.items()}
+    def lora_alpha(self) -> AdapterFieldView:
+        return AdapterFieldView(self.adapters, "lora_alpha")
 
     @property
-    def scaling(self) -> dict[str, float]:
-        return {n: a.scaling for n, a in self.adapters.items()}
+    def scaling(self) -> AdapterFieldView:
+        return AdapterFieldView(self.adapters, "scaling")
 
     @property
     def weight(self) -> torch.Tensor:
@@ -202,7 +202,7 @@ class LoraLayer(PeftLayerAPI, nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting")
+            raise ValueError(f"Cannot delete adapter(s) {[name]} while they are merged. Please unmerge them first.")
         for _, container, _ in self._adapter_items(name, extra=("lora_dropout", *self.other_param_names)):
             del container[name]
         self.adapters.pop(name, None)
@@ -263,12 +263,8 @@ class LoraLayer(PeftLayerAPI, nn.Module):
             raise ValueError(f"cannot merge in place into a {type(self.base_layer).__name__} (quantized) weight; "
                              "use merge_and_unload(), which dequantizes first")
         weight = self.base_weight()
+        names = merge_candidates(self.merged_adapters, [n for n in names if n in self.adapters])
         for name in names:
-            if name not in self.adapters:
-                continue
-            if name in self.merged_adapters:
-                warnings.warn(f"adapter {name!r} is already merged; merging it again is a no-op")
-                continue
             adapter = self.adapters[name]
             if name in self.tied_adapters:  # the tied embedding writes this ΔW into the shared weight
                 self.merged_adapters.append(name)

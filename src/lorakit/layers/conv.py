@@ -39,7 +39,7 @@ class LoraConv(LoraLayer):
                              "Either choose a different rank or do not target this specific layer.")
 
     def pair(self, name):
-        return self.lora_A[name].weight, self.lora_B[name].weight
+        return self.matrix("lora_A", name), self.matrix("lora_B", name)
 
     def lowrank(self, h, name, A, B):
         return self.lora_B[name]._conv_forward(self.lora_A[name]._conv_forward(h, A, None), B, None)

@@ -15,6 +15,7 @@ delta math exists once. A form that is not a plain low-rank update (DoRA) overri
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,40 @@ class Adapter:
     merge_state: Any = None  # what the form needs to undo its merge (DoRA: the weight norm at merge time)
 
 
+class AdapterFieldView(MutableMapping):
+    """A live {adapter name: value} view of one field of a layer's adapter records (PEFT's `layer.r`,
+    `layer.lora_alpha`, `layer.scaling` dicts): it follows additions and deletions, and writing an entry sets
+    the record's field (`layer.scaling[name] = 0.5`, as PEFT's set_scale does). Entries cannot be added or
+    removed through it: adapters come and go with add_adapter / delete_adapter."""
+
+    def __init__(self, adapters: dict[str, Adapter], field: str):
+        self._adapters, self._field = adapters, field
+
+    def __getitem__(self, name: str):
+        return getattr(self._adapters[name], self._field)
+
+    def __setitem__(self, name: str, value) -> None:
+        if name not in self._adapters:
+            raise KeyError(f"no adapter {name!r} on this layer (adapters: {sorted(self._adapters)})")
+        setattr(self._adapters[name], self._field, value)
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError(f"remove adapters with delete_adapter, not by deleting from `{self._field}`")
+
+    def __iter__(self):
+        return iter(self._adapters)
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+GEOMETRY_LAYERS = {"linear": "Linear / Conv1D", "embedding": "Embedding", "conv": "Conv1d/2d/3d",
+                   "attention": "MultiheadAttention", "parameter": "nn.Parameter"}
+
+
 class AdapterForm:
     """Base behaviour: a plain low-rank update s·B A x added to the base output."""
 
@@ -48,7 +83,8 @@ class AdapterForm:
     def check_target(self, target: str, base: torch.nn.Module, geometry: str) -> None:
         """Raise ValueError when the form is not defined on this target (before any module is touched)."""
         if geometry not in self.geometries:
-            raise ValueError(f"{self.label} adapters support Linear / Conv1D layers only; target {target!r} is "
+            kinds = ", ".join(GEOMETRY_LAYERS[g] for g in self.geometries)
+            raise ValueError(f"{self.label} adapters support {kinds} layers only; target {target!r} is "
                              f"{type(base).__name__}; narrow target_modules")
 
     def create(self, layer, name: str) -> None:

@@ -3,6 +3,19 @@ as a mixin LoraLayer inherits: code written against PEFT's layers calls them dir
 
 from __future__ import annotations
 
+import warnings
+
+
+def merge_candidates(merged: list[str], names: list[str]) -> list[str]:
+    """The adapters of `names` not merged yet; warns, as PEFT does, when some or all already are."""
+    todo = [n for n in names if n not in merged]
+    if merged and todo:
+        warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally "
+                      f"merging {','.join(todo)}.")
+    elif merged and names:
+        warnings.warn("All adapters are already merged, nothing to do.")
+    return todo
+
 
 class PeftLayerAPI:
     """Needs the layer's `adapter_names`, `adapter_parameters(name)`, `set_active_adapters` and `disable_adapters`."""

@@ -10,13 +10,12 @@ the tie survives training and merging.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..utils import replace_module
+from .peft_layer_api import merge_candidates
 
 DELTA_KEY = "token_adapter.trainable_tokens_delta"
 
@@ -129,7 +128,7 @@ class TrainableTokensWrapper(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the embedding; unmerge it before deleting")
+            raise ValueError(f"Cannot delete adapter(s) {[name]} while they are merged. Please unmerge them first.")
         self.token_adapter.remove(name)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
@@ -156,10 +155,7 @@ class TrainableTokensWrapper(nn.Module):
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Write the adapters' rows into the base weight (undone by unmerge)."""
         names = self.active_adapters if adapter_names is None else adapter_names
-        names = [n for n in names if n in self.token_adapter.token_indices]
-        for name in [n for n in names if n in self.merged_adapters]:
-            warnings.warn(f"adapter {name!r} is already merged; merging it again is a no-op")
-        names = [n for n in names if n not in self.merged_adapters]
+        names = merge_candidates(self.merged_adapters, [n for n in names if n in self.token_adapter.token_indices])
         self.token_adapter.check_disjoint(self.merged_adapters + names)
         weight = self.token_adapter.base_layer.weight
         with torch.no_grad():

@@ -14,7 +14,7 @@ from ..layers.form import AdapterForm
 
 class AdaLoraForm(AdapterForm):
     label = "ADALORA"
-    geometries = ("linear",)
+    geometries = ("linear", "conv")
 
     def __init__(self, config):  # its AdaLoraConfig
         self.config = config  # the allocator writes the kept triplets into config.rank_pattern while training
@@ -22,11 +22,17 @@ class AdaLoraForm(AdapterForm):
     def scaling(self, r, lora_alpha):  # PEFT: alpha / (ranknum + 1e-5), ranknum = init_r
         return lora_alpha / (self.config.init_r + 1e-5)
 
+    def check_target(self, target, base, geometry):
+        super().check_target(target, base, geometry)
+        if geometry == "conv" and (not isinstance(base, nn.Conv2d) or base.groups > 1):
+            raise ValueError(f"AdaLoRA supports Conv2d layers with groups=1 only (PEFT's SVDConv2d); target "
+                             f"{target!r} is {type(base).__name__} with groups={base.groups}; narrow target_modules")
+
     def create(self, layer, name):
-        """PEFT's SVDLinear layout: bare matrices lora_A (r, d_in), lora_E (r, 1), lora_B (d_out, r), and a
-        frozen, unsaved `ranknum` (= r at creation)."""
+        """PEFT's SVDLinear / SVDConv2d layout: bare matrices lora_A (r, d_in; a conv's d_in is
+        in_channels·kH·kW), lora_E (r, 1), lora_B (d_out, r), and a frozen, unsaved `ranknum` (= r)."""
         r = layer.adapters[name].r
-        layer.add_param("lora_A", name, torch.randn(r, layer.in_features))
+        layer.add_param("lora_A", name, torch.randn(r, layer.in_features * _kernel_numel(layer)))
         layer.add_param("lora_E", name, torch.randn(r, 1))
         layer.add_param("lora_B", name, torch.randn(layer.out_features, r))
         layer.add_other("ranknum", name, torch.full((1,), float(r)))
@@ -40,8 +46,19 @@ class AdaLoraForm(AdapterForm):
         return key.removesuffix(".weight")
 
     def factors(self, layer, name):
+        """(diag(E) A, B, s); on a conv diag(E) A is shaped as a conv weight (r, in, kH, kW), so B @ it is ΔW."""
         A, B = layer.pair(name)
-        return A * layer.lora_E[name], B, layer.adapters[name].scaling
+        A = A * layer.lora_E[name]
+        if layer.geometry == "conv":
+            A = A.reshape(A.shape[0], *layer.base_layer.weight.shape[1:])
+        return A, B, layer.adapters[name].scaling
+
+    def update(self, layer, name, x, result):
+        """Linear: the low-rank product. Conv (as PEFT's SVDConv2d): the base convolution with ΔW as its kernel."""
+        if layer.geometry != "conv":
+            return super().update(layer, name, x, result)
+        delta = layer.delta(*self.factors(layer, name))
+        return result + layer.base_apply(layer.lora_dropout[name](x.to(delta.dtype)), delta)
 
     def tensors(self, layer, name):
         return [*layer.pair(name), layer.lora_E[name]]
@@ -58,6 +75,10 @@ class AdaLoraForm(AdapterForm):
                 if full in out and out[full].shape[0 if part != "lora_B" else 1] == len(mask):
                     out[full] = out[full][:, keep] if part == "lora_B" else out[full][keep]
         return out
+
+
+def _kernel_numel(layer) -> int:
+    return layer.base_layer.weight[0, 0].numel() if layer.geometry == "conv" else 1
 
 
 def pattern_module(key: str) -> str:

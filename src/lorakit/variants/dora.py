@@ -107,7 +107,8 @@ class DoraForm(AdapterForm):
                 base_out = base_out - bias.float().view(-1, *[1] * channel_dims)
         else:
             base_out = layer.base_apply(h, weight)
-        return result + dora_update(base_out, layer.lowrank(h, name, A, B), scale, s)
+        lora_out = layer.lowrank(h.to(A.dtype), name, A, B).float()  # fp16/bf16 adapters (autocast off): their dtype
+        return result + dora_update(base_out, lora_out, scale, s)
 
     def merged(self, layer, name, weight):
         merged, norm = merged_weight(layer.oriented_weight(), layer.oriented_delta(name),
