@@ -590,3 +590,18 @@ def test_layer_level_set_adapter_enable_adapters_and_adapter_names_as_in_peft(id
                          list(layer.active_adapters))
     assert results["ours"] == results["theirs"]
     assert results["ours"][1] == ["lora_A.other.weight", "lora_B.other.weight"]
+
+
+def test_layer_repr_names_the_class_as_peft():
+    from conftest import ConvNet, tiny_gpt2
+
+    cases = [(tiny_llama, ["q_proj", "embed_tokens"]), (tiny_gpt2, ["c_attn"]), (ConvNet, ["conv1", "head"])]
+    for build, targets in cases:
+        torch.manual_seed(0)
+        ours = lorakit.get_peft_model(build(), lorakit.LoraConfig(r=2, target_modules=targets))
+        theirs = peft.get_peft_model(build(), peft.LoraConfig(r=2, target_modules=targets))
+        names = [n for n, m in ours.named_modules() if isinstance(m, lorakit.layers.LoraLayer)]
+        assert names
+        for name in names:
+            ours_repr, theirs_repr = repr(ours.get_submodule(name)), repr(theirs.get_submodule(name))
+            assert ours_repr.split("(")[0] == theirs_repr.split("(")[0], name

@@ -21,6 +21,7 @@ _PUBLIC = {
     **dict.fromkeys(["AdaLoraConfig", "LoraConfig", "VeraConfig"], "lorakit.variants"),
     **dict.fromkeys(["LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear"], "lorakit.layers"),
     **dict.fromkeys(["load_model", "load_tokenizer"], "lorakit.models"),
+    "PeftWarning": "lorakit.utils",
     **dict.fromkeys([
         "LoraModel", "PeftModel", "get_peft_model", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
         "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
                            set_base_model_state_dict)
     from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear  # noqa: F401
     from .models import load_model, load_tokenizer  # noqa: F401
+    from .utils import PeftWarning  # noqa: F401
     from .variants import AdaLoraConfig, LoraConfig, VeraConfig  # noqa: F401
 
 

@@ -14,6 +14,10 @@ if TYPE_CHECKING:  # annotations only: this module is imported by `lorakit --hel
     from torch import nn
 
 
+class PeftWarning(UserWarning):
+    """Warnings about adapter settings that work but limit what the adapter can do later (PEFT's class)."""
+
+
 def cache_root() -> str:
     """lorakit's cache directory: $XDG_CACHE_HOME/lorakit (default ~/.cache/lorakit)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ..layers import LoraConv, LoraLayer
+from ..layers import LoraConv, LoraLayer, ModulesToSaveWrapper
 from ..variants.lora_config import LoraConfig
 
 TYPES = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",
@@ -130,7 +130,12 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     else:
         new_rank = svd_rank or max(ranks)
     targets = sorted(n for n, m in layers if any(_factors(m, a) is not None for a in adapters))
-    model.add_adapter(adapter_name, LoraConfig(r=new_rank, lora_alpha=new_rank, target_modules=targets))
+    copies = _module_copy_sources(model, adapters)
+    model.add_adapter(adapter_name, LoraConfig(r=new_rank, lora_alpha=new_rank, target_modules=targets,
+                                               modules_to_save=sorted(copies) or None))
+    for name, source in copies.items():  # the one trained copy of the module (PEFT's rule)
+        copy_of = model.get_base_model().get_submodule(name).modules_to_save
+        copy_of[adapter_name].load_state_dict(copy_of[source].state_dict())
     gen = torch.Generator().manual_seed(seed)
     for name, layer in layers:
         present = [(a, w) for a, w in zip(adapters, weights) if _factors(layer, a) is not None]
@@ -144,6 +149,19 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
                                   svd_clamp, gen)
             A_new[: A.shape[0]].copy_(A)
             B_new[:, : B.shape[1]].copy_(B)
+
+
+def _module_copy_sources(model, adapters: list[str]) -> dict[str, str]:
+    """{modules_to_save module: the adapter whose trained copy the combination takes}. Copies replace a module
+    rather than add up, so two adapters with a copy of one module cannot be combined (as in PEFT)."""
+    wrappers = [(n, m) for n, m in model.get_base_model().named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    holders = {n: [a for a in adapters if a in m.modules_to_save] for n, m in wrappers}
+    clashes = {n: h for n, h in holders.items() if len(h) > 1}
+    if clashes:
+        raise ValueError(f"Cannot add weighted adapters if they target the same module with modules_to_save, but "
+                         f"found {len(clashes)} such instance(s). ({clashes}: module copies replace the module, "
+                         "they cannot be weighted)")
+    return {n: h[0] for n, h in holders.items() if h}
 
 
 def _combine_layer(layer, present, kind, new_rank, density, sign_method, clamp, gen):

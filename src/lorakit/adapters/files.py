@@ -128,9 +128,11 @@ class AdapterFiles:
 def cast_to_base_dtype(layers, adapter_name: str) -> None:
     """PEFT's autocast_adapter_dtype=False: the adapter takes an fp16/bf16 base layer's dtype (default: fp32)."""
     for layer in layers:
-        dtype = getattr(getattr(layer, "base_layer", None), "weight", None)
-        dtype = getattr(dtype, "dtype", None)
-        if isinstance(layer, LoraLayer) and dtype in (torch.float16, torch.bfloat16):
+        if not isinstance(layer, LoraLayer):
+            continue
+        # the base's first float parameter (MultiheadAttention has in_proj_weight, no `weight`)
+        dtype = next((p.dtype for p in layer.base_layer.parameters() if p.is_floating_point()), None)
+        if dtype in (torch.float16, torch.bfloat16):
             with torch.no_grad():
                 for p in layer.adapter_parameters(adapter_name).values():
                     p.data = p.data.to(dtype)

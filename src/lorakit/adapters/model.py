@@ -124,6 +124,12 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, AdapterSwitches, nn
         return self.peft_config.get(self._first_active)
 
     @property
+    def modules_to_save(self) -> set[str] | None:
+        """The modules_to_save names of every loaded adapter's config (PEFT's attribute), None when there are none."""
+        names = {n for c in self.peft_config.values() for n in (getattr(c, "modules_to_save", None) or [])}
+        return names or None
+
+    @property
     def _first_active(self) -> str | None:
         return self._active[0] if self._active else None
 
@@ -142,7 +148,8 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, AdapterSwitches, nn
         configs = (*self.peft_config.values(), peft_config)
         single = [c for c in configs if c.single_trainable and not c.inference_mode]
         if len({type(c) for c in single}) == 1 and len(single) > 1:
-            raise ValueError(f"{peft_config.PEFT_TYPE} supports only 1 trainable adapter. When using multiple "
+            raise ValueError(f"{type(peft_config).__name__.replace('Config', 'Model')} supports only 1 trainable "
+                             "adapter. When using multiple "
                              "adapters, set inference_mode to True for all adapters except the one you want to "
                              "train.")
         with_bias = [c for c in configs if c.bias != "none"]

@@ -204,7 +204,9 @@ def converted_to_plain_lora(config: LoraConfig, state, initial_adapter_dir: str)
     if type(config) is not LoraConfig or config.use_dora:
         raise ValueError("path_initial_model_for_weight_conversion converts PiSSA/OLoRA LoRA adapters only")
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        raise ValueError("PiSSA conversion with use_rslora and rank_pattern/alpha_pattern is not supported")
+        raise ValueError("Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported "
+                         "when using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True` (the "
+                         "doubled-rank conversion cannot keep each layer's scaling)")
     _, initial = read_adapter(initial_adapter_dir)
     missing = sorted(set(state) - set(initial))
     if missing:

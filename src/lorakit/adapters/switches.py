@@ -27,6 +27,17 @@ class AdapterSwitches:
             layer.set_active_adapters(names)
         self._set_trainable(frozen=inference_mode)
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Make these adapters' parameters (LoRA factors, module copies, token rows) trainable or frozen,
+        whatever is active (PEFT's method)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._check_known(name)
+        for layer in self._layers():
+            for name in names:
+                for p in layer.adapter_parameters(name).values():
+                    p.requires_grad_(requires_grad)
+
     def disable_adapter_layers(self) -> None:
         """Turn every adapter off in place (the model computes the base model; adapter parameters frozen, as in
         PEFT) until enable_adapter_layers()."""

@@ -25,6 +25,7 @@ class LoraMultiheadAttention(LoraLayer):
     """nn.MultiheadAttention + adapters on in_proj (here) and out_proj (a nested LoraLinear)."""
 
     geometry = "attention"
+    peft_class = "MultiheadAttention"
     # What code written for nn.MultiheadAttention reads from the module (TransformerEncoderLayer, users).
     PASSTHROUGH = ("embed_dim", "kdim", "vdim", "num_heads", "dropout", "batch_first", "head_dim", "in_proj_bias",
                    "bias_k", "bias_v", "add_zero_attn", "_qkv_same_embed_dim", "merge_masks")

@@ -94,6 +94,16 @@ class LoraLayer(PeftLayerAPI, nn.Module):
     def scaling(self) -> AdapterFieldView:
         return AdapterFieldView(self.adapters, "scaling")
 
+    peft_class = ""  # the class PEFT names this layer (repr: "lora.Linear(...)"); default: the base's class name
+    TUNER_PREFIX = {"VERA": "vera", "ADALORA": "adalora"}  # by form label; LoRA and DoRA layers are "lora."
+
+    def __repr__(self) -> str:
+        """PEFT's repr: "<tuner>.<class>(" then the module tree, e.g. "lora.Linear((base_layer): Linear(...) ..."."""
+        first = next(iter(self.adapters.values()), None)
+        tuner = self.TUNER_PREFIX.get(getattr(first.form, "label", ""), "lora") if first else "lora"
+        tree = super().__repr__()[len(type(self).__name__):]
+        return f"{tuner}.{self.peft_class or type(self.base_layer).__name__}{tree}"
+
     @property
     def weight(self) -> torch.Tensor:
         # Code that reads `module.weight` (dtype/device probes, tied-weight checks) sees the base weight.

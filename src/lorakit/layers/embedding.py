@@ -15,6 +15,7 @@ class LoraEmbedding(LoraLayer):
     """nn.Embedding + adapters (A is a lookup table, as in PEFT and loralib)."""
 
     geometry = "embedding"
+    peft_class = "Embedding"
     fan_in_fan_out = True  # the table is (num_embeddings, dim) = (d_in, d_out): DoRA's output units are columns
 
     def __init__(self, base_layer: nn.Embedding):

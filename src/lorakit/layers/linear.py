@@ -21,6 +21,7 @@ class LoraLinear(LoraLayer):
     """nn.Linear, NF4Linear or transformers' Conv1D (fan_in_fan_out) + adapters of any form."""
 
     geometry = "linear"
+    peft_class = "Linear"
     projection_group = None  # a projection_groups.ProjectionGroup while q/k/v (gate/up) train as one matmul
 
     def __init__(self, base_layer: nn.Module):

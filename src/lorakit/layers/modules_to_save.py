@@ -14,6 +14,9 @@ from torch import nn
 
 
 class ModulesToSaveWrapper(nn.Module):
+    adapter_layer_names = ("modules_to_save",)  # PEFT's attributes: where per-adapter state lives
+    other_param_names = ()
+
     def __init__(self, module: nn.Module):
         super().__init__()
         self.original_module = module
@@ -34,12 +37,25 @@ class ModulesToSaveWrapper(nn.Module):
             del self.modules_to_save[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
+    def check_active(self, names: list[str]) -> None:
+        """PEFT's rule: a module copy replaces the module, so only one adapter's copy can be active."""
+        present = [n for n in names if n in self.modules_to_save]
+        if len(present) > 1:
+            raise ValueError(f"Only one adapter can be set at a time for ModulesToSaveWrapper: {present} each hold "
+                             "a trained copy of this module (copies replace the module, they do not add up)")
+
     def set_active_adapters(self, names: list[str]) -> None:
+        self.check_active(names)
         self.active_adapters = [n for n in names if n in self.modules_to_save]
 
     @property
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save)
+
+    @property
+    def _adapters(self) -> set[str]:
+        """PEFT's AuxiliaryTrainingWrapper attribute: the adapters this wrapper holds."""
+        return set(self.modules_to_save)
 
     def _current(self) -> nn.Module:
         if self.disable_adapters or not self.active_adapters:

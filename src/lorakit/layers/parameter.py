@@ -28,6 +28,7 @@ class LoraParameter(LoraLayer):
     """Adapters on `base_layer.<parameter_name>` (a module, or another LoraParameter on the same module)."""
 
     geometry = "parameter"
+    peft_class = "ParamWrapper"
 
     def __init__(self, base_layer: nn.Module, parameter_name: str):
         super().__init__(base_layer)
@@ -43,6 +44,10 @@ class LoraParameter(LoraLayer):
             self.out_features, self.in_features = shape
         else:
             raise ValueError(f"LoRA on a parameter needs a 2-D or 3-D one; {parameter_name!r} has shape {shape}")
+
+    def extra_repr(self) -> str:
+        return f"parameter_name={self.parameter_name!r}, in_features={self.in_features}, " \
+               f"out_features={self.out_features}"
 
     @staticmethod
     def check_settings(target: str, config) -> None:

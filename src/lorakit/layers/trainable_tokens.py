@@ -121,6 +121,11 @@ class TrainableTokensWrapper(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.token_adapter.token_indices)
 
+    @property
+    def _adapters(self) -> set[str]:
+        """PEFT's AuxiliaryTrainingWrapper attribute: the adapters this wrapper holds."""
+        return set(self.token_adapter.token_indices)
+
     def add_adapter(self, name: str, indices: list[int]) -> None:
         self.token_adapter.add(name, indices)
         if not self.active_adapters:

@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import functional as LF
 from ..layers.form import AdapterForm
+from ..utils import PeftWarning
 from .svd_init import olora_factors, parse_init, pissa_factors
 
 
@@ -47,8 +48,8 @@ class LoraForm(AdapterForm):
             raise ValueError(f"lora_bias=True is not supported for Embedding layers (target {target!r}), as in PEFT; "
                              "narrow target_modules or set lora_bias=False")
         if self.lora_bias and getattr(base, "bias", None) is None:
-            warnings.warn(f"lora_bias=True was passed but the targeted layer {target!r} of type {type(base).__name__} "
-                          "has no bias. This means that merging LoRA weights won't be possible.")
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(base).__name__} has no "
+                          f"bias ({target!r}). This means that merging LoRA weights won't be possible.", PeftWarning)
 
     def create(self, layer, name):
         layer.make_pair(name, layer.adapters[name].r, bias=self.lora_bias)

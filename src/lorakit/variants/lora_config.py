@@ -138,6 +138,12 @@ class LoraConfig:
             raise ValueError(
                 f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa_niter_K', got {init!r}"
             )
+        if self.svd_init and self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+            warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of "
+                          "modified base weights PiSSA/OLoRA means that you won't be able to pass "
+                          "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial "
+                          "values of the base weights; if you intend to do this, please ensure not to use rslora or "
+                          "rank_pattern/alpha_pattern.")
         if self.lora_bias and (init not in (True, False) or self.use_dora):
             raise ValueError("lora_bias=True needs init_lora_weights=True or False and use_dora=False (as in PEFT), "
                              f"got init_lora_weights={init!r}, use_dora={self.use_dora!r}")
@@ -156,8 +162,8 @@ class LoraConfig:
             raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
         params = self.target_parameters
         if params is not None and (not isinstance(params, list) or not all(isinstance(p, str) for p in params)):
-            raise ValueError(f"target_parameters must be a list of parameter names (e.g. "
-                             f"['mlp.experts.gate_up_proj']), got {params!r}")
+            raise TypeError(f"`target_parameters` must be a list of strings or None: parameter names (e.g. "
+                            f"['mlp.experts.gate_up_proj']), got {params!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, list)):
