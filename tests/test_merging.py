@@ -81,3 +81,28 @@ def test_merging_errors():
     ours.add_adapter("r2", LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="equal rank"):
         ours.add_weighted_adapter(["x", "r2"], [1, 1], "m", combination_type="linear")
+
+
+def test_weighted_adapter_takes_the_one_module_copy_and_refuses_two():
+    """A modules_to_save copy replaces the module: the combination takes the single adapter's copy (PEFT's rule)."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model.add_adapter("plain", LoraConfig(r=4, target_modules=["q_proj"]))
+    wrapper = model.get_base_model().lm_head
+    with torch.no_grad():
+        wrapper.modules_to_save["default"].weight.add_(1.0)
+    model.add_weighted_adapter(["default", "plain"], [1.0, 1.0], "mix", combination_type="cat")
+    assert set(wrapper.modules_to_save) == {"default", "mix"}
+    torch.testing.assert_close(wrapper.modules_to_save["mix"].weight, wrapper.modules_to_save["default"].weight,
+                               rtol=0, atol=0)
+    assert model.peft_config["mix"].modules_to_save == ["lm_head"]
+    model.set_adapter("mix")
+    ids = torch.randint(0, 128, (1, 5))
+    with torch.no_grad():
+        head_input = model.get_base_model().model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(model(input_ids=ids).logits, wrapper.modules_to_save["mix"](head_input))
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match="target the same module with modules_to_save, but found 1 such"):
+        model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "bad", combination_type="cat")
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+        model.set_adapter(["default", "other"])
+    assert model.active_adapters == ["mix"]  # refused before anything changed

@@ -605,3 +605,33 @@ def test_layer_repr_names_the_class_as_peft():
         for name in names:
             ours_repr, theirs_repr = repr(ours.get_submodule(name)), repr(theirs.get_submodule(name))
             assert ours_repr.split("(")[0] == theirs_repr.split("(")[0], name
+
+
+def test_switches_trainable_flags_and_layer_dicts_follow_peft():
+    """disable_adapter restores the previous on/off state (warns on a mix), set_requires_grad, live layer dicts."""
+    results = {}
+    for lib in (lorakit, peft):
+        model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(r=4, target_modules=TARGETS))
+        model.add_adapter("other", lib.LoraConfig(r=2, target_modules=TARGETS))
+        seen = [_trainable(model)]
+        with model.disable_adapter():
+            seen.append(_trainable(model))
+        seen.append(_trainable(model))
+        model.set_requires_grad("other")
+        seen.append(_trainable(model))
+        model.disable_adapter_layers()
+        seen.append(_trainable(model))
+        with model.disable_adapter():
+            pass
+        layers = [m for m in model.modules() if hasattr(m, "disable_adapters") and hasattr(m, "lora_A")]
+        seen.append([m.disable_adapters for m in layers])
+        layers[0].enable_adapters(True)
+        with pytest.warns(UserWarning, match="some adapter layers that are enabled and others that are disabled"):
+            with model.disable_adapter():
+                pass
+        seen.append([m.disable_adapters for m in layers])
+        r_view = layers[0].r
+        model.delete_adapter("other")
+        seen.append(sorted(r_view))
+        results[lib.__name__] = seen
+    assert results["lorakit"] == results["peft"]
