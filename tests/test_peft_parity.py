@@ -4,6 +4,8 @@
 import copy
 import json
 import os
+import re
+import warnings
 
 import peft
 import pytest
@@ -635,3 +637,67 @@ def test_switches_trainable_flags_and_layer_dicts_follow_peft():
         seen.append(sorted(r_view))
         results[lib.__name__] = seen
     assert results["lorakit"] == results["peft"]
+
+
+def _error(call):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 (the test compares whatever each library raises)
+            return type(e).__name__, str(e)
+    return None, ""
+
+
+@pytest.mark.parametrize("case", ["unknown", "merged", "duplicate", "module_copies", "parameters_type"])
+def test_refusals_raise_peft_error_type_with_peft_wording(case):
+    """Same refusal, same error type, and lorakit's message starts with PEFT's first sentence (detail after it)."""
+    found = {}
+    for lib in (lorakit, peft):
+        def build(**kw):
+            return lib.get_peft_model(tiny_llama(), lib.LoraConfig(r=4, target_modules=TARGETS, **kw))
+        if case == "unknown":
+            found[lib] = _error(lambda: build().delete_adapter("nope"))
+        elif case == "merged":
+            model = build()
+            model.merge_adapter()
+            found[lib] = _error(lambda: model.delete_adapter("default"))
+        elif case == "duplicate":
+            model = build()
+            found[lib] = _error(lambda: model.add_adapter("default", lib.LoraConfig(target_modules=TARGETS)))
+        elif case == "module_copies":
+            model = build(modules_to_save=["lm_head"])
+            model.add_adapter("other", lib.LoraConfig(r=4, target_modules=TARGETS, modules_to_save=["lm_head"]))
+            found[lib] = _error(lambda: model.base_model.set_adapter(["default", "other"]))
+        else:
+            found[lib] = _error(lambda: lib.LoraConfig(target_parameters="q_proj.weight"))
+    (ours_type, ours), (theirs_type, theirs) = found[lorakit], found[peft]
+    assert theirs_type is not None and ours_type == theirs_type
+    first_sentence = re.split(r"\. |:|\(", theirs)[0].rstrip(".")  # PEFT's words before any detail
+    assert first_sentence in ours, (ours, theirs)
+
+
+def test_merging_twice_warns_with_peft_wording():
+    caught = {}
+    for lib in (lorakit, peft):
+        model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(r=4, target_modules=TARGETS))
+        model.merge_adapter()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model.merge_adapter()
+        caught[lib] = {str(w.message) for w in seen}
+    assert caught[lorakit] == caught[peft] == {"All adapters are already merged, nothing to do."}
+
+
+def test_bin_adapter_and_passed_config_load_as_in_peft(tmp_path):
+    config = dict(r=4, target_modules=TARGETS, init_lora_weights=False)
+    ids = torch.randint(0, 128, (1, 6))
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config)).save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists()
+    logits = {}
+    for lib in (lorakit, peft):
+        passed = lib.LoraConfig(**config)
+        model = lib.PeftModel.from_pretrained(tiny_llama(), str(tmp_path), config=passed)
+        assert model.peft_config["default"] is passed and passed.inference_mode
+        logits[lib] = _logits(model, ids)
+    assert_close_fp32(logits[lorakit], logits[peft])
