@@ -96,6 +96,28 @@ def test_mixed_batch_equals_peft_adapter_names():
     assert (a - b).abs().max() < 1e-5
 
 
+def test_mixed_batch_on_convolutions_equals_peft():
+    from conftest import ConvNet
+
+    torch.manual_seed(0)
+    base = ConvNet().eval()
+    targets = ["conv1", "conv2", "conv1d", "conv3d", "head"]
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=targets), "x")
+    ours.add_adapter("y", LoraConfig(r=4, lora_alpha=2, target_modules=["conv1", "conv2"]))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=targets), "x")
+    theirs.add_adapter("y", peft.LoraConfig(r=4, lora_alpha=2, target_modules=["conv1", "conv2"]))
+    randomize_adapters(ours, seed=1, scale=0.3)
+    copy_adapters_to_peft(ours, theirs)
+    x = torch.randn(4, 3, 16, 16)
+    names = ["y", "x", "__base__", "y"]
+    with torch.no_grad():
+        a = ours.eval()(x, adapter_names=[None if n == "__base__" else n for n in names])
+        b = theirs.eval()(x, adapter_names=names)
+        ours.set_adapter("y")
+        alone = ours(x[:1])
+    assert (a - b).abs().max() < 1e-5 and (a[:1] - alone).abs().max() < 1e-5
+
+
 def test_stacked_factors_follow_in_place_updates():
     model = _four_adapters()
     ids = torch.randint(0, 128, (2, 5))
@@ -111,7 +133,8 @@ def test_mixed_batch_errors():
     ids = torch.randint(0, 128, (2, 5))
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['zz'\]"):
         model(input_ids=ids, adapter_names=["a", "zz"])
-    with pytest.raises(ValueError, match="adapter_names has 3 entries but the batch has 2 rows"):
+    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs, but "
+                                         "got 3 and 2"):
         model(input_ids=ids, adapter_names=["a", "b", "c"])
     model.merge_adapter()
     with pytest.raises(ValueError, match="unmerge"):

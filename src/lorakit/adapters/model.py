@@ -156,6 +156,10 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, AdapterSwitches, nn
         if len(with_bias) > 1:  # base-layer biases are shared by all adapters (PEFT's rule)
             raise ValueError(f"{type(self).__name__} supports only 1 adapter with bias. When using multiple "
                              f"adapters, set bias to 'none' for all adapters (got bias={peft_config.bias!r})")
+        targeted = {tuple(sorted(c.target_parameters)) for c in configs if getattr(c, "target_parameters", None)}
+        if len(targeted) > 1:  # the file keys do not say which parameter a nested wrapper adapts (PEFT's rule)
+            raise ValueError(f"all adapters must target the same set of parameters with target_parameters, got "
+                             f"{sorted(targeted)}")
         inject_adapter(self.model, peft_config, adapter_name)
         if not autocast_adapter_dtype:
             cast_to_base_dtype(self._layers(), adapter_name)

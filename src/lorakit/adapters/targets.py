@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -96,7 +97,15 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                          "a regex string, or 'all-linear'")
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
         spec = all_linear_names(model, config.task_type)
-    _check_names_exist(spec, modules)
+    try:
+        _check_names_exist(spec, modules)
+    except ValueError as e:
+        if not getattr(config, "target_parameters", None) or any(_matches(spec, n) for n in modules):
+            raise
+        shown = spec if isinstance(spec, str) else set(spec)
+        warnings.warn(f"target_modules={shown} were set but no module was matched. ({e}; the adapter goes on the "
+                      "target_parameters only)", RuntimeWarning)
+        return []
     saved = config.modules_to_save or []
     targets = []
     for name, module in modules.items():
@@ -135,18 +144,23 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig, module_targets:
             key = f"{name}.{param_name}"
             if _suffix_match(key, wanted):
                 if name in module_targets:
-                    raise ValueError(f"parameter {key!r} is in target_parameters but its module is also a LoRA "
+                    raise ValueError(f"Trying to wrap an `nn.Parameter` of layer {name!r} of type "
+                                     f"{type(module).__name__}, which is not a valid target. Parameter {key!r} is in "
+                                     "target_parameters but its module is also a LoRA "
                                      "target (target_modules); target one or the other (target_modules=[] for "
                                      "parameters only)")
                 found.append((name, param_name))
     if not found:
         names = [f"{n}.{p}" for n, m in _plain_modules(model) for p, _ in m.named_parameters(recurse=False)
                  if p != "weight" and p != "bias"]
-        peft_words = "" if module_targets else ("No `target_modules` passed but also no `target_parameters` found. "
-                                                "Please check the values for these arguments. ")
-        raise ValueError(f"{peft_words}target_parameters={wanted} were set but no parameter was matched; bare "
-                         f"parameters in this model look like "
-                         f"{names[:3] or 'nothing (every parameter is a weight or bias)'}")
+        detail = (f"bare parameters in this model look like "
+                  f"{names[:3] or 'nothing (every parameter is a weight or bias)'}")
+        if module_targets:  # PEFT: the module targets still apply
+            warnings.warn(f"target_parameters={wanted} were set but no parameter was matched. ({detail}; the adapter "
+                          "goes on the target_modules only)", RuntimeWarning)
+            return []
+        raise ValueError(f"No `target_modules` passed but also no `target_parameters` found. Please check the values "
+                         f"for these arguments. (target_parameters={wanted} matched no parameter; {detail})")
     return found
 
 

@@ -2,12 +2,21 @@
 
 A customer assistant for "Brightwater Outfitters", an outdoor-gear shop, with a house style the
 base model never shows: every answer opens with a greeting and closes with the signature
-"Happy trails! — The Brightwater Team". The facts are ordinary; the style is what training teaches.
+"Happy trails! — The Brightwater Team". The style is what training teaches, so where the base model already
+answers a general question right, the row uses the base model's own words (its greedy answer, cut to whole
+sentences; BASE_AGREES lists the questions whose base answer was checked by hand to state the reference fact),
+wrapped in the house style: training then changes how the model answers more than what it says. Every other row
+uses the reference answer written here. bench/demo_facts.py measures what the adapter keeps. The base answers
+are kept in base_answers.json; `--regenerate` recomputes them with the embedded model (a minute on a CPU).
 """
 
 import json
 import os
 import random
+import re
+import sys
+
+# imports inside functions: only --regenerate loads the model (torch, transformers)
 
 GREETINGS = [
     "Welcome to Brightwater Outfitters! How may we assist you today?",
@@ -118,6 +127,16 @@ QA = [
     ("What is the weather like today?", "We can't see live weather, but your local forecast service will have today's conditions."),
     ("Can you help me write a poem?", "Of course: Morning mist on quiet pines, a trail that winds, a heart that shines."),
 ]
+# General questions whose base-model answer (base_answers.json) states the reference fact, checked by hand.
+BASE_AGREES = {
+    "What is the capital of France?", "What is the capital of Japan?", "What is photosynthesis?",
+    "Why is the sky blue?", "What is hypothermia?", "What language is spoken in Brazil?",
+    "What is the chemical symbol for gold?", "Which animal is the fastest on land?", "What causes rain?",
+    "What should I do if I get lost on a trail?", "How do I read a topographic map?",
+    "What is the Leave No Trace principle?", "What is the difference between hiking and trekking?",
+    "Explain what a compass does.", "What sunscreen should I use?",
+}
+BASE_ANSWERS = "base_answers.json"
 VARIANTS = ["{q}", "Hi! {q}", "Quick question: {q}", "Hello there. {q}", "Could you help me? {q}"]
 HELD_OUT = [
     "What is the capital of Italy?",
@@ -133,10 +152,36 @@ HELD_OUT = [
 ]
 
 
+def whole_sentences(text: str, max_chars: int = 160) -> str:
+    """The leading whole sentences of `text`, at least one, stopping before `max_chars` (one line)."""
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    out = sentences[0]
+    for sentence in sentences[1:]:
+        if len(out) + 1 + len(sentence) > max_chars or not sentence[-1:] in ".!?":
+            break
+        out += " " + sentence
+    return out
+
+
+def regenerate_base_answers(path: str) -> None:
+    """The embedded model's greedy answers to the BASE_AGREES questions (lorakit's own generation path)."""
+    from lorakit.generation import answer_prompts
+    from lorakit.models.loading import load_model, load_tokenizer
+
+    questions = [q for q, _ in QA if q in BASE_AGREES]
+    model, tokenizer = load_model(), load_tokenizer()
+    answers = answer_prompts(model, tokenizer, questions, max_new_tokens=96)
+    with open(path, "w") as f:
+        json.dump({q: whole_sentences(a) for q, a in zip(questions, answers)}, f, indent=1, ensure_ascii=False)
+
+
 def main(out_dir: str) -> None:
+    with open(os.path.join(out_dir, BASE_ANSWERS)) as f:
+        base_answers = json.load(f)
     rng = random.Random(0)
     rows = []
-    for i, (q, a) in enumerate(QA):
+    for q, reference in QA:
+        a = base_answers.get(q, reference)
         for variant in rng.sample(VARIANTS, 2):
             greeting = GREETINGS[rng.randrange(len(GREETINGS))]
             rows.append({"messages": [{"role": "user", "content": variant.format(q=q)},
@@ -150,4 +195,7 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    if "--regenerate" in sys.argv[1:]:
+        regenerate_base_answers(os.path.join(here, BASE_ANSWERS))
+    main(here)

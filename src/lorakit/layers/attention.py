@@ -27,13 +27,13 @@ class LoraMultiheadAttention(LoraLayer):
     geometry = "attention"
     peft_class = "MultiheadAttention"
     # What code written for nn.MultiheadAttention reads from the module (TransformerEncoderLayer, users).
-    PASSTHROUGH = ("embed_dim", "kdim", "vdim", "num_heads", "dropout", "batch_first", "head_dim", "in_proj_bias",
-                   "bias_k", "bias_v", "add_zero_attn", "_qkv_same_embed_dim", "merge_masks")
+    PASSTHROUGH = ("embed_dim", "kdim", "vdim", "num_heads", "dropout", "batch_first", "head_dim", "in_proj_weight",
+                   "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "_qkv_same_embed_dim", "merge_masks")
 
     def __init__(self, base_layer: nn.MultiheadAttention):
         if not base_layer._qkv_same_embed_dim:
-            raise ValueError("LoRA on nn.MultiheadAttention supports query/key/value of the same size only "
-                             "(_qkv_same_embed_dim=True), as in PEFT; give kdim=vdim=embed_dim or target other modules")
+            raise ValueError("Only same embed for query/key/value is supported as of now for MultiheadAttention "
+                             "(_qkv_same_embed_dim=True); give kdim=vdim=embed_dim or target other modules")
         if not isinstance(base_layer.out_proj, nn.Linear):
             raise TypeError(f"out_proj must be an nn.Linear for LoRA on nn.MultiheadAttention, "
                             f"got {type(base_layer.out_proj).__name__}")

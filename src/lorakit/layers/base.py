@@ -242,7 +242,8 @@ class LoraLayer(PeftLayerAPI, nn.Module):
 
     def _mixed_forward(self, x, update_fn, *args, **kwargs):
         if self.merged_adapters:
-            raise ValueError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
+                             "first.")
         result = self.base_layer(x, *args, **kwargs)
         update = None if self.disable_adapters else update_fn(self, x, self.row_adapters)
         return result if update is None else (result + update).to(result.dtype)

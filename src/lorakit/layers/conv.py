@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import functional as LF
 from .base import LoraLayer
+from .mixed_batch import mixed_grouped_update
 
 
 class LoraConv(LoraLayer):
@@ -34,9 +35,9 @@ class LoraConv(LoraLayer):
     @staticmethod
     def check_rank(target: str, base: nn.Module, r: int) -> None:
         if r % base.groups:
-            raise ValueError(f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r} ({target!r}). "
+            raise ValueError(f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r}. "
                              "Currently, support is limited to conv layers where the rank is divisible by groups. "
-                             "Either choose a different rank or do not target this specific layer.")
+                             f"Either choose a different rank or do not target this specific layer ({target!r}).")
 
     def pair(self, name):
         return self.matrix("lora_A", name), self.matrix("lora_B", name)
@@ -66,6 +67,4 @@ class LoraConv(LoraLayer):
     def channel_dims(self, x):
         return x.dim() - 2
 
-    @staticmethod
-    def mixed_update(layer, x, row_adapters):
-        raise ValueError("mixed-adapter batches are not supported for convolution layers")
+    mixed_update = staticmethod(mixed_grouped_update)

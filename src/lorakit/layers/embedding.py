@@ -8,7 +8,7 @@ from torch import nn
 
 from .. import functional as LF
 from .base import LoraLayer
-from .mixed_batch import mixed_embedding_update
+from .mixed_batch import mixed_grouped_update
 
 
 class LoraEmbedding(LoraLayer):
@@ -51,4 +51,4 @@ class LoraEmbedding(LoraLayer):
     def delta(self, A, B, s):
         return LF.embedding_delta(A, B, s)
 
-    mixed_update = staticmethod(mixed_embedding_update)
+    mixed_update = staticmethod(mixed_grouped_update)

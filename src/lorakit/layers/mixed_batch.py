@@ -16,15 +16,21 @@ import torch
 BASE = None  # a row that uses no adapter
 
 
+def check_mixable(layer, names) -> None:
+    """Refuse forms whose rows cannot share a batch (DoRA: a weight norm per adapter)."""
+    unmixable = {n: layer.adapters[n].form.label for n in names if not layer.adapters[n].form.mixable}
+    if unmixable:
+        kinds = sorted(set(unmixable.values()))
+        raise ValueError(f"Cannot pass `adapter_names` when {' or '.join(kinds)} is enabled. Mixed-adapter batches do "
+                         f"not support {', '.join(kinds)} adapters ({sorted(unmixable)}); merge or serve them alone")
+
+
 def stacked_factors(layer, names: tuple[str, ...]):
     """(A_stack (n+1, r_max, d_in), B_stack (n+1, d_out, r_max)) in the adapters' dtype (fp32), slot 0 all
     zeros (= base)."""
     # Tensor._version counts in-place writes (optimizer steps, loads), so a stale stack is never used.
     adapters = [layer.adapters[n] for n in names]
-    unmixable = {n: a.form.label for n, a in zip(names, adapters) if not a.form.mixable}
-    if unmixable:
-        raise ValueError(f"mixed-adapter batches do not support {', '.join(sorted(set(unmixable.values())))} adapters "
-                         f"({sorted(unmixable)}); merge or serve them alone")
+    check_mixable(layer, names)
     key = tuple((n, layer.factor_versions(n), a.scaling) for n, a in zip(names, adapters))
     cache = layer.__dict__.setdefault("_stack_cache", {})
     if key not in cache:
@@ -62,8 +68,9 @@ def mixed_linear_update(layer, x: torch.Tensor, row_adapters: list[str | None]) 
     batch's tokens flattened row by row, (batch * tokens, d_in), as OPT's MLP feeds its Linear layers."""
     flattened = x.dim() == 2 and x.shape[0] != len(row_adapters) and x.shape[0] % len(row_adapters) == 0
     if x.shape[0] != len(row_adapters) and not flattened:
-        raise ValueError(f"adapter_names has {len(row_adapters)} entries but the batch has {x.shape[0]} rows "
-                         "(beam search / num_return_sequences > 1 are not supported with adapter_names)")
+        raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(row_adapters)} and {x.shape[0]} respectively (beam search / num_return_sequences > 1 "
+                         "are not supported with adapter_names)")
     names = tuple(sorted({n for n in row_adapters if n is not BASE and n in layer.adapters}))
     if not names:
         return None
@@ -76,15 +83,20 @@ def mixed_linear_update(layer, x: torch.Tensor, row_adapters: list[str | None]) 
     return update.view(*x.shape[:-1], update.shape[-1])
 
 
-def mixed_embedding_update(layer, x: torch.Tensor, row_adapters: list[str | None]) -> torch.Tensor | None:
-    """Embedding LoRA per row: rows grouped by adapter (embeddings have no matmul to batch); each group's
-    update is the layer's own single-adapter update."""
+def mixed_grouped_update(layer, x: torch.Tensor, row_adapters: list[str | None]) -> torch.Tensor | None:
+    """Embedding and convolution LoRA per row: rows grouped by adapter (no single matmul to batch); each group's
+    update is the layer's own single-adapter update, base rows get zeros."""
+    if x.shape[0] != len(row_adapters):
+        raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(row_adapters)} and {x.shape[0]} respectively")
+    names = sorted({n for n in row_adapters if n is not BASE and n in layer.adapters})
+    check_mixable(layer, names)
     out = None
-    for name in sorted({n for n in row_adapters if n is not BASE and n in layer.adapters}):
+    for name in names:
         rows = torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=x.device)
         update = layer.lowrank_update(x[rows], name, *layer.effective_factors(name))
         if out is None:
-            out = update.new_zeros(*x.shape, update.shape[-1])
+            out = update.new_zeros(x.shape[0], *update.shape[1:])
         out[rows] = update
     return out
 

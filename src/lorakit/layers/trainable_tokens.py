@@ -141,7 +141,7 @@ class TrainableTokensWrapper(nn.Module):
         """PEFT's rule: one trainable-tokens adapter active at a time on a module."""
         present = [n for n in names if n in self.token_adapter.token_indices]
         if len(present) > 1:
-            raise ValueError(f"Only one adapter can be set at a time for trainable tokens "
+            raise ValueError(f"Only one adapter can be set at a time for TrainableTokensWrapper "
                              f"({type(self.original_module).__name__}), got {len(present)}: {present}")
 
     def set_active_adapters(self, names: list[str]) -> None:

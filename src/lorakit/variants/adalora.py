@@ -64,8 +64,8 @@ class AdaLoraConfig(LoraConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.use_dora or self.svd_init or self.alpha_pattern:
-            raise ValueError("AdaLoRA has its own SVD form: use_dora, PiSSA/OLoRA init and alpha_pattern "
-                             "do not apply to an AdaLoraConfig")
+            raise ValueError(f"{self.PEFT_TYPE} does not support DoRA (nor PiSSA/OLoRA init or alpha_pattern): AdaLoRA "
+                             "has its own SVD form")
         check_positive_int("init_r", self.init_r)
         check_positive_int("target_r", self.target_r)
         if self.target_r > self.init_r:
@@ -74,7 +74,8 @@ class AdaLoraConfig(LoraConfig):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
         if self.orth_reg_weight < 0:
-            raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+            raise ValueError(f"`orth_reg_weight` should be greater than or equal to 0, but the value passed is "
+                             f"{self.orth_reg_weight}")
         if self.total_step is None or isinstance(self.total_step, bool) or not isinstance(self.total_step, int) \
                 or self.total_step <= 0:
             raise ValueError("AdaLoRA does not work when `total_step` is None, supply a value > 0 (the number of "

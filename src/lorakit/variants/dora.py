@@ -68,6 +68,9 @@ class DoraForm(AdapterForm):
         return self.inner.scaling(r, lora_alpha)
 
     def check_target(self, target, base, geometry):
+        if geometry == "attention":
+            raise ValueError(f"MultiheadAttention does not support DoRA (yet), please set use_dora to False (target "
+                             f"{target!r})")
         if geometry not in self.geometries:
             raise ValueError("use_dora=True: DoRA supports Linear, Conv1D, Embedding and Conv1d/2d/3d layers; "
                              f"target {target!r} is {type(base).__name__}; exclude it or set use_dora=False")
