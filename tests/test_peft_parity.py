@@ -701,3 +701,42 @@ def test_bin_adapter_and_passed_config_load_as_in_peft(tmp_path):
         assert model.peft_config["default"] is passed and passed.inference_mode
         logits[lib] = _logits(model, ids)
     assert_close_fp32(logits[lorakit], logits[peft])
+
+
+class _TiedCausalLM(torch.nn.Module):
+    """A custom LM without get_output_embeddings: its tied head is declared only in `_tied_weights_keys`."""
+
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(50, 16)
+        self.linear = torch.nn.Linear(16, 16, bias=False)
+        self.lm_head = torch.nn.Linear(16, 50, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def forward(self, ids):
+        return self.lm_head(self.linear(self.embed_tokens(ids)))
+
+
+@pytest.mark.parametrize("where", ["modules_to_save", "target_modules"])
+def test_tied_head_declared_in_tied_weights_keys_is_tied_as_in_peft(where):
+    kinds = {}
+    for lib in (lorakit, peft):
+        torch.manual_seed(0)
+        extra = {"modules_to_save": ["embed_tokens"]} if where == "modules_to_save" else {}
+        targets = ["linear"] if where == "modules_to_save" else ["embed_tokens"]
+        model = lib.get_peft_model(_TiedCausalLM(), lib.LoraConfig(r=2, target_modules=targets,
+                                                                    ensure_weight_tying=True, **extra))
+        inner = model.get_base_model()
+        kinds[lib] = [repr(inner.embed_tokens).split("(")[0], repr(inner.lm_head).split("(")[0]]
+        shared = {n: p.data_ptr() for n, p in inner.lm_head.named_parameters()}
+        emb = dict(inner.embed_tokens.named_parameters())
+        if where == "modules_to_save":
+            assert all(shared[n] == emb[n].data_ptr() for n in emb if "modules_to_save" in n)
+    assert kinds[lorakit] == kinds[peft]
+    assert kinds[lorakit] == (["ModulesToSaveWrapper"] * 2 if where == "modules_to_save" else
+                              ["lora.Embedding", "lora.Linear"])

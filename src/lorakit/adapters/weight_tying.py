@@ -50,10 +50,32 @@ def embedding_and_tied_head(model: nn.Module) -> tuple[str | None, str | None]:
     """(input embedding name, name of the output head sharing its weight tensor or None)."""
     embedding, head = _call(model, "get_input_embeddings"), _call(model, "get_output_embeddings")
     names = {id(m): n for n, m in model.named_modules()}
+    if head is None and embedding is not None:
+        head = _declared_tied_head(model, embedding)
     embedding_name = names.get(id(embedding))
     tied = (embedding is not None and head is not None and _base(head) is not _base(embedding)
             and getattr(_base(head), "weight", None) is getattr(_base(embedding), "weight", object()))
     return embedding_name, names.get(id(head)) if tied else None
+
+
+def _declared_tied_head(model: nn.Module, embedding: nn.Module) -> nn.Module | None:
+    """A model without get_output_embeddings (custom models) names its tied weights in `_tied_weights_keys`
+    (transformers' attribute: a list of parameter names, or a {tied: source} dict): the first named module other
+    than the embedding whose weight is the embedding's, the output head first."""
+    config = getattr(model, "config", None)
+    if config is not None and not getattr(config, "tie_word_embeddings", True):
+        return None  # the config says untied (PEFT reads it the same way)
+    keys = getattr(model, "_tied_weights_keys", None) or []
+    names = sorted((k.removesuffix(".weight") for k in keys), key=lambda n: not n.endswith("lm_head"))
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if _base(module) is not _base(embedding) and getattr(_base(module), "weight", None) is \
+                getattr(_base(embedding), "weight", object()):
+            return module
+    return None
 
 
 def plan_tying(model: nn.Module, config, targets: list[str], saved: list[str],
