@@ -740,3 +740,16 @@ def test_tied_head_declared_in_tied_weights_keys_is_tied_as_in_peft(where):
     assert kinds[lorakit] == kinds[peft]
     assert kinds[lorakit] == (["ModulesToSaveWrapper"] * 2 if where == "modules_to_save" else
                               ["lora.Embedding", "lora.Linear"])
+
+
+def test_vera_projections_exposed_where_peft_exposes_them():
+    config = dict(r=4, target_modules=["q_proj", "down_proj"], projection_prng_key=3)
+    ours = lorakit.get_peft_model(tiny_llama(), lorakit.VeraConfig(**config))
+    theirs = peft.get_peft_model(tiny_llama(), peft.VeraConfig(**config))
+    layer = ours.get_base_model().model.layers[0].mlp.down_proj
+    for attr in ("vera_A", "vera_B"):
+        mine, peft_tensor = getattr(ours, attr)["default"], getattr(theirs, attr)["default"]
+        torch.testing.assert_close(mine, peft_tensor, rtol=0, atol=0)  # same PRNG, same shapes
+        assert getattr(layer, attr)["default"].data_ptr() == mine.data_ptr()  # one shared tensor
+    ours.delete_adapter("default")
+    assert "default" not in layer.__dict__.get("adapters", {}) and not hasattr(ours, "vera_A")

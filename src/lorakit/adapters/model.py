@@ -12,6 +12,7 @@ import contextlib
 import torch
 from torch import nn
 
+from ..layers.form import LiveMapping
 from ..layers.mixed_batch import row_adapters
 from ..utils import forward_getattr
 from ..variants.lora_config import DEFAULT_ADAPTER, LoraConfig
@@ -128,6 +129,26 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, AdapterSwitches, nn
         """The modules_to_save names of every loaded adapter's config (PEFT's attribute), None when there are none."""
         names = {n for c in self.peft_config.values() for n in (getattr(c, "modules_to_save", None) or [])}
         return names or None
+
+    @property
+    def vera_A(self) -> dict:
+        """{VeRA adapter: its shared projection A} (PEFT's model attribute; the same tensors the layers use)."""
+        return self._vera_projections("vera_A")
+
+    @property
+    def vera_B(self) -> dict:
+        return self._vera_projections("vera_B")
+
+    def _vera_projections(self, attr: str) -> LiveMapping:
+        def compute():
+            found = {}
+            for layer in self._layers():
+                with contextlib.suppress(AttributeError):
+                    found.update(getattr(layer, attr))
+            return found
+        if not compute():
+            raise AttributeError(f"no VeRA adapter is loaded ({attr})")
+        return LiveMapping(compute)
 
     @property
     def _first_active(self) -> str | None:

@@ -15,9 +15,9 @@ delta math exists once. A form that is not a plain low-rank update (DoRA) overri
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -33,6 +33,30 @@ class Adapter:
     lora_alpha: float
     scaling: float
     merge_state: Any = None  # what the form needs to undo its merge (DoRA: the weight norm at merge time)
+
+
+class LiveMapping(Mapping):
+    """A read-only mapping recomputed on every access (PEFT's per-adapter dicts that must follow deletions)."""
+
+    def __init__(self, compute: Callable[[], dict]):
+        self._compute = compute
+
+    def __getitem__(self, key):
+        return self._compute()[key]
+
+    def __iter__(self):
+        return iter(self._compute())
+
+    def __len__(self) -> int:
+        return len(self._compute())
+
+    def __setitem__(self, key, value) -> None:
+        """Only the write-back of an in-place update (`view[k] += 1` on a tensor) is allowed."""
+        if self._compute().get(key) is not value:
+            raise TypeError(f"{key!r}: this per-adapter mapping is read-only; update its tensor in place")
+
+    def __repr__(self) -> str:
+        return repr(self._compute())
 
 
 class AdapterFieldView(MutableMapping):

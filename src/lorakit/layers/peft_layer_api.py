@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import warnings
 
+from .form import LiveMapping
+
 
 def merge_candidates(merged: list[str], names: list[str]) -> list[str]:
     """The adapters of `names` not merged yet; warns, as PEFT does, when some or all already are."""
@@ -19,6 +21,23 @@ def merge_candidates(merged: list[str], names: list[str]) -> list[str]:
 
 class PeftLayerAPI:
     """Needs the layer's `adapter_names`, `adapter_parameters(name)`, `set_active_adapters` and `disable_adapters`."""
+
+    @property
+    def vera_A(self) -> dict:
+        """VeRA adapters' shared projection A by adapter name (PEFT's layer attribute; only on VeRA layers)."""
+        return self._projections("A")
+
+    @property
+    def vera_B(self) -> dict:
+        return self._projections("B")
+
+    def _projections(self, which: str) -> LiveMapping:
+        def compute():
+            return {n: getattr(a.form.projections, which) for n, a in self.adapters.items()
+                    if hasattr(a.form, "projections")}
+        if not compute():
+            raise AttributeError(f"{type(self).__name__} holds no VeRA adapter (vera_{which})")
+        return LiveMapping(compute)
 
     def _all_available_adapter_names(self) -> list[str]:
         """Every adapter this layer holds, sorted (PEFT's name)."""
