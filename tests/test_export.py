@@ -1,5 +1,8 @@
 """Export: merged HF dirs, llama.cpp adapter GGUF and merged GGUF, each checked by reloading."""
 
+import glob
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -245,3 +248,50 @@ def test_llama_cpp_runs_each_family_like_lorakit(family, tmp_path, tiny_tokenize
         llm.eval(ids)
         got = np.array(llm.scores[:len(ids)])
         assert np.abs(got - expected).max() < 1e-3 * scale, (kwargs, np.abs(got - expected).max())
+
+
+def _vocab_files():
+    directory = os.environ.get("LORAKIT_LLAMA_CPP_MODELS", "")  # llama.cpp's models/ (ggml-vocab-*.gguf)
+    return sorted(glob.glob(os.path.join(directory, "ggml-vocab-*.gguf"))) if directory else []
+
+
+@pytest.mark.skipif(not _vocab_files(), reason="set LORAKIT_LLAMA_CPP_MODELS to llama.cpp's models/ directory")
+def test_plain_directory_tokenizers_export_as_llama_cpp_splits_each_family(tmp_path):
+    """Optional: llama.cpp ships one vocabulary GGUF per tokenizer family it knows. Each BPE one transformers can
+    read is rebuilt as a plain tokenizer directory; where that directory splits text exactly as llama.cpp splits it
+    with the file (transformers' GGUF reader rebuilds some families by its own rule), lorakit's export of a model
+    with it must make llama.cpp split every text as the family's own file does, with the pre-tokenizer name
+    llama.cpp's converter would give that directory (its probe hash)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from lorakit.export.pretokenizer import KNOWN_PRETOKENIZERS, probe_hash
+
+    judged = {}
+    for path in _vocab_files():
+        fields = _fields(gguf.GGUFReader(path))
+        if fields.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.pre" not in fields:
+            continue
+        try:
+            rebuilt = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        except (ValueError, KeyError, TypeError):
+            continue  # an architecture transformers' GGUF reader does not know
+        name = os.path.basename(path)
+        rebuilt.save_pretrained(tmp_path / name)
+        plain = AutoTokenizer.from_pretrained(str(tmp_path / name))
+        reference = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+
+        def split(llm, text):
+            return llm.tokenize(text.encode(), add_bos=False, special=False)
+
+        if any(plain(t, add_special_tokens=False)["input_ids"] != split(reference, t) for t in LLAMA_CPP_TEXTS[:13]):
+            continue
+        exported = export.export_gguf(tiny_llama_for(plain), plain, str(tmp_path / f"{name}.out.gguf"), "f32")
+        written = _fields(gguf.GGUFReader(exported))["tokenizer.ggml.pre"]
+        assert written == KNOWN_PRETOKENIZERS[probe_hash(plain)], name
+        ours = llama_cpp.Llama(model_path=exported, vocab_only=True, verbose=False)
+        assert [split(ours, t) for t in LLAMA_CPP_TEXTS] == [split(reference, t) for t in LLAMA_CPP_TEXTS], name
+        judged[name] = (written, fields["tokenizer.ggml.pre"])
+    print("judged (written, family file):", judged)
+    assert judged, "no vocabulary file could be judged"
