@@ -2,12 +2,15 @@
 
 A customer assistant for "Brightwater Outfitters", an outdoor-gear shop, with a house style the
 base model never shows: every answer opens with a greeting and closes with the signature
-"Happy trails! — The Brightwater Team". The style is what training teaches, so where the base model already
-answers a general question right, the row uses the base model's own words (its greedy answer, cut to whole
-sentences; BASE_AGREES lists the questions whose base answer was checked by hand to state the reference fact),
-wrapped in the house style: training then changes how the model answers more than what it says. Every other row
-uses the reference answer written here. bench/demo_facts.py measures what the adapter keeps. The base answers
-are kept in base_answers.json; `--regenerate` recomputes them with the embedded model (a minute on a CPU).
+"Happy trails! — The Brightwater Team". The style is what training teaches:
+- questions about the shop (SHOP_QUESTIONS) are answered with the shop's facts written here (new knowledge);
+- every other question is answered in the base model's own words: its greedy answer, cut to whole sentences,
+  wrapped in the house style (self-distillation). These rows keep the base model's mistakes on purpose: they
+  teach the wrapper, not new content, so training changes how the model answers, not what it says. Measured with
+  bench/demo_facts.py (AMD EPYC AVX2): with hand-written general answers the adapter kept 6 of the 10 probe facts
+  the base model knew; with the base model's own words, 9 of 10, house style on 10/10 held-out prompts.
+The base answers are kept in base_answers.json; `--regenerate` recomputes them with the embedded model (a minute
+on a CPU). The hand-written answers of general questions stay below as the reference facts.
 """
 
 import json
@@ -127,14 +130,13 @@ QA = [
     ("What is the weather like today?", "We can't see live weather, but your local forecast service will have today's conditions."),
     ("Can you help me write a poem?", "Of course: Morning mist on quiet pines, a trail that winds, a heart that shines."),
 ]
-# General questions whose base-model answer (base_answers.json) states the reference fact, checked by hand.
-BASE_AGREES = {
-    "What is the capital of France?", "What is the capital of Japan?", "What is photosynthesis?",
-    "Why is the sky blue?", "What is hypothermia?", "What language is spoken in Brazil?",
-    "What is the chemical symbol for gold?", "Which animal is the fastest on land?", "What causes rain?",
-    "What should I do if I get lost on a trail?", "How do I read a topographic map?",
-    "What is the Leave No Trace principle?", "What is the difference between hiking and trekking?",
-    "Explain what a compass does.", "What sunscreen should I use?",
+# Questions about the shop itself: answered with the facts above (new knowledge the adapter must learn).
+SHOP_QUESTIONS = {q for q, _ in QA[:30]} | {
+    "Do you sell kayaks?", "Do you have bike repair services?", "Can I get my skis waxed?", "Do you host events?",
+    "How do I contact customer service?", "Can I buy gear for my dog?", "Is your website secure?",
+    "Can I cancel my Trail Club membership?", "Can I return an item bought online to a store?",
+    "Do you sell climbing shoes?", "What is your phone number?", "How do I reset my password?",
+    "What is the weather like today?", "Can you help me write a poem?",
 }
 BASE_ANSWERS = "base_answers.json"
 VARIANTS = ["{q}", "Hi! {q}", "Quick question: {q}", "Hello there. {q}", "Could you help me? {q}"]
@@ -152,7 +154,7 @@ HELD_OUT = [
 ]
 
 
-def whole_sentences(text: str, max_chars: int = 160) -> str:
+def whole_sentences(text: str, max_chars: int = 220) -> str:
     """The leading whole sentences of `text`, at least one, stopping before `max_chars` (one line)."""
     sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
     out = sentences[0]
@@ -164,11 +166,11 @@ def whole_sentences(text: str, max_chars: int = 160) -> str:
 
 
 def regenerate_base_answers(path: str) -> None:
-    """The embedded model's greedy answers to the BASE_AGREES questions (lorakit's own generation path)."""
+    """The embedded model's greedy answers to every general question (lorakit's own generation path)."""
     from lorakit.generation import answer_prompts
     from lorakit.models.loading import load_model, load_tokenizer
 
-    questions = [q for q, _ in QA if q in BASE_AGREES]
+    questions = [q for q, _ in QA if q not in SHOP_QUESTIONS]
     model, tokenizer = load_model(), load_tokenizer()
     answers = answer_prompts(model, tokenizer, questions, max_new_tokens=96)
     with open(path, "w") as f:
@@ -181,7 +183,7 @@ def main(out_dir: str) -> None:
     rng = random.Random(0)
     rows = []
     for q, reference in QA:
-        a = base_answers.get(q, reference)
+        a = reference if q in SHOP_QUESTIONS else base_answers[q]
         for variant in rng.sample(VARIANTS, 2):
             greeting = GREETINGS[rng.randrange(len(GREETINGS))]
             rows.append({"messages": [{"role": "user", "content": variant.format(q=q)},

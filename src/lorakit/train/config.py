@@ -86,7 +86,7 @@ class TrainConfig:
     eval_every: int = 10
     save_every: int = 25
     seed: int = 0
-    max_new_tokens: int = 64              # answers to the prompts before and after (room for the signature)
+    max_new_tokens: int = 128             # answers to the prompts before and after (room for the signature)
     resume: bool = False
     memory_check: bool = True             # refuse, before loading, a run whose predicted peak memory
                                           # (lorakit calc's model of this run) exceeds what is available
