@@ -126,14 +126,14 @@ def tiny_tokenizer():
     return make_tiny_tokenizer()
 
 
-def tiny_llama_for(tokenizer, seed=0, initializer_range=0.02):
+def tiny_llama_for(tokenizer, seed=0, initializer_range=0.02, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      initializer_range=initializer_range)
+                      initializer_range=initializer_range, **config)
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -10,7 +10,6 @@ import torch
 from conftest import assert_close_fp32, tiny_llama_for
 from conftest import tiny_train_config as _cfg
 
-from lorakit.train.config import DEMO_DATA
 from lorakit.train import train
 from lorakit.train.setup import lr_lambda
 
@@ -168,22 +167,49 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
     assert "Traceback" not in err
 
 
-def test_transformers_trainer_accepts_a_lorakit_model(tmp_path, tiny_tokenizer):
-    from transformers import Trainer, TrainingArguments
+def test_transformers_trainer_with_defaults_trains_saves_and_resumes_a_peft_adapter(tmp_path, tiny_tokenizer):
+    """Trainer's defaults (remove_unused_columns=True: only the columns forward names survive), dict rows, a
+    mid-run checkpoint and save_model(): the saved folder is a PEFT adapter that lorakit and PEFT load to the
+    trained model's logits, and a run resumed from the checkpoint ends where the uninterrupted one does."""
+    import peft
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from lorakit import LoraConfig, get_peft_model
-    from lorakit.train.data import collate, load_examples
+    from lorakit import LoraConfig, PeftModel, get_peft_model
+    from lorakit.train.hf_trainer import AdapterTrainer
 
-    model = get_peft_model(tiny_llama_for(tiny_tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    examples, _ = load_examples(DEMO_DATA, tiny_tokenizer, 64)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
-    trainer = Trainer(model=model, args=args, train_dataset=examples[:24],
-                      data_collator=lambda rows: collate(rows, tiny_tokenizer.pad_token_id))
-    trainer.train()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all("lora_" in n for n in changed)
+    def build():
+        torch.manual_seed(0)
+        base = tiny_llama_for(tiny_tokenizer, tie_word_embeddings=True)
+        return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+
+    rows = [{"input_ids": tiny_tokenizer(f"row {i} says hello to the trainer")["input_ids"]} for i in range(24)]
+    collator = DataCollatorForLanguageModeling(tiny_tokenizer, mlm=False)
+
+    def run(out, steps, resume=None, cls=AdapterTrainer, save="steps"):
+        model = build()
+        args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], save_strategy=save, save_steps=2, use_cpu=True,
+                                 seed=0, data_seed=0)
+        trainer = cls(model=model, args=args, train_dataset=rows, data_collator=collator)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    plain_model, _ = run(tmp_path / "plain", 2, cls=Trainer, save="no")  # the plain Trainer keeps the columns
+    assert any("lora_B" in n and p.abs().max() > 0 for n, p in plain_model.named_parameters())
+    model, trainer = run(tmp_path / "full", 4)
+    trainer.save_model(str(tmp_path / "saved"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "saved"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "full" / "checkpoint-2"))
+    ids = torch.tensor([rows[0]["input_ids"]])
+    with torch.no_grad():
+        trained = model.eval()(input_ids=ids).logits
+        ours = PeftModel.from_pretrained(build().unload(), str(tmp_path / "saved"))(input_ids=ids).logits
+        theirs = peft.PeftModel.from_pretrained(build().unload(), str(tmp_path / "saved"))(input_ids=ids).logits
+    torch.testing.assert_close(ours, trained, rtol=0, atol=0)
+    assert_close_fp32(theirs, trained)
+    resumed, _ = run(tmp_path / "full", 4, resume=str(tmp_path / "full" / "checkpoint-2"))
+    with torch.no_grad():
+        assert_close_fp32(resumed.eval()(input_ids=ids).logits, trained)
 
 
 def test_qlora_training_on_nf4_base_tracks_the_float_run(tmp_path, tiny_tokenizer):

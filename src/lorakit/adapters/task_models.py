@@ -11,19 +11,42 @@ from ..variants.lora_config import DEFAULT_ADAPTER, LoraConfig
 from .model import LoraModel
 
 
-class PeftModelForCausalLM(LoraModel):
-    """PEFT's task class for task_type="CAUSAL_LM" (same behaviour as LoraModel)."""
+class _NamedForward(LoraModel):
+    """A forward that names PEFT's task arguments: transformers' Trainer keeps only the dataset columns the
+    model's forward names (and finds `labels` there), so `forward(*args, **kwargs)` would lose them all."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, adapter_names=None, **kwargs):
+        named = dict(attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                     return_dict=return_dict)
+        first = () if input_ids is None else (input_ids,)  # positional, as before: a vision model's first input
+        return super().forward(*first, adapter_names=adapter_names,
+                               **{k: v for k, v in named.items() if v is not None}, **kwargs)
 
 
-class PeftModelForSeq2SeqLM(LoraModel):
+class PeftModelForCausalLM(_NamedForward):
+    """PEFT's task class for task_type="CAUSAL_LM"."""
+
+
+class PeftModelForSeq2SeqLM(_NamedForward):
     """task_type="SEQ_2_SEQ_LM"."""
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, adapter_names=None, **kwargs):
+        decoder = dict(decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                       decoder_inputs_embeds=decoder_inputs_embeds)
+        return super().forward(input_ids, attention_mask, inputs_embeds, labels, output_attentions,
+                               output_hidden_states, return_dict, adapter_names,
+                               **{k: v for k, v in decoder.items() if v is not None}, **kwargs)
 
-class PeftModelForFeatureExtraction(LoraModel):
+
+class PeftModelForFeatureExtraction(_NamedForward):
     """task_type="FEATURE_EXTRACTION"."""
 
 
-class _WithTaskHead(LoraModel):
+class _WithTaskHead(_NamedForward):
     """A task class whose head is trained in full: its names join `modules_to_save` (PEFT's behaviour)."""
 
     HEAD_NAMES: tuple[str, ...] = ()
@@ -54,6 +77,14 @@ class PeftModelForQuestionAnswering(_WithTaskHead):
     """task_type="QUESTION_ANS": the `qa_outputs` head is trained and saved in full."""
 
     HEAD_NAMES = ("qa_outputs",)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, start_positions=None,
+                end_positions=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                adapter_names=None, **kwargs):
+        spans = dict(start_positions=start_positions, end_positions=end_positions)
+        return super().forward(input_ids, attention_mask, inputs_embeds, None, output_attentions,
+                               output_hidden_states, return_dict, adapter_names,
+                               **{k: v for k, v in spans.items() if v is not None}, **kwargs)
 
 
 TASK_MODEL_CLASSES: dict[str, type[LoraModel]] = {
