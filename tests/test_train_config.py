@@ -27,6 +27,17 @@ def test_demo_yaml_equals_the_no_argument_defaults():
     assert cfg == TrainConfig()
 
 
+def test_demo_prompts_belong_to_the_demo(tmp_path):
+    from lorakit.train.config import DEMO_PROMPTS
+
+    own = tmp_path / "mine.jsonl"
+    own.write_text('{"text": "hello"}\n')
+    assert TrainConfig().prompts == DEMO_PROMPTS  # the demo: its 10 held-out prompts
+    assert TrainConfig(data=str(own)).prompts is None  # your data: no demo prompts, before or after
+    assert load_train_config(None, [f"--data={own}"]).prompts is None
+    assert TrainConfig(data=str(own), prompts=DEMO_PROMPTS).prompts == DEMO_PROMPTS  # asked for: kept
+
+
 def test_dotted_overrides_parse_yaml_values():
     cfg = load_train_config(None, ["--lr=5e-4", "--lora.r=32", "--lora.target_modules=[q_proj]", "--bf16=false",
                                    "--prompts=null"])

@@ -46,7 +46,8 @@ class TrainConfig:
     model: str = "smollm2-135m"
     data: str = DEMO_DATA
     eval_data: str | None = None          # None: hold out val_fraction of `data`
-    prompts: str | None = DEMO_PROMPTS    # held-out prompts answered before and after training
+    prompts: str | None = "auto"          # held-out prompts answered before and after training; auto = the demo's
+                                          # 10 prompts when training on the demo data, none for your own data
     output_dir: str = "runs/demo"
     lora: dict[str, Any] = field(default_factory=lambda: dict(DEMO_LORA))
     max_length: int = 256
@@ -108,6 +109,9 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_types()
+        if self.prompts == "auto":  # the demo's prompts belong to the demo
+            on_demo = os.path.abspath(self.data) == os.path.abspath(DEMO_DATA)
+            self.prompts = DEMO_PROMPTS if on_demo else None
         for name in FLOAT_FIELDS:  # YAML 1.1 reads "1e-3" (no dot) as a string
             value = getattr(self, name)
             try:
