@@ -141,3 +141,15 @@ def test_dtype_and_device_options_load_the_base_as_asked(tiny_model_dir, tmp_pat
     assert next(engine.model.parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="dtype"):
         ServeConfig(model=tiny_model_dir, dtype="int8")
+
+
+def test_train_settings_take_a_space_like_an_equals_sign(capsys, tmp_path):
+    from lorakit.cli import joined_overrides
+
+    known = {"--resume", "--quiet", "--quantize"}
+    assert joined_overrides(["--batch_size", "2", "cfg.yaml", "--lr=1e-3", "--quantize", "nf4", "--resume"],
+                            known) == ["--batch_size=2", "cfg.yaml", "--lr=1e-3", "--quantize", "nf4", "--resume"]
+    code, _, err = _run(capsys, "train", "--batch_size", "0")  # read as --batch_size=0, not as a config file 0
+    assert code == 2 and "batch_size must be an integer >= 1" in err
+    code, _, err = _run(capsys, "train", "--lora.r", "-3", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "missing.yaml" in err  # the positional config is still the config

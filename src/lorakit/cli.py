@@ -64,7 +64,7 @@ def _add_train_command(sub) -> None:
                        description=textwrap.dedent("""\
                            Fine-tune a LoRA adapter. With no arguments: the embedded SmolLM2-135M-Instruct
                            on the bundled demo data. Settings come from defaults, then CONFIG.yaml, then
-                           --key=value overrides (dotted for sections), e.g.
+                           --key=value (or --key value) overrides (dotted for sections), e.g.
                              lorakit train configs/demo.yaml --lr=5e-4 --lora.r=32 --output_dir=runs/x
                            Writes OUT/adapter/, OUT/loss.png, OUT/metrics.jsonl, OUT/config.yaml."""))
     p.add_argument("config", nargs="?", help="YAML file of training settings")
@@ -210,10 +210,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def joined_overrides(argv: list[str], known: set[str]) -> list[str]:
+    """`train`'s settings written `--key value` become `--key=value` (as written with `=`); options the train
+    parser defines (`--quantize nf4`) and flags followed by another option stay as they are."""
+    out, i = [], 0
+    while i < len(argv):
+        item = argv[i]
+        follows = argv[i + 1] if i + 1 < len(argv) else None
+        if item.startswith("--") and "=" not in item and item not in known and follows is not None \
+                and not follows.startswith("--"):
+            out.append(f"{item}={follows}")
+            i += 2
+            continue
+        out.append(item)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line
+    if "train" in argv:
+        at = argv.index("train") + 1
+        train_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+        argv = argv[:at] + joined_overrides(argv[at:], set(train_parser._option_string_actions) | {"--debug"})
     args, unknown = parser.parse_known_args([a for a in argv if a != "--debug"])
     args.debug = debug
     if args.command is None:
