@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/lorakit train
+	$(BIN)/lorakit train --force
 
 quickstart: setup
 	$(BIN)/python examples/quickstart.py

@@ -153,3 +153,22 @@ def test_train_settings_take_a_space_like_an_equals_sign(capsys, tmp_path):
     assert code == 2 and "batch_size must be an integer >= 1" in err
     code, _, err = _run(capsys, "train", "--lora.r", "-3", str(tmp_path / "missing.yaml"))
     assert code == 2 and "missing.yaml" in err  # the positional config is still the config
+
+
+def test_finished_run_is_kept_unless_forced_and_its_config_yaml_is_reusable(capsys, tmp_path, tiny_model_dir):
+    import yaml
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    argv = ["train", f"--model={tiny_model_dir}", f"--data={data}", "--batch_size=2", "--max_steps=2",
+            "--val_fraction=0", "--bf16=false", "--memory_check=false", f"--output_dir={out}", "--quiet"]
+    assert _run(capsys, *argv)[0] == 0
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "already holds a trained adapter" in err and "--force" in err
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter  # untouched
+    assert _run(capsys, *argv, "--force")[0] == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["resume"] is False and saved["overwrite"] is False
+    assert _run(capsys, "train", str(out / "config.yaml"), "--force", "--quiet")[0] == 0  # the run's file reruns it

@@ -460,9 +460,12 @@ def test_moe_experts_beside_peft(name, tmp_path):
     with pytest.raises(ValueError, match="target_parameters"):
         ours.add_weighted_adapter(["default"], [1.0], "sum", combination_type="cat")
     for bad, match in (({"lora_dropout": 0.1}, "lora_dropout"), ({"use_dora": True}, "use_dora=True"),
-                       ({"target_parameters": ["mlp.experts.nothing"]}, "no parameter was matched")):
+                       ({"target_parameters": ["mlp.experts.nothing"], "target_modules": []},
+                        "no `target_parameters` found")):
         with pytest.raises(ValueError, match=match):
             lorakit.get_peft_model(_build(name), _expert_config(lorakit, **bad))
+    with pytest.warns(RuntimeWarning, match="no parameter was matched"):  # module targets remain: PEFT warns
+        lorakit.get_peft_model(_build(name), _expert_config(lorakit, target_parameters=["mlp.experts.nothing"]))
     with torch.no_grad():
         unmerged = _out(ours, inputs)
         merged_model = copy.deepcopy(ours).merge_and_unload()

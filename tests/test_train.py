@@ -363,8 +363,8 @@ def test_seq2seq_task_trains_t5_and_peft_loads_the_adapter(tmp_path, tiny_tokeni
         rows.append({"input": " ".join(seq), "target": " ".join(reversed(seq))})
     data = tmp_path / "s2s.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = _cfg(tmp_path / "out", task="seq2seq", model=str(tmp_path / "t5"), data=str(data), max_steps=30, lr=3e-2,
-               eval_every=30, lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q", "v", "wo"]))
+    cfg = _cfg(tmp_path / "out", task="seq2seq", model=str(tmp_path / "t5"), data=str(data), max_steps=60, lr=3e-2,
+               eval_every=60, lora=dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q", "v", "wo"]))
     result = train(cfg, tokenizer=tiny_tokenizer)
     evals = [r["eval_loss"] for r in result["history"] if "eval_loss" in r]
     assert evals[-1] < 0.7 * evals[0], evals

@@ -69,6 +69,7 @@ def _add_train_command(sub) -> None:
                            Writes OUT/adapter/, OUT/loss.png, OUT/metrics.jsonl, OUT/config.yaml."""))
     p.add_argument("config", nargs="?", help="YAML file of training settings")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--force", action="store_true", help="replace a finished run already in OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="QLoRA: frozen base in 4-bit NF4")
 

@@ -38,7 +38,8 @@ def cmd_train(args, overrides: list[str]) -> int:
     from .train.config import load_train_config
     from .train.loop import train
 
-    extra = overrides + (["--resume=true"] if args.resume else []) + (["--progress=false"] if args.quiet else []) \
+    extra = overrides + (["--resume=true"] if args.resume else []) + (["--overwrite=true"] if args.force else []) \
+        + (["--progress=false"] if args.quiet else []) \
         + ([f"--quantize={args.quantize}"] if args.quantize else [])
     cfg = load_train_config(args.config, extra)
     result = train(cfg)

@@ -89,6 +89,7 @@ class TrainConfig:
     seed: int = 0
     max_new_tokens: int = 128             # answers to the prompts before and after (room for the signature)
     resume: bool = False
+    overwrite: bool = False               # replace the finished run already in output_dir (`train --force`)
     memory_check: bool = True             # refuse, before loading, a run whose predicted peak memory
                                           # (lorakit calc's model of this run) exceeds what is available
     memory_limit_gb: float | None = None  # the memory that check allows (default: the machine's available)
@@ -165,8 +166,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save_yaml(self, path: str) -> None:
+        """The run's settings, reusable as a config file: one-time actions (resume, overwrite) are not kept."""
         with atomic_path(path) as tmp, open(tmp, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+            yaml.safe_dump({**self.to_dict(), "resume": False, "overwrite": False}, f, sort_keys=False)
 
 
 def yaml_error(source: str, e: yaml.YAMLError) -> ValueError:

@@ -85,6 +85,10 @@ def check_run(cfg: TrainConfig, env: dist_utils.Env) -> None:
     """Refuse what depends on the launch (TrainConfig refused the rest when it was made), before anything loads."""
     if cfg.resume and env.world_size > 1 and cfg.distributed == "fsdp":
         raise ValueError("--resume is not supported with distributed=fsdp; use ddp for resumable runs")
+    finished = os.path.join(cfg.output_dir, "adapter", "adapter_config.json")
+    if os.path.isfile(finished) and not (cfg.resume or cfg.overwrite):
+        raise FileExistsError(f"{cfg.output_dir} already holds a trained adapter ({os.path.dirname(finished)}); "
+                              "pass --force (overwrite: true) to replace it, or --output_dir=DIR for a new run")
 
 
 def resolve_run_settings(cfg: TrainConfig, env: dist_utils.Env, model=None) -> tuple[TrainConfig, list[str]]:
