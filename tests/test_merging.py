@@ -106,3 +106,18 @@ def test_weighted_adapter_takes_the_one_module_copy_and_refuses_two():
     with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
         model.set_adapter(["default", "other"])
     assert model.active_adapters == ["mix"]  # refused before anything changed
+
+
+def test_weighted_adapters_with_per_layer_ranks_cat_exactly_and_refuse_linear_with_a_clear_error():
+    config = dict(target_modules=["q_proj", "v_proj"], lora_alpha=8)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, rank_pattern={"v_proj": 2}, **config), "a")
+    model.add_adapter("b", LoraConfig(r=4, rank_pattern={"q_proj": 8}, **config))
+    randomize_adapters(model, seed=2, scale=0.3)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="one rank per layer.*'cat' or 'svd'"):
+        model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "bad", combination_type="linear")
+    assert "bad" not in model.peft_config
+    model.add_weighted_adapter(["a", "b"], [0.5, 2.0], "mix", combination_type="cat")
+    expected = 0.5 * layer.delta_weight("a", torch.float64) + 2.0 * layer.delta_weight("b", torch.float64)
+    torch.testing.assert_close(layer.delta_weight("mix", torch.float64), expected, rtol=1e-5, atol=1e-6)
+    assert layer.adapters["mix"].r == 12

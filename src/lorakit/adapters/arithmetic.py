@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import torch
 
@@ -130,9 +131,12 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     else:
         new_rank = svd_rank or max(ranks)
     targets = sorted(n for n, m in layers if any(_factors(m, a) is not None for a in adapters))
+    layer_ranks = _combined_ranks(layers, adapters, combination_type, new_rank)
     copies = _module_copy_sources(model, adapters)
-    model.add_adapter(adapter_name, LoraConfig(r=new_rank, lora_alpha=new_rank, target_modules=targets,
-                                               modules_to_save=sorted(copies) or None))
+    other_ranks = {f"^{re.escape(n)}$": r for n, r in layer_ranks.items() if r != new_rank}
+    model.add_adapter(adapter_name, LoraConfig(  # alpha = r in every layer: scaling 1, the weights are in A and B
+        r=new_rank, lora_alpha=new_rank, target_modules=targets, modules_to_save=sorted(copies) or None,
+        rank_pattern=other_ranks, alpha_pattern=dict(other_ranks)))
     for name, source in copies.items():  # the one trained copy of the module (PEFT's rule)
         copy_of = model.get_base_model().get_submodule(name).modules_to_save
         copy_of[adapter_name].load_state_dict(copy_of[source].state_dict())
@@ -149,6 +153,26 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
                                   svd_clamp, gen)
             A_new[: A.shape[0]].copy_(A)
             B_new[:, : B.shape[1]].copy_(B)
+
+
+def _combined_ranks(layers, adapters: list[str], kind: str, new_rank: int) -> dict[str, int]:
+    """{layer: the combined adapter's rank there}: per-layer ranks (rank_pattern) can differ from the configs' r.
+    Elementwise combinations need one rank per layer across the adapters; 'cat' sums them; SVD kinds use new_rank."""
+    out = {}
+    for name, layer in layers:
+        ranks = [f[0].shape[0] for f in (_factors(layer, a) for a in adapters) if f is not None]
+        if not ranks:
+            continue
+        if kind == "cat":
+            out[name] = sum(ranks)
+        elif kind.endswith("svd"):
+            out[name] = new_rank
+        elif len(set(ranks)) > 1:
+            raise ValueError(f"combination_type={kind!r} (--type {kind}) needs the adapters to have one rank per layer, "
+                             f"but layer {name!r} has ranks {ranks} (rank_pattern); use 'cat' or 'svd'")
+        else:
+            out[name] = ranks[0]
+    return out
 
 
 def _module_copy_sources(model, adapters: list[str]) -> dict[str, str]:
