@@ -41,6 +41,8 @@ def test_adapter_saved_by_lorakit_gives_peft_logits_on_smollm2(smollm2, tmp_path
             if "lora_B" in name:
                 p.normal_(std=0.02)
     ours.save_pretrained(tmp_path)
+    saved = peft.PeftConfig.from_pretrained(str(tmp_path))
+    assert saved.base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the public name, not a cache path
     ours.eval()  # new adapters start in training mode (dropout live), as in PEFT
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(smollm2), tmp_path).eval()
     ids = torch.randint(0, 49152, (1, 24))
@@ -50,3 +52,7 @@ def test_adapter_saved_by_lorakit_gives_peft_logits_on_smollm2(smollm2, tmp_path
         merged = ours(input_ids=ids).logits
     assert (a - b).abs().max() < 1e-4
     assert (merged - a).abs().max() < 1e-3  # fp32 logits of magnitude ~20
+
+
+def test_the_public_name_resolves_to_the_embedded_model_offline():
+    assert resolve_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct") == resolve_model_dir("smollm2-135m")

