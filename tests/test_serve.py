@@ -132,6 +132,30 @@ def test_models_chat_stream_and_runtime_adapters(server):
         _chat(client, "no")
 
 
+def test_stop_seed_top_p_and_usage_are_honoured_and_the_rest_refused_by_name(server):
+    base, _ = server
+    client = _client(base)
+    full = _chat(client, "yes", max_tokens=8).choices[0].message.content  # "yes yes yes ..."
+    for stream in (False, True):
+        if stream:
+            chunks = list(_chat(client, "yes", stream=True, max_tokens=8, stop=[" yes", "zzz"],
+                                stream_options={"include_usage": True}))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+        else:
+            answer = _chat(client, "yes", max_tokens=8, stop=" yes").choices[0]
+            text, finish = answer.message.content, answer.finish_reason
+        assert full.startswith(text + " yes") and " yes" not in text and finish == "stop", (text, full)
+    sampled = [_chat(client, "yes", max_tokens=8, temperature=1.5, top_p=0.9, seed=11).choices[0].message.content
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]  # the same seed, the same tokens
+    for refused in (dict(logprobs=True), dict(extra_body={"mirostat": 2}), dict(stop=["a", "b", "c", "d", "e"])):
+        with pytest.raises(openai.BadRequestError) as e:
+            _chat(client, "yes", **refused)
+        assert any(k in e.value.body["message"] for k in ("logprobs", "mirostat", "stop")), e.value.body
+
+
 def test_error_cases_are_openai_style_and_server_keeps_serving(server):
     base, _ = server
     client = _client(base)
@@ -374,9 +398,29 @@ def test_load_1000_requests_with_adapters_coming_and_going_and_streams_dropped(l
 def test_a_tiny_temperature_samples_the_greedy_token_instead_of_failing():
     """softmax(logits / T) overflows fp32 for T ~ 1e-103 (the fuzz test's find: 500 'probability tensor contains
     inf'); the limit T -> 0 is greedy, which the sampler returns."""
-    from lorakit.serve.engine import _pick
+    from lorakit.serve.sampling import Sampling
 
     logits = torch.tensor([1.0, 3.0, 2.0])
-    assert all(_pick(logits, t) == 1 for t in (2e-103, 1e-300, 1e-7))
+    assert all(Sampling(temperature=t).pick(logits, []) == 1 for t in (2e-103, 1e-300, 1e-7))
     torch.manual_seed(0)
-    assert {_pick(logits, 1.0) for _ in range(200)} == {0, 1, 2}
+    assert {Sampling(temperature=1.0).pick(logits, []) for _ in range(200)} == {0, 1, 2}
+
+
+def test_top_p_seed_and_penalties_pick_as_defined():
+    """top_p keeps the smallest set of tokens whose probability reaches p; a seed repeats the draws; penalties
+    subtract presence + frequency x count from a repeated token's logit (OpenAI's definition)."""
+    from lorakit.serve.sampling import Sampling, cut_at_stop
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    nucleus = {Sampling(temperature=1.0, top_p=0.7).pick(logits, []) for _ in range(300)}
+    assert nucleus == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 reaches it
+    draws = [[Sampling.from_request({"temperature": 1.0, "seed": 7}).pick(logits, []) for _ in range(1)]
+             for _ in range(2)]
+    seeded = Sampling.from_request({"temperature": 1.0, "seed": 7})
+    again = Sampling.from_request({"temperature": 1.0, "seed": 7})
+    assert [seeded.pick(logits, []) for _ in range(30)] == [again.pick(logits, []) for _ in range(30)] and draws
+    flat = torch.zeros(4)
+    assert Sampling(presence_penalty=0.5, frequency_penalty=0.2).pick(flat, [0, 0, 1]) == 2  # 0, 1 pushed down
+    assert cut_at_stop("Hello! How", ["!"], final=False) == ("Hello", True)
+    assert cut_at_stop("Hello wor", ["world"], final=False) == ("Hello ", False)  # a possible stop is held back
+    assert cut_at_stop("Hello wor", ["world"], final=True) == ("Hello wor", False)

@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 
 try:
     import uvicorn
@@ -26,6 +27,7 @@ except ImportError as e:  # an optional dependency: say how to get it
 from ..chat import render_prompt
 from .engine import Engine, Job, ServeConfig
 from .errors import Conflict, EngineError, InvalidRequest, NotAllowed, NotFound
+from .sampling import Sampling, check_fields, cut_at_stop, stop_strings
 
 __all__ = ["APIError", "create_app", "serve"]
 
@@ -55,12 +57,28 @@ def _int_param(body: dict, name: str, default: int, low: int, high: int) -> int:
     return min(value, high)
 
 
-def _request_params(engine: Engine, body: dict) -> tuple[str | None, int, float, bool, bool]:
+@dataclass
+class Params:
+    adapter: str | None
+    max_tokens: int
+    sampling: Sampling
+    stream: bool
+    ignore_eos: bool
+    stops: list[str]
+    include_usage: bool
+
+
+def _request_params(engine: Engine, body: dict) -> Params:
+    check_fields(body)
     adapter = engine.resolve(body.get("model"))
-    max_tokens = _int_param(body, "max_tokens", 128, 1, engine.config.max_tokens_cap)
-    temperature = body.get("temperature", 0.0) if body.get("temperature") is not None else 0.0
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-        raise APIError(400, f"temperature must be a number in [0, 2], got {temperature!r}", "invalid_temperature")
+    limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _int_param(body, limit_name, 128, 1, engine.config.max_tokens_cap)
+    sampling = Sampling.from_request(body)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"} or \
+            not isinstance(options.get("include_usage", False), bool):
+        raise APIError(400, f"stream_options supports {{\"include_usage\": true|false}} only, got {options!r}",
+                       "invalid_stream_options")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, f"stream must be true or false, got {stream!r}", "invalid_stream")
@@ -71,7 +89,8 @@ def _request_params(engine: Engine, body: dict) -> tuple[str | None, int, float,
     ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: decode max_tokens tokens (benchmarks)
     if not isinstance(ignore_eos, bool):
         raise APIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}", "invalid_ignore_eos")
-    return adapter, max_tokens, float(temperature), stream, ignore_eos
+    return Params(adapter, max_tokens, sampling, stream, ignore_eos, stop_strings(body),
+                  options.get("include_usage", False))
 
 
 def create_app(engine: Engine) -> FastAPI:
@@ -145,26 +164,27 @@ def _prompt_text(engine: Engine, body: dict, chat: bool) -> str:
 
 async def _complete(engine: Engine, request: Request, chat: bool):
     body = await _read_json(engine, request)
-    adapter, max_tokens, temperature, stream, ignore_eos = _request_params(engine, body)
+    params = _request_params(engine, body)
     ids = engine.tokenizer(_prompt_text(engine, body, chat), add_special_tokens=not chat)["input_ids"]
-    job = engine.submit(ids, adapter, max_tokens, temperature, ignore_eos)
+    job = engine.submit(ids, params.adapter, params.max_tokens, params.sampling, params.ignore_eos)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     model_name = body.get("model") or engine.base_name
     created = int(time.time())
-    if stream:
-        return StreamingResponse(_stream(engine, job, rid, model_name, created, chat), media_type="text/event-stream")
-    finish = "length"
+    if params.stream:
+        return StreamingResponse(_stream(engine, job, rid, model_name, created, chat, params, len(ids)),
+                                 media_type="text/event-stream")
     while True:
         item = await _next_item(job, request)
         if isinstance(item, Exception):
             raise APIError(500, f"generation failed: {item}", "generation_failed", "server_error")
         token, finished = item
-        if finished:
-            finish = "stop" if token == engine.tokenizer.eos_token_id else "length"
+        text, stopped = cut_at_stop(engine.tokenizer.decode(job.generated, skip_special_tokens=True), params.stops,
+                                    final=finished)
+        if stopped or finished:
+            job.cancel()  # a stop string ends the answer: no more steps for it
+            finish = "stop" if stopped or token == engine.tokenizer.eos_token_id else "length"
             break
-    text = engine.tokenizer.decode(job.generated, skip_special_tokens=True)
-    usage = {"prompt_tokens": len(ids), "completion_tokens": len(job.generated),
-             "total_tokens": len(ids) + len(job.generated)}
+    usage = _usage(len(ids), job)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
@@ -223,34 +243,50 @@ async def _next_item(job: Job, request) -> object:
             raise APIError(499, "client disconnected", "client_disconnected")
 
 
-async def _stream(engine: Engine, job: Job, rid: str, model_name: str, created: int, chat: bool):
+def _usage(prompt_tokens: int, job: Job) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": len(job.generated),
+            "total_tokens": prompt_tokens + len(job.generated)}
+
+
+async def _stream(engine: Engine, job: Job, rid: str, model_name: str, created: int, chat: bool, params: Params,
+                  prompt_tokens: int):
     try:
-        async for chunk in _stream_chunks(engine, job, rid, model_name, created, chat):
+        async for chunk in _stream_chunks(engine, job, rid, model_name, created, chat, params, prompt_tokens):
             yield chunk
     finally:  # the client went away (the server closes this generator) or the answer is complete
         job.cancel()
 
 
-async def _stream_chunks(engine: Engine, job: Job, rid: str, model_name: str, created: int, chat: bool):
+async def _stream_chunks(engine: Engine, job: Job, rid: str, model_name: str, created: int, chat: bool,
+                         params: Params, prompt_tokens: int):
     sent = ""
     kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choices: list, **extra) -> str:
+        head = {"id": rid, "object": kind, "created": created, "model": model_name, "choices": choices}
+        return f"data: {json.dumps({**head, **extra})}\n\n"
+
     if chat:
-        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        yield f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': model_name, 'choices': [first]})}\n\n"
+        yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
     while True:
         item = await job.out.get()
         if isinstance(item, Exception):
             yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
             break
         token, finished = item
-        text = engine.tokenizer.decode(job.generated, skip_special_tokens=True)
+        text, stopped = cut_at_stop(engine.tokenizer.decode(job.generated, skip_special_tokens=True), params.stops,
+                                    final=finished)
         piece, sent = text[len(sent):], text
-        reason = ("stop" if token == engine.tokenizer.eos_token_id else "length") if finished else None
+        done = finished or stopped
+        reason = ("stop" if stopped or token == engine.tokenizer.eos_token_id else "length") if done else None
         choice = ({"index": 0, "delta": {"content": piece}, "finish_reason": reason} if chat
                   else {"index": 0, "text": piece, "finish_reason": reason, "logprobs": None})
-        yield f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': model_name, 'choices': [choice]})}\n\n"
-        if finished:
+        yield event([choice])
+        if done:
+            job.cancel()
             break
+    if params.include_usage:  # OpenAI's last chunk: no choices, the usage
+        yield event([], usage=_usage(prompt_tokens, job))
     yield "data: [DONE]\n\n"
 
 

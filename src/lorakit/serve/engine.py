@@ -28,6 +28,7 @@ from ..models.loading import load_model, load_tokenizer
 from ..utils import check_positive_int
 from ..variants.registry import read_config
 from .errors import Conflict, InvalidRequest, NotAllowed, NotFound
+from .sampling import Sampling
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a module-dict key: no '.', no '/'
 
@@ -65,7 +66,7 @@ class Job:
     ids: list[int]
     adapter: str | None
     max_tokens: int
-    temperature: float
+    sampling: Sampling
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     generated: list[int] = field(default_factory=list)
@@ -190,12 +191,15 @@ class Engine:
         return model_name
 
     # --- generation ------------------------------------------------------------------------
-    def submit(self, ids: list[int], adapter: str | None, max_tokens: int, temperature: float,
+    def submit(self, ids: list[int], adapter: str | None, max_tokens: int, sampling: Sampling | float = 0.0,
                ignore_eos: bool = False) -> Job:
+        """Queue a generation; `sampling` a Sampling (or a temperature)."""
+        if not isinstance(sampling, Sampling):
+            sampling = Sampling(temperature=float(sampling))
         if len(ids) > self.config.max_prompt_tokens:
             raise InvalidRequest(f"prompt has {len(ids)} tokens; the limit is {self.config.max_prompt_tokens}",
                                  "prompt_too_long")
-        job = Job(ids, adapter, max_tokens, temperature, asyncio.get_running_loop(), asyncio.Queue(),
+        job = Job(ids, adapter, max_tokens, sampling, asyncio.get_running_loop(), asyncio.Queue(),
                   ignore_eos=ignore_eos)
         with self.registry:  # checked again here: the adapter may have been deleted since resolve()
             if adapter is not None and adapter not in self.adapter_names():
@@ -242,7 +246,7 @@ class Engine:
             logits = out.logits[:, -1].float()
             next_ids = []
             for i, job in enumerate(batch):
-                token = _pick(logits[i], job.temperature)
+                token = job.sampling.pick(logits[i], job.generated)
                 next_ids.append(token)
                 done[i] = done[i] or job.cancelled  # its client is gone: stop spending steps on it
                 if done[i]:
@@ -259,14 +263,3 @@ class Engine:
                              position_ids=positions,
                              past_key_values=out.past_key_values, use_cache=True, **kwargs)
 
-
-def _pick(logits: torch.Tensor, temperature: float) -> int:
-    """Greedy at temperature 0, else a sample of softmax(logits / T) (computed in fp64: a tiny T sharpens it
-    towards greedy, never to inf/nan)."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    scaled = logits.double() / temperature
-    probs = torch.softmax(scaled - scaled.max(), -1)
-    if not torch.isfinite(probs).all():  # T so small that even fp64 overflows: the limit is greedy
-        return int(logits.argmax())
-    return int(torch.multinomial(probs, 1))
