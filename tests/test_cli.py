@@ -172,3 +172,61 @@ def test_finished_run_is_kept_unless_forced_and_its_config_yaml_is_reusable(caps
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["resume"] is False and saved["overwrite"] is False
     assert _run(capsys, "train", str(out / "config.yaml"), "--force", "--quiet")[0] == 0  # the run's file reruns it
+
+
+def test_ctrl_c_in_chat_stops_the_reply_and_returns_to_the_prompt(tmp_path, tiny_tokenizer):
+    """In a pseudo-terminal: a reply that would run for 100,000 tokens is interrupted with SIGINT; the process
+    prints [stopped] at once and asks for the next message, which it then answers (the session goes on)."""
+    import os
+    import pty
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import tiny_llama_for
+
+    model = tiny_llama_for(tiny_tokenizer)
+    model.generation_config.eos_token_id = None  # never ends by itself: only max_new_tokens or Ctrl-C stop it
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "chat", f"--model={tmp_path / 'm'}",
+                             "--max-new-tokens=100000", "--dtype=fp32"], stdin=follower, stdout=follower,
+                            stderr=follower, close_fds=True)
+    os.close(follower)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float) -> bool:
+        nonlocal seen
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            ready, _, _ = select.select([leader], [], [], max(0.0, end - time.monotonic()))
+            if not ready:
+                return False
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                return False
+            seen += chunk
+            if marker in seen:
+                return True
+        return False
+
+    try:
+        assert read_until(b"you> ", 120), seen[-500:]
+        os.write(leader, b"hello\n")
+        assert read_until(b"bot> ", 30), seen[-500:]
+        time.sleep(2)  # mid-reply
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert read_until(b"[stopped]", 10) and read_until(b"you> ", 10), seen[-500:]
+        assert time.monotonic() - started < 10
+        assert proc.poll() is None  # still running: back at the prompt
+        os.write(leader, b"\n")  # an empty line quits
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)

@@ -85,14 +85,19 @@ def cmd_chat(args) -> int:
             break
         messages.append({"role": "user", "content": line})
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
         thread = threading.Thread(target=generate_reply, args=(model, tokenizer, list(messages), args.max_new_tokens,
-                                                              args.temperature, streamer))
+                                                              args.temperature, streamer, stop))
         thread.start()
         print("bot> ", end="", flush=True)
         reply = ""
-        for piece in streamer:
-            reply += piece
-            print(piece, end="", flush=True)
+        try:
+            for piece in streamer:
+                reply += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C ends this reply (the partial answer stays in the conversation)
+            stop.set()
+            print(" [stopped]", end="", flush=True)
         thread.join()
         print()
         messages.append({"role": "assistant", "content": reply.strip()})

@@ -6,25 +6,38 @@ Shared by `lorakit generate`, `lorakit chat` (streaming) and training's before/a
 from __future__ import annotations
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .chat import render_prompt
 from .utils import eval_mode
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation once `event` is set (checked after every token)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float = 0.0,
-                   streamer=None) -> str:
-    """The model's next assistant turn after `messages` (greedy when temperature is 0), in eval mode.
+                   streamer=None, stop_event=None) -> str:
+    """The model's next assistant turn after `messages` (greedy when temperature is 0), in eval mode. Setting
+    `stop_event` (a threading.Event) ends generation after the current token (chat's Ctrl-C).
 
     >>> generate_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], 20)  # doctest: +SKIP
     """
     device = next(model.parameters()).device
     ids = tokenizer(render_prompt(messages, tokenizer), return_tensors="pt", add_special_tokens=False).input_ids
     ids = ids.to(device)
+    stopping = StoppingCriteriaList([_StopWhenSet(stop_event)]) if stop_event is not None else None
     with eval_mode(model):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=temperature > 0, temperature=temperature or None,
-                             pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+                             pad_token_id=tokenizer.pad_token_id, streamer=streamer, stopping_criteria=stopping)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
