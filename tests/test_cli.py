@@ -230,3 +230,32 @@ def test_ctrl_c_in_chat_stops_the_reply_and_returns_to_the_prompt(tmp_path, tiny
         if proc.poll() is None:
             proc.kill()
         os.close(leader)
+
+
+def test_suggest_ranks_recipe_trains_within_its_budget(capsys, tmp_path, tiny_model_dir):
+    """The recipe `--help` prints: suggest-ranks --out ranks.yaml, then train ranks.yaml: every adapted matrix is
+    one the probe ranked, at its rank, and the trained adapter's parameter count is the budget spent."""
+    import yaml
+    from safetensors.torch import load_file
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}", "completion": f"answer {i}"}) + "\n"
+                            for i in range(16)))
+    code, out, _ = _run(capsys, "suggest-ranks", f"--model={tiny_model_dir}", "--budget=2000", f"--data={data}",
+                        "--steps=2", "--max-rank=8", f"--out={tmp_path / 'ranks.yaml'}")
+    assert code == 0
+    ranks = yaml.safe_load((tmp_path / "ranks.yaml").read_text())["lora"]["rank_pattern"]
+    spent = int(out.strip().splitlines()[-1].split(" LoRA")[0].replace(",", ""))
+    assert spent <= 2000
+    code, _, err = _run(capsys, "train", str(tmp_path / "ranks.yaml"), f"--model={tiny_model_dir}",
+                        f"--data={data}", "--batch_size=2", "--max_steps=1", "--val_fraction=0", "--bf16=false",
+                        "--memory_check=false", f"--output_dir={tmp_path / 'run'}", "--quiet")
+    assert code == 0, err
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert sum(t.numel() for t in weights.values()) == spent
+    trained = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in weights}
+    assert trained == set(ranks)
+    code, _, err = _run(capsys, "train", f"--model={tiny_model_dir}", f"--data={data}",
+                        f"--lora.rank_pattern={ {n: 2 for n in ranks} }", "--max_steps=1", "--batch_size=2",
+                        "--val_fraction=0", f"--output_dir={tmp_path / 'run2'}", "--quiet", "--memory_check=false")
+    assert code == 0, err  # a value with spaces is a setting, not the config file

@@ -175,9 +175,10 @@ def _add_suggest_ranks_command(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=textwrap.dedent("""                           Spend a LoRA parameter budget across layers: a short AdaLoRA-style probe on your
                            data scores every rank-1 direction of every target, the budget goes to the best.
-                           Prints the ranks and writes a `rank_pattern` usable in a training config, e.g.
+                           Prints the ranks and writes a training config holding exactly those targets and ranks
+                           (lora.target_modules + lora.rank_pattern), e.g.
                              lorakit suggest-ranks --budget 1000000 --out ranks.yaml
-                             lorakit train --lora.rank_pattern="$(cat ranks.yaml)" ..."""))
+                             lorakit train ranks.yaml --data=my.jsonl ..."""))
     p.add_argument("--model", default="smollm2-135m", help="model name, local transformers directory, or .gguf")
     p.add_argument("--budget", type=positive_int, required=True, help="total LoRA parameters to spend")
     p.add_argument("--data", default=None, help="probe data (any training format; default: the demo data)")
@@ -187,7 +188,7 @@ def _add_suggest_ranks_command(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=8, help="probe optimizer steps")
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--max-length", type=positive_int, default=256)
-    p.add_argument("--out", default=None, help="write the rank_pattern here (YAML flow mapping)")
+    p.add_argument("--out", default=None, help="write a training config (YAML) with these targets and ranks")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -232,10 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line
+    settings: list[str] = []
     if "train" in argv:
         at = argv.index("train") + 1
         train_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
-        argv = argv[:at] + joined_overrides(argv[at:], set(train_parser._option_string_actions) | {"--debug"})
+        known = set(train_parser._option_string_actions) | {"--debug"}
+        rest = joined_overrides(argv[at:], known)
+        # --key=value settings bypass argparse, which takes a value with spaces ("$(cat ranks.yaml)") as positional
+        settings = [a for a in rest if a.startswith("--") and "=" in a and a.split("=", 1)[0] not in known]
+        argv = argv[:at] + [a for a in rest if a not in settings]
     args, unknown = parser.parse_known_args([a for a in argv if a != "--debug"])
     args.debug = debug
     if args.command is None:
@@ -245,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "train":
-            return commands.cmd_train(args, unknown)
+            return commands.cmd_train(args, settings + unknown)
         return {"generate": commands.cmd_generate, "chat": commands.cmd_chat, "eval": commands.cmd_eval,
                 "calc": commands.cmd_calc, "export": commands.cmd_export, "serve": commands.cmd_serve,
                 "merge-adapters": commands.cmd_merge_adapters,

@@ -251,15 +251,17 @@ def cmd_suggest_ranks(args) -> int:
                                  probe_steps=args.steps)
     sizes = {n: m.in_features + m.out_features for n, m in model.named_modules() if n in ranks}
     spent = sum(r * sizes[n] for n, r in ranks.items())
-    if args.out:
+    if args.out:  # a training config: exactly these targets, at these ranks (nothing else at the default r)
         with atomic_path(args.out) as tmp:
             with open(tmp, "w") as f:
-                f.write(yaml.safe_dump(ranks, default_flow_style=True, width=10**6))
+                f.write(f"# lorakit suggest-ranks --budget {args.budget}: {spent:,} LoRA parameters\n")
+                f.write(yaml.safe_dump({"lora": {"target_modules": sorted(ranks), "rank_pattern": ranks}},
+                                       sort_keys=False, width=10**6))
     if args.json:
         print(json.dumps({"rank_pattern": ranks, "parameters": spent, "budget": args.budget}, indent=2))
         return 0
     for name, rank in ranks.items():
         print(f"{rank:4d}  {name}")
     print(f"{spent:,} LoRA parameters of a {args.budget:,} budget over {len(ranks)} matrices"
-          + (f"; rank_pattern written to {args.out}" if args.out else ""))
+          + (f"; training config written to {args.out} (lorakit train {args.out} ...)" if args.out else ""))
     return 0
