@@ -422,3 +422,14 @@ def test_top_p_seed_and_penalties_pick_as_defined():
     assert cut_at_stop("Hello! How", ["!"], final=False) == ("Hello", True)
     assert cut_at_stop("Hello wor", ["world"], final=False) == ("Hello ", False)  # a possible stop is held back
     assert cut_at_stop("Hello wor", ["world"], final=True) == ("Hello wor", False)
+
+def test_busy_port_is_refused_in_one_line_before_loading_and_docs_need_no_internet(server):
+    """A second server on a busy port says so before loading the model or printing a URL; /docs (whose page
+    would load assets from a CDN) is off, the OpenAPI schema stays."""
+    base, _ = server
+    port = base.rsplit(":", 1)[1]
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "serve", "--model=does-not-matter", f"--port={port}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "http://" not in proc.stdout and "Traceback" not in proc.stderr
+    assert httpx.get(f"{base}/docs").status_code == 404 and httpx.get(f"{base}/openapi.json").status_code == 200

@@ -11,6 +11,7 @@ own refusals (errors.py) become 400 / 403 / 404 / 409 here.
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -94,7 +95,9 @@ def _request_params(engine: Engine, body: dict) -> Params:
 
 
 def create_app(engine: Engine) -> FastAPI:
-    app = FastAPI(title="lorakit", version="0.1.0")
+    # No /docs or /redoc: FastAPI's pages load their assets from an internet CDN (blank offline); the API is
+    # OpenAI's, documented in the README. /openapi.json stays.
+    app = FastAPI(title="lorakit", version="0.1.0", docs_url=None, redoc_url=None)
     _add_error_handlers(app)
     _add_completion_routes(app, engine)
     _add_adapter_routes(app, engine)
@@ -290,7 +293,19 @@ async def _stream_chunks(engine: Engine, job: Job, rid: str, model_name: str, cr
     yield "data: [DONE]\n\n"
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a busy port before the model loads (and before the URL is printed)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}); is another server running there? "
+                          "pick another --port") from None
+
+
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    check_port_free(host, port)
     engine = Engine(config)
     print(f"lorakit serve: {engine.base_name} + adapters {engine.adapter_names()} on http://{host}:{port}", flush=True)
     uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
