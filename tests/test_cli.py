@@ -259,3 +259,16 @@ def test_suggest_ranks_recipe_trains_within_its_budget(capsys, tmp_path, tiny_mo
                         f"--lora.rank_pattern={ {n: 2 for n in ranks} }", "--max_steps=1", "--batch_size=2",
                         "--val_fraction=0", f"--output_dir={tmp_path / 'run2'}", "--quiet", "--memory_check=false")
     assert code == 0, err  # a value with spaces is a setting, not the config file
+
+
+def test_cli_output_has_no_transformers_progress_bars(tiny_model_dir):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "generate", f"--model={tiny_model_dir}",
+                           "--max-new-tokens=2", "--dtype=fp32", "hi"], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Loading weights" not in proc.stderr and "%|" not in proc.stderr, proc.stderr

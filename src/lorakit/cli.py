@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line
+    # The CLI prints its own progress; transformers' weight-loading bars and advisory warnings are noise here
+    # (set these variables yourself to see them again).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     settings: list[str] = []
     if "train" in argv:
         at = argv.index("train") + 1
