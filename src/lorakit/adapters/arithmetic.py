@@ -112,12 +112,12 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     if adapter_name in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists")
     if combination_type not in TYPES:
-        raise ValueError(f"combination_type must be one of {TYPES}, got {combination_type!r}")
+        raise ValueError(f"combination_type (merge-adapters --type) must be one of {TYPES}, got {combination_type!r}")
     if len(weights) != len(adapters):
         raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
     needs_density = combination_type.split("_svd")[0] in ("ties", "dare_linear", "dare_ties", "magnitude_prune")
     if needs_density and (density is None or not 0 < density <= 1):
-        raise ValueError(f"{combination_type} needs density in (0, 1], got {density!r}")
+        raise ValueError(f"{combination_type} needs density (merge-adapters --density) in (0, 1], got {density!r}")
     if len(adapters) == 1 and combination_type not in ("cat", "svd"):
         combination_type = "linear"
     ranks = [model.peft_config[a].r for a in adapters]
@@ -168,8 +168,8 @@ def _combined_ranks(layers, adapters: list[str], kind: str, new_rank: int) -> di
         elif kind.endswith("svd"):
             out[name] = new_rank
         elif len(set(ranks)) > 1:
-            raise ValueError(f"combination_type={kind!r} (--type {kind}) needs the adapters to have one rank per layer, "
-                             f"but layer {name!r} has ranks {ranks} (rank_pattern); use 'cat' or 'svd'")
+            raise ValueError(f"combination_type={kind!r} (--type {kind}) needs the adapters to have one rank per "
+                             f"layer, but layer {name!r} has ranks {ranks} (rank_pattern); use 'cat' or 'svd'")
         else:
             out[name] = ranks[0]
     return out

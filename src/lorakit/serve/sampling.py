@@ -65,7 +65,8 @@ class Sampling:
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InvalidRequest(f"seed must be an integer, got {seed!r}", "invalid_seed")
-        sampling = cls(temperature=_number(body, "temperature", 0.0, 0.0, 2.0), top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        sampling = cls(temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
+                       top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
                        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
                        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0), seed=seed)
         if seed is not None:  # the same seed and request give the same tokens
