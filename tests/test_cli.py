@@ -194,7 +194,10 @@ def test_ctrl_c_in_chat_stops_the_reply_and_returns_to_the_prompt(tmp_path, tiny
     leader, follower = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "chat", f"--model={tmp_path / 'm'}",
                              "--max-new-tokens=100000", "--dtype=fp32"], stdin=follower, stdout=follower,
-                            stderr=follower, close_fds=True)
+                            stderr=follower, close_fds=True,
+                            # a shell's background job inherits SIGINT ignored, and Python then never raises
+                            # KeyboardInterrupt: give the child the default, as a terminal would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(follower)
     seen = b""
 

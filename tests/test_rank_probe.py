@@ -48,7 +48,7 @@ def test_allocate_is_greedy_and_refuses_an_impossible_budget():
         allocate(scores, {"a": 10, "b": 10}, 15)
 
 
-def test_cli_writes_a_rank_pattern_that_training_accepts(tmp_path, tiny_model_dir):
+def test_cli_writes_a_training_config_with_the_rank_pattern(tmp_path, tiny_model_dir):
     out = tmp_path / "ranks.yaml"
     proc = subprocess.run([sys.executable, "-m", "lorakit", "suggest-ranks", "--model", tiny_model_dir,
                            "--budget", "3000", "--targets", "q_proj,v_proj", "--max-rank", "8", "--steps", "3",
@@ -58,7 +58,9 @@ def test_cli_writes_a_rank_pattern_that_training_accepts(tmp_path, tiny_model_di
     report = json.loads(proc.stdout)
     assert report["parameters"] <= 3000 and len(report["rank_pattern"]) == 4
     import yaml
-    assert yaml.safe_load(out.read_text()) == report["rank_pattern"]
+    written = yaml.safe_load(out.read_text())["lora"]  # a training config: these targets, at these ranks
+    assert written["rank_pattern"] == report["rank_pattern"]
+    assert written["target_modules"] == sorted(report["rank_pattern"])
     bad = subprocess.run([sys.executable, "-m", "lorakit", "suggest-ranks", "--model", tiny_model_dir,
                           "--budget", "10", "--targets", "q_proj"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "below rank 1" in bad.stderr and "Traceback" not in bad.stderr

@@ -14,7 +14,6 @@ import json
 import socket
 import time
 import uuid
-from dataclasses import dataclass
 
 try:
     import uvicorn
@@ -28,7 +27,8 @@ except ImportError as e:  # an optional dependency: say how to get it
 from ..chat import render_prompt
 from .engine import Engine, Job, ServeConfig
 from .errors import Conflict, EngineError, InvalidRequest, NotAllowed, NotFound
-from .sampling import Sampling, check_fields, cut_at_stop, stop_strings
+from .request import Params, request_params
+from .sampling import cut_at_stop
 
 __all__ = ["APIError", "create_app", "serve"]
 
@@ -47,51 +47,6 @@ class APIError(Exception):
     def from_engine(cls, e: EngineError) -> "APIError":
         status, kind = HTTP_STATUS[type(e)]
         return cls(status, e.message, e.code, kind)
-
-
-def _int_param(body: dict, name: str, default: int, low: int, high: int) -> int:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value:
-        raise APIError(400, f"{name} must be an integer >= {low}, got {value!r}", "invalid_" + name)
-    return min(value, high)
-
-
-@dataclass
-class Params:
-    adapter: str | None
-    max_tokens: int
-    sampling: Sampling
-    stream: bool
-    ignore_eos: bool
-    stops: list[str]
-    include_usage: bool
-
-
-def _request_params(engine: Engine, body: dict) -> Params:
-    check_fields(body)
-    adapter = engine.resolve(body.get("model"))
-    limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int_param(body, limit_name, 128, 1, engine.config.max_tokens_cap)
-    sampling = Sampling.from_request(body)
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or set(options) - {"include_usage"} or \
-            not isinstance(options.get("include_usage", False), bool):
-        raise APIError(400, f"stream_options supports {{\"include_usage\": true|false}} only, got {options!r}",
-                       "invalid_stream_options")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, f"stream must be true or false, got {stream!r}", "invalid_stream")
-    n = body.get("n", 1)
-    if n is not None and n != 1 or isinstance(n, bool):
-        raise APIError(400, f"n must be 1 (one choice per request; send n requests for n answers), got {n!r}",
-                       "invalid_n")
-    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: decode max_tokens tokens (benchmarks)
-    if not isinstance(ignore_eos, bool):
-        raise APIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}", "invalid_ignore_eos")
-    return Params(adapter, max_tokens, sampling, stream, ignore_eos, stop_strings(body),
-                  options.get("include_usage", False))
 
 
 def create_app(engine: Engine) -> FastAPI:
@@ -167,7 +122,7 @@ def _prompt_text(engine: Engine, body: dict, chat: bool) -> str:
 
 async def _complete(engine: Engine, request: Request, chat: bool):
     body = await _read_json(engine, request)
-    params = _request_params(engine, body)
+    params = request_params(engine, body)
     ids = engine.tokenizer(_prompt_text(engine, body, chat), add_special_tokens=not chat)["input_ids"]
     job = engine.submit(ids, params.adapter, params.max_tokens, params.sampling, params.ignore_eos)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
