@@ -12,7 +12,8 @@ import contextlib
 import torch
 from torch import nn
 
-from ..layers.form import LiveMapping
+from ..layers import LoraLayer
+from ..layers.form import LiveMapping, live_mapping
 from ..layers.mixed_batch import row_adapters
 from ..utils import forward_getattr
 from ..variants.lora_config import DEFAULT_ADAPTER, LoraConfig
@@ -106,7 +107,7 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, AdapterSwitches, nn
     def prefix(self) -> str:
         """The start of the trained adapter parameters' names (PEFT's tuner attribute: "lora_", VeRA's
         "vera_lambda_"), by the active adapter's form; PEFT's helpers and TRL's weight sync read it."""
-        config = self.peft_config.get(self._first_active)
+        config = self.active_peft_config
         return config.PREFIX if config is not None else LoraConfig.PREFIX
 
     @property
@@ -131,24 +132,17 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, AdapterSwitches, nn
         return names or None
 
     @property
-    def vera_A(self) -> dict:
+    def vera_A(self) -> LiveMapping:
         """{VeRA adapter: its shared projection A} (PEFT's model attribute; the same tensors the layers use)."""
-        return self._vera_projections("vera_A")
+        return live_mapping(lambda: self._vera_projections("A"), "no VeRA adapter is loaded (vera_A)")
 
     @property
-    def vera_B(self) -> dict:
-        return self._vera_projections("vera_B")
+    def vera_B(self) -> LiveMapping:
+        return live_mapping(lambda: self._vera_projections("B"), "no VeRA adapter is loaded (vera_B)")
 
-    def _vera_projections(self, attr: str) -> LiveMapping:
-        def compute():
-            found = {}
-            for layer in self._layers():
-                with contextlib.suppress(AttributeError):
-                    found.update(getattr(layer, attr))
-            return found
-        if not compute():
-            raise AttributeError(f"no VeRA adapter is loaded ({attr})")
-        return LiveMapping(compute)
+    def _vera_projections(self, which: str) -> dict:
+        return {n: t for layer in self._layers() if isinstance(layer, LoraLayer)
+                for n, t in layer.vera_projections(which).items()}
 
     @property
     def _first_active(self) -> str | None:

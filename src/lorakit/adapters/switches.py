@@ -16,9 +16,7 @@ class AdapterSwitches:
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter, or several (their deltas add, as in PEFT). Their parameters become trainable
         unless `inference_mode` or their config's inference_mode; all others are frozen."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for name in names:
-            self._check_known(name)
+        names = self._known_names(adapter_name)
         for layer in self._layers():  # refuse before any layer changes (trainable tokens: one active adapter)
             if hasattr(layer, "check_active"):
                 layer.check_active(names)
@@ -30,13 +28,18 @@ class AdapterSwitches:
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Make these adapters' parameters (LoRA factors, module copies, token rows) trainable or frozen,
         whatever is active (PEFT's method)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            self._check_known(name)
+        names = self._known_names(adapter_names)
         for layer in self._layers():
             for name in names:
                 for p in layer.adapter_parameters(name).values():
                     p.requires_grad_(requires_grad)
+
+    def _known_names(self, names: str | list[str]) -> list[str]:
+        """One adapter name or several, as a list; an unknown one is refused."""
+        names = [names] if isinstance(names, str) else list(names)
+        for name in names:
+            self._check_known(name)
+        return names
 
     def disable_adapter_layers(self) -> None:
         """Turn every adapter off in place (the model computes the base model; adapter parameters frozen, as in

@@ -59,6 +59,14 @@ class LiveMapping(Mapping):
         return repr(self._compute())
 
 
+def live_mapping(compute: Callable[[], dict], missing: str) -> LiveMapping:
+    """A LiveMapping over `compute`, or AttributeError(`missing`) when it is empty now (an attribute PEFT has only
+    where such adapters exist, so `hasattr` tells)."""
+    if not compute():
+        raise AttributeError(missing)
+    return LiveMapping(compute)
+
+
 class AdapterFieldView(MutableMapping):
     """A live {adapter name: value} view of one field of a layer's adapter records (PEFT's `layer.r`,
     `layer.lora_alpha`, `layer.scaling` dicts): it follows additions and deletions, and writing an entry sets

@@ -16,6 +16,13 @@ import torch
 BASE = None  # a row that uses no adapter
 
 
+def length_mismatch(row_adapters: list, x: torch.Tensor) -> ValueError:
+    """PEFT's error for `adapter_names` that do not name one adapter per batch row."""
+    return ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                      f"{len(row_adapters)} and {x.shape[0]} respectively (beam search / num_return_sequences > 1 "
+                      "are not supported with adapter_names)")
+
+
 def check_mixable(layer, names) -> None:
     """Refuse forms whose rows cannot share a batch (DoRA: a weight norm per adapter)."""
     unmixable = {n: layer.adapters[n].form.label for n in names if not layer.adapters[n].form.mixable}
@@ -68,9 +75,7 @@ def mixed_linear_update(layer, x: torch.Tensor, row_adapters: list[str | None]) 
     batch's tokens flattened row by row, (batch * tokens, d_in), as OPT's MLP feeds its Linear layers."""
     flattened = x.dim() == 2 and x.shape[0] != len(row_adapters) and x.shape[0] % len(row_adapters) == 0
     if x.shape[0] != len(row_adapters) and not flattened:
-        raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
-                         f"{len(row_adapters)} and {x.shape[0]} respectively (beam search / num_return_sequences > 1 "
-                         "are not supported with adapter_names)")
+        raise length_mismatch(row_adapters, x)
     names = tuple(sorted({n for n in row_adapters if n is not BASE and n in layer.adapters}))
     if not names:
         return None
@@ -87,8 +92,7 @@ def mixed_grouped_update(layer, x: torch.Tensor, row_adapters: list[str | None])
     """Embedding and convolution LoRA per row: rows grouped by adapter (no single matmul to batch); each group's
     update is the layer's own single-adapter update, base rows get zeros."""
     if x.shape[0] != len(row_adapters):
-        raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
-                         f"{len(row_adapters)} and {x.shape[0]} respectively")
+        raise length_mismatch(row_adapters, x)
     names = sorted({n for n in row_adapters if n is not BASE and n in layer.adapters})
     check_mixable(layer, names)
     out = None

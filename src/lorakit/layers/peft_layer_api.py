@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 
-from .form import LiveMapping
+from .form import LiveMapping, live_mapping
 
 
 def merge_candidates(merged: list[str], names: list[str]) -> list[str]:
@@ -23,21 +23,18 @@ class PeftLayerAPI:
     """Needs the layer's `adapter_names`, `adapter_parameters(name)`, `set_active_adapters` and `disable_adapters`."""
 
     @property
-    def vera_A(self) -> dict:
+    def vera_A(self) -> LiveMapping:
         """VeRA adapters' shared projection A by adapter name (PEFT's layer attribute; only on VeRA layers)."""
-        return self._projections("A")
+        return live_mapping(lambda: self.vera_projections("A"), f"{type(self).__name__} holds no VeRA adapter")
 
     @property
-    def vera_B(self) -> dict:
-        return self._projections("B")
+    def vera_B(self) -> LiveMapping:
+        return live_mapping(lambda: self.vera_projections("B"), f"{type(self).__name__} holds no VeRA adapter")
 
-    def _projections(self, which: str) -> LiveMapping:
-        def compute():
-            return {n: getattr(a.form.projections, which) for n, a in self.adapters.items()
-                    if hasattr(a.form, "projections")}
-        if not compute():
-            raise AttributeError(f"{type(self).__name__} holds no VeRA adapter (vera_{which})")
-        return LiveMapping(compute)
+    def vera_projections(self, which: str) -> dict:
+        """{VeRA adapter on this layer: its projection `which` ("A" or "B")}; empty without VeRA adapters."""
+        return {n: getattr(a.form.projections, which) for n, a in self.adapters.items()
+                if hasattr(a.form, "projections")}
 
     def _all_available_adapter_names(self) -> list[str]:
         """Every adapter this layer holds, sorted (PEFT's name)."""

@@ -46,7 +46,7 @@ def embedded_gguf_path(name: str) -> str:
 
 def resolve_model_dir(name_or_path: str) -> str:
     """A local HF model directory for a model name, an HF directory, or a .gguf file."""
-    name_or_path = EMBEDDED_BY_PUBLIC_NAME.get(str(name_or_path), str(name_or_path))
+    name_or_path = _embedded_name(name_or_path)
     if name_or_path in EMBEDDED_MODELS:
         return _gguf_to_hf_dir(embedded_gguf_path(name_or_path), cache_name=name_or_path)
     if os.path.isdir(name_or_path):
@@ -159,8 +159,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None
     return _record_public_name(model, name_or_path)
 
 
+def _embedded_name(name_or_path) -> str:
+    """An embedded model's short name for its Hub name; anything else as given."""
+    return EMBEDDED_BY_PUBLIC_NAME.get(str(name_or_path), str(name_or_path))
+
+
 def _record_public_name(model, name_or_path):
-    public = PUBLIC_NAMES.get(EMBEDDED_BY_PUBLIC_NAME.get(str(name_or_path), str(name_or_path)))
+    public = PUBLIC_NAMES.get(_embedded_name(name_or_path))
     if public is not None:
         model.config._name_or_path = public
         model.name_or_path = public

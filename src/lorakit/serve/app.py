@@ -136,8 +136,10 @@ async def _complete(engine: Engine, request: Request, chat: bool):
         if isinstance(item, Exception):
             raise APIError(500, f"generation failed: {item}", "generation_failed", "server_error")
         token, finished = item
-        text, stopped = cut_at_stop(engine.tokenizer.decode(job.generated, skip_special_tokens=True), params.stops,
-                                    final=finished)
+        stopped = False
+        if params.stops or finished:  # without stop strings the text is decoded once, at the end
+            text, stopped = cut_at_stop(engine.tokenizer.decode(job.generated, skip_special_tokens=True),
+                                        params.stops, final=finished)
         if stopped or finished:
             job.cancel()  # a stop string ends the answer: no more steps for it
             finish = "stop" if stopped or token == engine.tokenizer.eos_token_id else "length"
