@@ -37,7 +37,8 @@ def render_prompt(messages: list[dict], tokenizer) -> str:
 
 
 
-def _render(messages: list[dict], tokenizer) -> str:
+def render_conversation(messages: list[dict], tokenizer) -> str:
+    """The whole conversation as the chat template renders it (each assistant turn closed)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False)
     return "".join(f"<|{m['role']}|>\n{m['content']}\n{tokenizer.eos_token or ''}" if m["role"] == "assistant"
@@ -52,7 +53,7 @@ def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
         if message["role"] != "assistant":
             continue
         prompt = render_prompt(messages[:i], tokenizer)
-        full = _render(messages[: i + 1], tokenizer)
+        full = render_conversation(messages[: i + 1], tokenizer)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise ValueError("the chat template does not render conversations as growing prefixes; "
                              "use train_on_prompt=True for this tokenizer")
