@@ -2,16 +2,20 @@
 adapter weights and batch; the disabled-adapter reference; the data files; runs end to end."""
 
 import json
+import math
+import os
 import warnings
 
 import pytest
 import torch
-from conftest import assert_close_fp32, copy_adapters_to_peft, randomize_adapters, tiny_llama_for
+from conftest import assert_close_fp32, copy_adapters_to_peft, randomize_adapters, tiny_llama_for, tiny_train_config
 
 import lorakit
-from lorakit.train.preference_data import PreferenceExample, collate_pairs, load_preference_examples
-from lorakit.train.preference_loss import PreferenceLoss
+from lorakit.train.preference_data import (PreferenceExample, collate_pairs, load_preference_examples, split_prompt,
+                                          tokenize_pair)
+from lorakit.train.preference_loss import PreferenceLoss, token_logps
 
+DEMO_PAIRS = os.path.join(os.path.dirname(lorakit.__file__), "data", "demo_preferences.jsonl")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -116,3 +120,45 @@ def test_orpo_loss_rewards_and_gradients_equal_trl(tmp_path, tiny_tokenizer, fus
     metrics = {name: value / 3 for name, value in module.take_metrics().items()}
     assert {"rewards/accuracies", "rewards/margins", "nll_loss", "log_odds_ratio"} <= set(metrics)
     _compare(loss, metrics, ours, trl_loss, trl_metrics, trainer.model)
+
+
+def test_reference_is_the_base_model_bit_for_bit_with_the_adapter_switched_off(tiny_tokenizer):
+    """The reference log-probs come from the adapted model under disable_adapter(): bit-equal (fp32) to the same
+    base without any adapter injected, so no second copy of the base is needed."""
+    import copy
+
+    base = tiny_llama_for(tiny_tokenizer)
+    plain = copy.deepcopy(base).requires_grad_(False)  # frozen, as a base is (the fused head needs that)
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    randomize_adapters(model, scale=0.2)
+    examples = [tokenize_pair(*split_prompt(row), tiny_tokenizer) for row in CONVERSATIONAL]
+    batch = collate_pairs(examples, tiny_tokenizer.pad_token_id)
+    for fused in (True, False):
+        module = PreferenceLoss(model, "dpo", fused=fused)
+        selected = [batch["completion_mask"][:, 1:].bool()]
+        reference = module.reference_logps(**batch)
+        with torch.no_grad():  # the same computation as the reference's (the fused head forms no gradient)
+            expected = token_logps(plain, batch["input_ids"], batch["attention_mask"], selected, fused)[0]
+        assert torch.equal(reference, expected)
+        adapted = token_logps(model, batch["input_ids"], batch["attention_mask"], selected, fused)[0]
+        assert (adapted - reference).abs().min() > 1e-3  # the adapter is on again afterwards, and matters
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_dpo_run_raises_held_out_reward_accuracy_and_logs_trl_metric_names(tmp_path, tiny_tokenizer):
+    from lorakit.train import train
+
+    result = train(tiny_train_config(tmp_path, method="dpo", data=DEMO_PAIRS, max_steps=20, eval_every=10, lr=1e-2,
+                                     val_fraction=0.1), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]
+    assert first["step"] == 0 and first["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapter = reference
+    assert first["eval_rewards/margins"] == 0 and first["eval_rewards/accuracies"] == 0
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected"):
+        assert name in records[1] and f"eval_{name}" in last, name
+    assert records[1]["train_loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 1 starts at the reference
+    assert last["eval_rewards/accuracies"] >= 0.9 and last["eval_rewards/margins"] > 0.1, last
+    assert last["eval_loss"] < 0.6
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and (tmp_path / "loss.png").exists()
+    assert result["steps"] == 20

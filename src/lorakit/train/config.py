@@ -25,7 +25,10 @@ DEMO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
 
 # task -> the adapter config's task_type
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
-FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "min_lr_ratio", "clip_grad_norm", "val_fraction")  # + optional ones
+FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "min_lr_ratio", "clip_grad_norm", "val_fraction", "beta",
+                "label_smoothing", "orpo_lambda")  # + optional ones
+METHODS = ("sft", "dpo", "orpo")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 # What each declared field type accepts, and how an error says it (checked before anything loads).
 FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "int": ((int,), "an integer"),
@@ -93,6 +96,15 @@ class TrainConfig:
     memory_check: bool = True             # refuse, before loading, a run whose predicted peak memory
                                           # (lorakit calc's model of this run) exceeds what is available
     memory_limit_gb: float | None = None  # the memory that check allows (default: the machine's available)
+    method: str = "sft"                   # sft (supervised) | dpo | orpo (preference pairs; see preference_loss.py)
+    beta: float = 0.1                     # dpo: how far the adapter may move from the reference (TRL's beta)
+    loss_type: str = "sigmoid"            # dpo: sigmoid (DPO) | ipo | hinge | robust
+    label_smoothing: float = 0.0          # dpo: cDPO's (sigmoid) / rDPO's (robust) label-flip probability, < 0.5
+    orpo_lambda: float = 0.1              # orpo: weight of the odds-ratio term (TRL's beta for ORPO)
+    precompute_ref_logps: bool = False    # dpo: reference log-probs once over the data before training, instead of
+                                          # one adapter-off forward per step
+    init_adapter: str | None = None       # start from this adapter directory (lorakit train's or PEFT's), e.g. an
+                                          # SFT adapter before DPO; DPO's reference is then that starting adapter
     task: str = "causal_lm"               # causal_lm (chat / text data), seq_cls ({"text", "label"} rows) or
                                           # seq2seq (an encoder-decoder model; {"input", "target"} rows)
     distributed: str = "ddp"              # under torchrun: "ddp" or "fsdp"
@@ -147,6 +159,7 @@ class TrainConfig:
         for name in ("bf16", "group_projections"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise ValueError(f"{name} must be true, false or 'auto', got {getattr(self, name)!r}")
+        self._check_method()
         adapter = self.lora_config()  # validates the adapter settings now, not after the model loads
         if self.resume and not adapter.resumable:
             raise ValueError(f"--resume is not supported for {adapter.PEFT_TYPE} runs (its training state is not "
@@ -154,6 +167,18 @@ class TrainConfig:
         if self.quantize and adapter.svd_init:
             raise ValueError(f"init_lora_weights={adapter.init_lora_weights!r} rewrites the base weight, which "
                              f"quantize={self.quantize!r} stores in 4 bits; use init_lora_weights=true with QLoRA")
+
+    def _check_method(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {list(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
+        if not (self.beta > 0 and self.orpo_lambda > 0 and 0 <= self.label_smoothing < 0.5):
+            raise ValueError(f"need beta > 0, orpo_lambda > 0 and 0 <= label_smoothing < 0.5, got beta={self.beta}, "
+                             f"orpo_lambda={self.orpo_lambda}, label_smoothing={self.label_smoothing}")
+        if self.method != "sft" and (self.task != "causal_lm" or self.packing or self.train_on_prompt):
+            raise ValueError(f"method: {self.method} trains a causal LM on preference pairs: it needs task: causal_lm, "
+                             "packing: false and train_on_prompt: false")
 
     def lora_config(self, total_steps: int | None = None) -> LoraConfig:
         """The adapter config; `lora.peft_type` picks LORA (default), VERA or ADALORA. AdaLoRA's
@@ -231,7 +256,7 @@ def load_train_config(path: str | None = None, overrides: list[str] | None = Non
         raise ValueError(f"unknown lora setting(s) {bad}; known: {sorted(lora_known - {'extra_fields'})}")
     if path:  # relative paths in a config file are relative to the file
         base = os.path.dirname(os.path.abspath(path))
-        for key in ("data", "eval_data", "prompts"):
+        for key in ("data", "eval_data", "prompts", "init_adapter"):
             if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
                 candidate = os.path.join(base, data[key])
                 data[key] = candidate if os.path.exists(candidate) else data[key]

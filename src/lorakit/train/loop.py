@@ -24,6 +24,7 @@ from . import data as D
 from . import distributed as dist_utils
 from .config import TrainConfig
 from .plot import plot_losses
+from .preference_data import collate_pairs
 from .projection_groups import grouped_projections
 from .setup import Run, prepare_run
 
@@ -42,14 +43,25 @@ def batch_order(n_rows: int, micro_index: int, rows_per_micro: int, seed: int) -
     return order[k * rows_per_micro:(k + 1) * rows_per_micro]
 
 
+def collate_for(cfg: TrainConfig):
+    """Rows -> a batch: preference pairs (2n rows) for dpo/orpo, else the task's rows."""
+    return collate_pairs if cfg.method != "sft" else D.collate
+
+
+def take_metrics(engine) -> dict[str, float]:
+    """The loss module's metric sums since the last call (the preference metrics), else nothing."""
+    take = getattr(getattr(engine, "module", engine), "take_metrics", None)
+    return take() if take is not None else {}
+
+
 @torch.no_grad()
-def evaluate(loss_module, examples, batch_size: int, pad_id: int, device) -> float:
-    """Mean token loss (nats) over `examples`. `loss_module(**batch)` returns a loss sum: a
-    CausalLMLoss, or the DDP/FSDP engine wrapping one (so sharded parameters are gathered)."""
+def evaluate(loss_module, examples, batch_size: int, pad_id: int, device, collate=D.collate) -> float:
+    """Mean loss over `examples` (nats per target token; per pair for preference losses). `loss_module(**batch)`
+    returns a loss sum: a CausalLMLoss, or the DDP/FSDP engine wrapping one (so sharded parameters are gathered)."""
     total, count = 0.0, 0
     with eval_mode(loss_module):
         for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in D.collate(examples[i:i + batch_size], pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
             with attention_backends(device):
                 total += loss_module(**batch).item()
             count += count_targets(loss_module, batch)
@@ -63,14 +75,15 @@ def micro_batches(run: Run, step: int) -> tuple[list[dict], int]:
     for a in range(cfg.grad_accum):
         rows = batch_order(len(run.train_rows), step * cfg.grad_accum + a, cfg.batch_size * env.world_size, cfg.seed)
         mine = [run.train_rows[i] for i in rows[env.rank * cfg.batch_size:(env.rank + 1) * cfg.batch_size]]
-        batches.append({k: v.to(env.device) for k, v in D.collate(mine, run.tokenizer.pad_token_id).items()})
+        batches.append({k: v.to(env.device) for k, v in collate_for(cfg)(mine, run.tokenizer.pad_token_id).items()})
         tokens += sum(len(row) for row in mine)
     return batches, tokens
 
 
-def optimizer_step(run: Run, step: int) -> tuple[float, float, int]:
+def optimizer_step(run: Run, step: int) -> tuple[float, float, int, dict]:
     """Optimizer step `step`: forward/backward over its micro-batches, clip, update, the form's per-step work.
-    Returns (mean train loss per target token, gradient norm, this process's tokens)."""
+    Returns (mean train loss per target, gradient norm, this process's tokens, the loss module's metrics as means
+    over the step's targets: rewards and log-probs of preference pairs)."""
     env = run.env
     batches, tokens = micro_batches(run, step)
     # Normalise by the global number of target tokens so every setup sums to the same gradient.
@@ -94,7 +107,17 @@ def optimizer_step(run: Run, step: int) -> tuple[float, float, int]:
     run.optimizer.zero_grad(set_to_none=True)
     if run.cfg.trim_memory and (step + 1) % int(run.cfg.trim_memory) == 0:
         release_freed_memory()
-    return dist_utils.all_reduce_sum(loss_sum, env) / n_targets, float(grad_norm), tokens
+    metrics = {name: dist_utils.all_reduce_sum(value, env) / n_targets for name, value in
+               sorted(take_metrics(run.engine).items())}  # sorted: every process reduces in the same order
+    return dist_utils.all_reduce_sum(loss_sum, env) / n_targets, float(grad_norm), tokens, metrics
+
+
+def eval_record(run: Run) -> dict:
+    """eval_loss over the held-out rows, with the loss module's metrics as eval_<name> (TRL's names)."""
+    loss = evaluate(run.engine, run.val_rows, run.cfg.batch_size, run.tokenizer.pad_token_id, run.env.device,
+                    collate_for(run.cfg))
+    count = len(run.val_rows)  # preference metrics are sums over pairs, one pair per held-out row
+    return {"eval_loss": loss, **{f"eval_{name}": value / count for name, value in take_metrics(run.engine).items()}}
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
@@ -108,11 +131,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
     env = dist_utils.setup(cfg.device)
     try:
         run = prepare_run(cfg, env, model, tokenizer)
-        cfg, step, history, pad_id = run.cfg, run.step, run.history, run.tokenizer.pad_token_id
+        cfg, step, history = run.cfg, run.step, run.history
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         if step == 0 and run.val_rows:  # held-out loss of the untrained adapter (= the base model)
-            history.append({"step": 0, "eval_loss": evaluate(run.engine, run.val_rows, cfg.batch_size, pad_id,
-                                                             env.device)})
+            history.append({"step": 0, **eval_record(run)})
             _write_metrics(run, metrics_path, history[-1], mode="w")
         if cfg.resume:  # the metrics of steps after the checkpoint (a killed run) are redone: rewrite the file
             for i, record in enumerate(history):
@@ -125,17 +147,17 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
             try:
                 while step < run.total_steps:
                     at_step_boundary = False
-                    train_loss, grad_norm, tokens = optimizer_step(run, step)
+                    train_loss, grad_norm, tokens, metrics = optimizer_step(run, step)
                     step, tokens_seen, at_step_boundary = step + 1, tokens_seen + tokens, True
                     elapsed = time.perf_counter() - started
                     record = {"step": step, "train_loss": train_loss, "lr": run.scheduler.get_last_lr()[0],
                               "grad_norm": grad_norm, "tokens_per_s": tokens_seen * env.world_size / elapsed,
-                              "elapsed_s": elapsed}
+                              "elapsed_s": elapsed, **metrics}
                     if run.val_rows and (step % cfg.eval_every == 0 or step == run.total_steps):
-                        record["eval_loss"] = evaluate(run.engine, run.val_rows, cfg.batch_size, pad_id, env.device)
+                        record.update(eval_record(run))
                     history.append(record)
                     _write_metrics(run, metrics_path, record)
-                    progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    progress.set_postfix(loss=f"{train_loss:.3f}", **postfix(record))
                     progress.update(1)
                     if run.checkpoints and step % cfg.save_every == 0 and step < run.total_steps:
                         ckpt.save(cfg.output_dir, run.model, run.optimizer, run.scheduler, step, history, env)
@@ -153,6 +175,12 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
         return summary
     finally:
         dist_utils.teardown(env)
+
+
+def postfix(record: dict) -> dict[str, str]:
+    """The progress bar's figures besides the loss: reward accuracy for preference runs, tokens/s."""
+    shown = {"acc": f"{record['rewards/accuracies']:.2f}"} if "rewards/accuracies" in record else {}
+    return {**shown, "tok_s": f"{record['tokens_per_s']:.0f}"}
 
 
 def group_projections_enabled(cfg: TrainConfig, env) -> bool:

@@ -22,10 +22,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from ..hardware import attention_backends
 from ..kernels import linear_cross_entropy_sum
 from ..kernels.varlen_attention import VARLEN, unpad_batch
+from ..utils import eval_mode
 from .loss import fused_head_supported, is_right_padded
+from .preference_data import collate_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 METHODS = ("sft", "dpo", "orpo")
@@ -158,3 +162,24 @@ class PreferenceLoss(nn.Module):
     def take_metrics(self) -> dict[str, float]:
         sums, self.metric_sums = self.metric_sums, {}
         return sums
+
+
+@torch.no_grad()
+def precompute_reference(loss_module: PreferenceLoss, examples: list, batch_size: int, pad_id: int, device,
+                         adapter_on: bool = False) -> None:
+    """Set each example's `ref_logps` (chosen, rejected): the model with its adapter off, or with `adapter_on` the
+    adapter as it is now (a starting adapter is DPO's reference, as in TRL). Eval mode: no dropout."""
+    model = loss_module.peft_model
+    with eval_mode(model):
+        for i in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", unit="batch", leave=False):
+            chunk = examples[i:i + batch_size]
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items() if k != "ref_logps"}
+            with attention_backends(device):
+                if adapter_on:
+                    logps = token_logps(model, batch["input_ids"], batch["attention_mask"],
+                                        [batch["completion_mask"][:, 1:].bool()], loss_module.fused)[0]
+                else:
+                    logps = loss_module.reference_logps(**batch)
+            values = logps.float().tolist()
+            for k, example in enumerate(chunk):
+                example.ref_logps = (values[k], values[len(chunk) + k])

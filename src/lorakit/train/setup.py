@@ -37,6 +37,8 @@ from .config import TrainConfig
 from .fast_paths import enable_fast_paths
 from .loss import LOSSES
 from .memory_check import check_fits, choose_saved_activations, run_shape
+from .preference_data import load_preference_examples
+from .preference_loss import PreferenceLoss, precompute_reference
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -115,7 +117,10 @@ def check_memory(cfg: TrainConfig, model_dir: str) -> str | None:
 def load_rows(cfg: TrainConfig, tokenizer, log) -> tuple[list, list, list | None]:
     """(train rows, held-out rows, class names for seq_cls else None), tokenized; packed when `cfg.packing`."""
     classes = None
-    if cfg.task == "seq_cls":
+    if cfg.method != "sft":
+        examples, stats = load_preference_examples(cfg.data, tokenizer, cfg.max_length)
+        load_eval = lambda path: load_preference_examples(path, tokenizer, cfg.max_length)[0]  # noqa: E731
+    elif cfg.task == "seq_cls":
         examples, stats, classes = D.load_classification_examples(cfg.data, tokenizer, cfg.max_length)
         load_eval = lambda path: D.load_classification_examples(path, tokenizer, cfg.max_length, classes)[0]  # noqa: E731
     elif cfg.task == "seq2seq":
@@ -130,7 +135,8 @@ def load_rows(cfg: TrainConfig, tokenizer, log) -> tuple[list, list, list | None
         train_rows, val_rows = D.split(examples, cfg.val_fraction, cfg.seed)
     if cfg.packing:
         train_rows = D.pack(train_rows, cfg.max_length)
-    log(f"data: {stats.rows} rows from {cfg.data} ({stats.truncated} truncated to {cfg.max_length} tokens, "
+    what = "preference pairs" if cfg.method != "sft" else "rows"
+    log(f"data: {stats.rows} {what} from {cfg.data} ({stats.truncated} truncated to {cfg.max_length} tokens, "
         f"{stats.dropped_empty} dropped with no response tokens); {len(train_rows)} train / {len(val_rows)} val"
         + (f"; {len(classes)} classes" if classes is not None else ""))
     return train_rows, val_rows, classes
@@ -170,20 +176,28 @@ def build_optimizer(cfg: TrainConfig, model: LoraModel, device: torch.device, to
     return optimizer, scheduler, params
 
 
+def build_loss(cfg: TrainConfig, peft_model) -> torch.nn.Module:
+    """The module the loop calls: the task's loss, or the preference loss of `cfg.method`."""
+    if cfg.method == "sft":
+        return LOSSES[cfg.task](peft_model, fused=cfg.fused_kernels)
+    return PreferenceLoss(peft_model, cfg.method, beta=cfg.beta, loss_type=cfg.loss_type,
+                          label_smoothing=cfg.label_smoothing, orpo_lambda=cfg.orpo_lambda, fused=cfg.fused_kernels)
+
+
 def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=None) -> Run:
     check_run(cfg, env)
     cfg, notes = resolve_run_settings(cfg, env, model)  # before anything is written
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
     is_main = env.rank == 0
     log = print if is_main else (lambda *a, **k: None)
     for line in notes:
         log(line)
 
     tokenizer = tokenizer or load_tokenizer(cfg.model)
-    train_rows, val_rows, classes = load_rows(cfg, tokenizer, log)
+    train_rows, val_rows, classes = load_rows(cfg, tokenizer, log)  # a bad row stops the run before any file
+    os.makedirs(cfg.output_dir, exist_ok=True)
     rows_per_micro = cfg.batch_size * env.world_size
     if len(train_rows) < rows_per_micro:
         raise ValueError(f"{len(train_rows)} training rows is fewer than one batch of {rows_per_micro} rows")
@@ -202,11 +216,22 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
         if is_main:
             with atomic_path(os.path.join(cfg.output_dir, "labels.json")) as tmp, open(tmp, "w") as f:
                 json.dump({"id2label": {i: name for i, name in enumerate(classes)}}, f, indent=2)
-    peft_model = get_peft_model(base, adapter_config)
+    if cfg.init_adapter:  # continue from a saved adapter (its own settings, not cfg.lora)
+        peft_model = LoraModel.from_pretrained(base, cfg.init_adapter, is_trainable=True)
+        adapter_config = peft_model.peft_config["default"]
+        log(f"adapter: starting from {cfg.init_adapter} ({adapter_config.PEFT_TYPE}, r={adapter_config.r})")
+    else:
+        peft_model = get_peft_model(base, adapter_config)
     prompts = D.read_prompts(cfg.prompts) if is_main and cfg.prompts and cfg.task == "causal_lm" else []
     before = answer_prompts(peft_model, tokenizer, prompts, cfg.max_new_tokens)
     peft_model.train()
-    engine = dist_utils.wrap(LOSSES[cfg.task](peft_model, fused=cfg.fused_kernels), env, cfg.distributed)
+    loss_module = build_loss(cfg, peft_model)
+    if cfg.method == "dpo" and (cfg.precompute_ref_logps or cfg.init_adapter):
+        reference = "the starting adapter" if cfg.init_adapter else "the base model (adapter off)"
+        log(f"reference log-probs of {reference}: computed once over {len(train_rows) + len(val_rows)} pairs")
+        precompute_reference(loss_module, train_rows + val_rows, cfg.batch_size, tokenizer.pad_token_id, env.device,
+                             adapter_on=bool(cfg.init_adapter))
+    engine = dist_utils.wrap(loss_module, env, cfg.distributed)
     optimizer, scheduler, params = build_optimizer(cfg, peft_model, env.device, total_steps)  # after FSDP's wrap
     run = Run(cfg, env, log, tokenizer, train_rows, val_rows, total_steps, adapter_config, peft_model,
               engine=engine, optimizer=optimizer, scheduler=scheduler, params=params,
