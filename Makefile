@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo quickstart test clean
+.PHONY: setup demo dpo-demo quickstart test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ setup: $(BIN)/.installed
 
 demo: setup
 	$(BIN)/lorakit train --force
+
+dpo-demo: setup
+	$(BIN)/lorakit train configs/dpo_demo.yaml --force
 
 quickstart: setup
 	$(BIN)/python examples/quickstart.py

@@ -83,10 +83,15 @@ def _compare(ours_loss, ours_metrics, ours_model, trl_loss, trl_metrics, trl_mod
         assert_close_fp32(ours_grads[name], grad, name)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type,sft_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.7),
+                                                  ("robust", 0.0), ("hinge", 0.0)])
 @pytest.mark.parametrize("fused", [True, False])
-def test_dpo_loss_rewards_and_gradients_equal_trl(tmp_path, tiny_tokenizer, loss_type, fused):
-    trainer = _trl("dpo", tiny_tokenizer, tmp_path, CONVERSATIONAL, beta=0.1, loss_type=[loss_type])
+def test_dpo_loss_rewards_and_gradients_equal_trl(tmp_path, tiny_tokenizer, loss_type, sft_weight, fused):
+    """DPO (sigmoid), IPO, RPO (sigmoid + sft_weight x NLL), rDPO (robust, label_smoothing 0.2) and hinge."""
+    smoothing = 0.2 if loss_type == "robust" else 0.0
+    trl_types = dict(loss_type=[loss_type, "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else \
+        dict(loss_type=[loss_type])
+    trainer = _trl("dpo", tiny_tokenizer, tmp_path, CONVERSATIONAL, beta=0.1, label_smoothing=smoothing, **trl_types)
     examples, _ = load_preference_examples(_write(tmp_path / "pairs.jsonl", CONVERSATIONAL), tiny_tokenizer, 256)
     for ours, theirs in zip(examples, trainer.train_dataset, strict=True):  # TRL's tokenization, token for token
         assert (ours.prompt_ids, ours.chosen_ids, ours.rejected_ids) == \
@@ -95,10 +100,12 @@ def test_dpo_loss_rewards_and_gradients_equal_trl(tmp_path, tiny_tokenizer, loss
     batch = collate_pairs(examples, tiny_tokenizer.pad_token_id)
     trl_loss = trainer._compute_loss(trainer.model, {k: v for k, v in batch.items()}, False)
     trl_loss.backward()
-    module = PreferenceLoss(ours, "dpo", beta=0.1, loss_type=loss_type, fused=fused)
+    module = PreferenceLoss(ours, "dpo", beta=0.1, loss_type=loss_type, label_smoothing=smoothing,
+                            sft_weight=sft_weight, fused=fused)
     loss = module(**batch) / 3
     loss.backward()
     metrics = {name: value / 3 for name, value in module.take_metrics().items()}
+    metrics.pop("nll_loss", None)  # TRL's DPOTrainer does not log the sft term
     assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                             "logps/chosen", "logps/rejected"}
     _compare(loss, metrics, ours, trl_loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}, trainer.model)
@@ -162,3 +169,75 @@ def test_dpo_run_raises_held_out_reward_accuracy_and_logs_trl_metric_names(tmp_p
     assert last["eval_loss"] < 0.6
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and (tmp_path / "loss.png").exists()
     assert result["steps"] == 20
+
+
+GOOD = {"prompt": "Q: tent?\nA:", "chosen": " A light one.", "rejected": " Tents vary a lot."}
+BAD_ROWS = [
+    ({"prompt": "Q?", "chosen": " yes"}, r"missing field\(s\) \['rejected'\]"),
+    ({"prompt": "Q?", "chosen": " same", "rejected": " same"}, "chosen and rejected are identical"),
+    ({"prompt": "Q?", "chosen": "  ", "rejected": " no"}, "empty response: chosen has no text"),
+    ({"prompt": [{"role": "user", "content": "Q?"}], "chosen": [{"role": "assistant", "content": ""}],
+      "rejected": [{"role": "assistant", "content": "no"}]}, "empty response: chosen has no assistant message"),
+    ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+     "share no leading message"),
+    ({"prompt": 3, "chosen": " a", "rejected": " b"}, "'prompt' must be a string"),
+    (["not", "an", "object"], "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("row,message", BAD_ROWS)
+def test_a_bad_preference_row_is_one_line_naming_file_and_line_and_nothing_is_written(tmp_path, tiny_tokenizer, row,
+                                                                                        message):
+    from lorakit.train import train
+    from lorakit.train.data import DataError
+
+    data = _write(tmp_path / "pairs.jsonl", [GOOD, GOOD, row, GOOD])
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=rf"^{data}:3: .*{message}") as caught:
+        train(tiny_train_config(out, method="dpo", data=data), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
+    assert "\n" not in str(caught.value)
+    assert not out.exists()
+
+
+def test_preference_settings_are_checked_when_the_config_is_made(tmp_path):
+    from lorakit.train.config import TrainConfig
+
+    for bad, message in [(dict(method="ppo"), r"method must be one of \['sft', 'dpo', 'orpo'\], got 'ppo'"),
+                         (dict(method="dpo", loss_type="kto"), "loss_type must be one of"),
+                         (dict(method="dpo", beta=0), "need beta > 0"),
+                         (dict(method="dpo", label_smoothing=0.5), "label_smoothing < 0.5"),
+                         (dict(method="orpo", packing=True), "packing: false")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(output_dir=str(tmp_path), **bad)
+
+
+def test_dpo_from_a_peft_sft_adapter_uses_it_as_reference_on_nf4_with_checkpointing(tmp_path, tiny_tokenizer):
+    """--init_adapter DIR written by PEFT: training starts from its weights, the (precomputed) reference is that
+    starting adapter (TRL's rule), so step 1 sits at log 2; works on a 4-bit base with gradient checkpointing."""
+    import peft
+
+    from lorakit.train import train
+
+    sft = peft.get_peft_model(tiny_llama_for(tiny_tokenizer), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                              target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(sft, scale=0.2)
+    sft.save_pretrained(tmp_path / "sft")
+    result = train(tiny_train_config(tmp_path / "dpo", method="dpo", data=DEMO_PAIRS, init_adapter=str(tmp_path / "sft"),
+                                     quantize="nf4", gradient_checkpointing=True, max_steps=4, eval_every=4),
+                   tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
+    history = result["history"]
+    assert history[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the start
+    assert history[1]["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[-1]["eval_rewards/margins"] > 0
+    loaded = json.loads((tmp_path / "dpo" / "adapter" / "adapter_config.json").read_text())
+    assert loaded["r"] == 4 and sorted(loaded["target_modules"]) == ["q_proj", "v_proj"]  # the starting adapter's
+
+
+def test_orpo_run_lowers_its_loss_and_logs_its_metrics(tmp_path, tiny_tokenizer):
+    from lorakit.train import train
+
+    result = train(tiny_train_config(tmp_path, method="orpo", data=DEMO_PAIRS, max_steps=10, eval_every=10, lr=1e-2),
+                   tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
+    first, last = result["history"][0], result["history"][-1]
+    assert last["eval_loss"] < first["eval_loss"]
+    assert {"eval_nll_loss", "eval_log_odds_ratio", "eval_rewards/accuracies"} <= set(last)

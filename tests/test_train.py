@@ -10,6 +10,7 @@ import torch
 from conftest import assert_close_fp32, tiny_llama_for
 from conftest import tiny_train_config as _cfg
 
+import lorakit
 from lorakit.train import train
 from lorakit.train.setup import lr_lambda
 
@@ -123,13 +124,13 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def _single_and_two_process_adapters(tmp_path, model_dir, port, **distributed_kw):
+def _single_and_two_process_adapters(tmp_path, model_dir, port, run_kw=None, **distributed_kw):
     """Train the same config in one process (batch 4) and under torchrun with 2 processes (batch 2 each);
     return both adapters' tensors. Activations are kept in fp32 (the exact reference path): bf16-kept
     activations round values that differ in their last fp32 bits between batch shapes."""
     from safetensors.torch import load_file
 
-    exact = dict(saved_activations="fp32")
+    exact = dict(saved_activations="fp32", **(run_kw or {}))
     single = _write_yaml(tmp_path / "single.yaml", model_dir, tmp_path / "single", batch_size=4, **exact)
     multi = _write_yaml(tmp_path / "multi.yaml", model_dir, tmp_path / "multi", batch_size=2, **exact,
                         **distributed_kw)
@@ -141,8 +142,12 @@ def _single_and_two_process_adapters(tmp_path, model_dir, port, **distributed_kw
             load_file(tmp_path / "multi" / "adapter" / "adapter_model.safetensors"))
 
 
-def test_two_process_ddp_equals_single_process_with_same_global_batch(tmp_path, tiny_model_dir):
-    a, b = _single_and_two_process_adapters(tmp_path, tiny_model_dir, 29533)
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_two_process_ddp_equals_single_process_with_same_global_batch(tmp_path, tiny_model_dir, method):
+    """DPO too: each process's reference forward (adapter off) on its own pairs; metrics summed over processes."""
+    pairs = dict(method="dpo", data=os.path.join(os.path.dirname(lorakit.__file__), "data", "demo_preferences.jsonl"))
+    a, b = _single_and_two_process_adapters(tmp_path, tiny_model_dir, 29533 if method == "sft" else 29534,
+                                            run_kw=pairs if method == "dpo" else None)
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max() < 1e-5, key

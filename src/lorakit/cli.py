@@ -66,6 +66,9 @@ def _add_train_command(sub) -> None:
                            on the bundled demo data. Settings come from defaults, then CONFIG.yaml, then
                            --key=value (or --key value) overrides (dotted for sections), e.g.
                              lorakit train configs/demo.yaml --lr=5e-4 --lora.r=32 --output_dir=runs/x
+                           Preference training on {"prompt", "chosen", "rejected"} rows (TRL's formats):
+                             lorakit train configs/dpo_demo.yaml     (--method=dpo|orpo, --beta=0.1,
+                             --loss_type=sigmoid|ipo|hinge|robust, --init_adapter DIR to start from an adapter)
                            Writes OUT/adapter/, OUT/loss.png, OUT/metrics.jsonl, OUT/config.yaml."""))
     p.add_argument("config", nargs="?", help="YAML file of training settings")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

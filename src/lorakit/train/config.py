@@ -26,7 +26,7 @@ DEMO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
 # task -> the adapter config's task_type
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "min_lr_ratio", "clip_grad_norm", "val_fraction", "beta",
-                "label_smoothing", "orpo_lambda")  # + optional ones
+                "label_smoothing", "orpo_lambda", "sft_weight")  # + optional ones
 METHODS = ("sft", "dpo", "orpo")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 # What each declared field type accepts, and how an error says it (checked before anything loads).
@@ -100,6 +100,7 @@ class TrainConfig:
     beta: float = 0.1                     # dpo: how far the adapter may move from the reference (TRL's beta)
     loss_type: str = "sigmoid"            # dpo: sigmoid (DPO) | ipo | hinge | robust
     label_smoothing: float = 0.0          # dpo: cDPO's (sigmoid) / rDPO's (robust) label-flip probability, < 0.5
+    sft_weight: float = 0.0               # dpo: + this x the chosen responses' NLL (RPO; TRL's loss_type [.., sft])
     orpo_lambda: float = 0.1              # orpo: weight of the odds-ratio term (TRL's beta for ORPO)
     precompute_ref_logps: bool = False    # dpo: reference log-probs once over the data before training, instead of
                                           # one adapter-off forward per step
@@ -173,9 +174,10 @@ class TrainConfig:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         if self.loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {list(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
-        if not (self.beta > 0 and self.orpo_lambda > 0 and 0 <= self.label_smoothing < 0.5):
-            raise ValueError(f"need beta > 0, orpo_lambda > 0 and 0 <= label_smoothing < 0.5, got beta={self.beta}, "
-                             f"orpo_lambda={self.orpo_lambda}, label_smoothing={self.label_smoothing}")
+        if not (self.beta > 0 and self.orpo_lambda > 0 and 0 <= self.label_smoothing < 0.5 and self.sft_weight >= 0):
+            raise ValueError(f"need beta > 0, orpo_lambda > 0, 0 <= label_smoothing < 0.5 and sft_weight >= 0, got "
+                             f"beta={self.beta}, orpo_lambda={self.orpo_lambda}, label_smoothing={self.label_smoothing}, "
+                             f"sft_weight={self.sft_weight}")
         if self.method != "sft" and (self.task != "causal_lm" or self.packing or self.train_on_prompt):
             raise ValueError(f"method: {self.method} trains a causal LM on preference pairs: it needs task: causal_lm, "
                              "packing: false and train_on_prompt: false")

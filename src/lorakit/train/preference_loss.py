@@ -5,6 +5,9 @@ Definitions follow the papers as TRL (1.16) implements them, so a run here and T
   (log π(y_l|x) - log π_ref(y_l|x)), log-probs summed over the response tokens. `label_smoothing` ε > 0 gives the
   conservative DPO of the same paper's appendix (cDPO): -(1-ε)·log σ(β·Δ) - ε·log σ(-β·Δ) (TRL 1.16 has it as
   `loss_type: robust`'s numerator; ε = 0 is plain DPO).
+- `sft_weight` w > 0 adds w x the chosen responses' token-mean NLL to every pair's DPO loss (RPO, Pang et al.
+  2024; TRL's `loss_type: [sigmoid, sft]` with `loss_weights: [1, w]`): the adapter keeps writing the chosen
+  answers fluently while it learns to prefer them.
 - `hinge` (SLiC: relu(1 - β·Δ)) and `robust` (rDPO: cDPO's terms with the flipped one subtracted, over
   1 - 2ε) as TRL has them.
 - IPO (Azar et al. 2023), `loss_type: ipo`: (Δ' - 1/(2β))², each log-ratio divided by its response's token
@@ -110,12 +113,13 @@ class PreferenceLoss(nn.Module):
     count_targets = staticmethod(count_pairs)
 
     def __init__(self, peft_model: nn.Module, method: str = "dpo", beta: float = 0.1, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, orpo_lambda: float = 0.1, fused: bool = True):
+                 label_smoothing: float = 0.0, orpo_lambda: float = 0.1, sft_weight: float = 0.0, fused: bool = True):
         super().__init__()
         if method not in ("dpo", "orpo"):
             raise ValueError(f"PreferenceLoss method must be 'dpo' or 'orpo', got {method!r}")
         self.peft_model, self.method, self.fused = peft_model, method, fused
         self.beta, self.loss_type, self.label_smoothing, self.orpo_lambda = beta, loss_type, label_smoothing, orpo_lambda
+        self.sft_weight = sft_weight
         self.metric_sums: dict[str, float] = {}
 
     @torch.no_grad()
@@ -148,6 +152,10 @@ class PreferenceLoss(nn.Module):
             losses, chosen_r, rejected_r = dpo_losses(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], self.beta,
                                                       self.loss_type, self.label_smoothing, tokens[:n], tokens[n:])
             extra = {}
+            if self.sft_weight:  # + the chosen responses' token-mean NLL (TRL's loss_type [..., "sft"])
+                nll = -logps[:n].sum() / response[:n].sum()
+                losses = losses + self.sft_weight * nll
+                extra["nll_loss"] = float(nll.detach()) * n
         self._add_metrics({"rewards/chosen": chosen_r.sum(), "rewards/rejected": rejected_r.sum(),
                            "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
                            "rewards/margins": (chosen_r - rejected_r).sum(),

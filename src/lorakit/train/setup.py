@@ -181,7 +181,8 @@ def build_loss(cfg: TrainConfig, peft_model) -> torch.nn.Module:
     if cfg.method == "sft":
         return LOSSES[cfg.task](peft_model, fused=cfg.fused_kernels)
     return PreferenceLoss(peft_model, cfg.method, beta=cfg.beta, loss_type=cfg.loss_type,
-                          label_smoothing=cfg.label_smoothing, orpo_lambda=cfg.orpo_lambda, fused=cfg.fused_kernels)
+                          label_smoothing=cfg.label_smoothing, orpo_lambda=cfg.orpo_lambda, sft_weight=cfg.sft_weight,
+                          fused=cfg.fused_kernels)
 
 
 def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=None) -> Run:
