@@ -241,3 +241,19 @@ def test_orpo_run_lowers_its_loss_and_logs_its_metrics(tmp_path, tiny_tokenizer)
     first, last = result["history"][0], result["history"][-1]
     assert last["eval_loss"] < first["eval_loss"]
     assert {"eval_nll_loss", "eval_log_odds_ratio", "eval_rewards/accuracies"} <= set(last)
+
+
+def test_label_smoothing_gives_conservative_dpo_in_float64():
+    """TRL 1.16 dropped label smoothing from `sigmoid`; lorakit keeps the DPO paper's conservative DPO (cDPO):
+    -(1-ε)·log σ(βΔ) - ε·log σ(-βΔ), checked against the formula evaluated in float64, and ε = 0 is plain DPO."""
+    from lorakit.train.preference_loss import dpo_losses
+
+    gen = torch.Generator().manual_seed(0)
+    logps = [torch.randn(5, generator=gen, dtype=torch.float64) * 30 - 100 for _ in range(4)]
+    delta = 0.1 * ((logps[0] - logps[2]) - (logps[1] - logps[3]))
+    for eps in (0.0, 0.1, 0.3):
+        losses, chosen, rejected = dpo_losses(*logps, beta=0.1, loss_type="sigmoid", label_smoothing=eps)
+        expected = [-(1 - eps) * math.log(1 / (1 + math.exp(-d))) - eps * math.log(1 / (1 + math.exp(d)))
+                    for d in delta.tolist()]
+        assert losses.tolist() == pytest.approx(expected, rel=1e-12)
+        assert (chosen - rejected).tolist() == pytest.approx(delta.tolist(), rel=1e-12)
