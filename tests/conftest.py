@@ -186,3 +186,39 @@ def assert_close_fp32(actual, expected, msg=None, rel=FP32_REL):
     scale = max(actual.abs().max().item(), expected.abs().max().item(), 1e-30) if actual.numel() else 1.0
     error = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
     assert error <= rel * scale, f"{msg or ''}: max |difference| {error:.3g} > {rel:g} x largest magnitude {scale:.3g}"
+
+
+# --- the server tests' model and adapters (test_serve.py, test_playground.py) ---
+def _train_adapter(tmp_path_factory, model_dir, answer, name):
+    """A tiny adapter that answers every prompt with `answer` (trained for a few seconds)."""
+    from lorakit.train import TrainConfig, train
+
+    root = tmp_path_factory.getbasetemp() / "adapters"
+    data = root / f"{name}.jsonl"
+    root.mkdir(exist_ok=True)
+    prompts = ["Tell me something.", "Hello?", "What now?", "Any news?", "Say a thing."]
+    data.write_text("".join(
+        '{"messages": [{"role": "user", "content": "%s"}, {"role": "assistant", "content": "%s"}]}\n' % (p, answer)
+        for p in prompts * 4))
+    out = root / f"run-{name}"
+    train(TrainConfig(model=model_dir, data=str(data), prompts=None, output_dir=str(out), max_steps=80, lr=1e-2,
+                      batch_size=4, warmup_steps=2, val_fraction=0.0, bf16=False, progress=False, save_every=1000,
+                      lora=dict(r=8, lora_alpha=16, target_modules="all-linear")))
+    os.replace(out / "adapter", root / name)
+    return str(root / name)
+
+
+@pytest.fixture(scope="session")
+def serve_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama whose output head is large enough to express confident answers."""
+    path = tmp_path_factory.mktemp("serve-llama")
+    tiny_llama_for(tiny_tokenizer, initializer_range=0.3).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory, serve_model_dir):
+    """Two trained adapters under one adapter root: (yes, no) directories."""
+    return (_train_adapter(tmp_path_factory, serve_model_dir, "yes yes yes", "yes"),
+            _train_adapter(tmp_path_factory, serve_model_dir, "no no no", "no"))

@@ -14,45 +14,8 @@ import openai
 import pytest
 import torch
 
-from lorakit.train.config import TrainConfig
-from lorakit.train import train
 
 PROMPT = "Tell me something."
-
-
-def _train_adapter(tmp_path_factory, model_dir, answer, name):
-    """A tiny adapter that answers every prompt with `answer` (trained for a few seconds)."""
-    root = tmp_path_factory.getbasetemp() / "adapters"
-    data = root / f"{name}.jsonl"
-    root.mkdir(exist_ok=True)
-    prompts = ["Tell me something.", "Hello?", "What now?", "Any news?", "Say a thing."]
-    data.write_text("".join(
-        '{"messages": [{"role": "user", "content": "%s"}, {"role": "assistant", "content": "%s"}]}\n' % (p, answer)
-        for p in prompts * 4))
-    out = root / f"run-{name}"
-    train(TrainConfig(model=model_dir, data=str(data), prompts=None, output_dir=str(out), max_steps=80, lr=1e-2,
-                      batch_size=4, warmup_steps=2, val_fraction=0.0, bf16=False, progress=False, save_every=1000,
-                      lora=dict(r=8, lora_alpha=16, target_modules="all-linear")))
-    os.replace(out / "adapter", root / name)
-    return str(root / name)
-
-
-@pytest.fixture(scope="module")
-def serve_model_dir(tmp_path_factory, tiny_tokenizer):
-    """A tiny Llama whose output head is large enough to express confident answers."""
-    from conftest import tiny_llama_for
-
-    path = tmp_path_factory.mktemp("serve-llama")
-    tiny_llama_for(tiny_tokenizer, initializer_range=0.3).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory, serve_model_dir):
-    """Two trained adapters under one adapter root: (yes, no) directories."""
-    return (_train_adapter(tmp_path_factory, serve_model_dir, "yes yes yes", "yes"),
-            _train_adapter(tmp_path_factory, serve_model_dir, "no no no", "no"))
 
 
 def _start_server(model_dir, *args):

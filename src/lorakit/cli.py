@@ -127,6 +127,9 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--max-tokens-cap", type=positive_int, default=512, help="upper bound on max_tokens")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=2048)
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20)
+    p.add_argument("--runs", default=None, metavar="DIR",
+                   help="training runs shown in the playground (default: runs/ when it exists)")
+    p.add_argument("--no-playground", action="store_true", help="no browser page at / (the API only)")
     _add_runtime_args(p)
 
 

@@ -147,7 +147,9 @@ def cmd_serve(args) -> int:
     serve(ServeConfig(model=args.model, adapters=dict(args.adapter), adapter_root=args.adapter_root,
                       max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                       max_tokens_cap=args.max_tokens_cap, max_prompt_tokens=args.max_prompt_tokens,
-                      max_body_bytes=args.max_body_bytes, dtype=args.dtype, device=args.device),
+                      max_body_bytes=args.max_body_bytes, dtype=args.dtype, device=args.device,
+                      playground=not args.no_playground,
+                      runs_dir=args.runs or ("runs" if os.path.isdir("runs") else None)),
           host=args.host, port=args.port)
     return 0
 

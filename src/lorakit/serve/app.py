@@ -27,6 +27,7 @@ except ImportError as e:  # an optional dependency: say how to get it
 from ..chat import render_prompt
 from .engine import Engine, Job, ServeConfig
 from .errors import Conflict, EngineError, InvalidRequest, NotAllowed, NotFound
+from .playground import add_playground_routes
 from .request import Params, request_params
 from .sampling import cut_at_stop
 
@@ -56,6 +57,8 @@ def create_app(engine: Engine) -> FastAPI:
     _add_error_handlers(app)
     _add_completion_routes(app, engine)
     _add_adapter_routes(app, engine)
+    if engine.config.playground:
+        add_playground_routes(app, engine, engine.config.runs_dir)
     return app
 
 
@@ -265,4 +268,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> Non
     check_port_free(host, port)
     engine = Engine(config)
     print(f"lorakit serve: {engine.base_name} + adapters {engine.adapter_names()} on http://{host}:{port}", flush=True)
+    if config.playground:
+        runs = f"; runs from {config.runs_dir}" if config.runs_dir else ""
+        print(f"playground: open http://{host}:{port}/ in a browser{runs}", flush=True)
     uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")

@@ -47,6 +47,8 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     dtype: str = "auto"   # base model dtype: auto (bf16 where fast), bf16, fp16, fp32
     device: str = "auto"  # auto (the GPU when visible), cpu, cuda
+    playground: bool = True        # the browser page at / (serve/playground.py)
+    runs_dir: str | None = None    # training runs the page shows (GET /v1/runs); None: none
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_tokens_cap", "max_prompt_tokens", "max_body_bytes"):
@@ -56,6 +58,8 @@ class ServeConfig:
             raise ValueError(f"max_wait_ms must be a number >= 0, got {self.max_wait_ms!r}")
         check_dtype_setting(self.dtype)
         check_device_setting(self.device)
+        if self.runs_dir is not None and not os.path.isdir(self.runs_dir):
+            raise FileNotFoundError(f"runs directory {self.runs_dir} does not exist")
         for name, path in self.adapters.items():
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"adapter {name!r}: directory {path} does not exist")
@@ -93,6 +97,7 @@ class Engine:
         self.in_use: dict[str, int] = {}   # adapter -> requests submitted and not finished
         self.deleting: set[str] = set()    # deleted by a client, removed when its last request finishes
         self.jobs: queue.Queue[Job] = queue.Queue()
+        self.details: dict[str, dict] = {}  # adapter -> what GET /v1/adapters shows (recorded when loaded)
         for name, path in config.adapters.items():
             self.load_adapter(name, path, check_root=False)
         threading.Thread(target=self._worker, daemon=True).start()
@@ -136,6 +141,18 @@ class Engine:
                     self.model = LoraModel.from_pretrained(self.model, path, adapter_name=name)
             except (ValueError, OSError) as e:
                 raise InvalidRequest(f"cannot load adapter {name!r}: {e}", "bad_adapter") from None
+            self.details[name] = self._describe(name, path)
+
+    def _describe(self, name: str, path: str) -> dict:
+        """Form, rank, alpha, targets, parameter count and bytes of a loaded adapter (the caller holds `lock`)."""
+        config = self.model.peft_config[name]
+        tensors = [p for n, p in self.model.named_parameters() if f".{name}." in n]
+        targets = config.target_modules
+        return {"id": name, "peft_type": str(getattr(config.peft_type, "value", config.peft_type)),
+                "r": getattr(config, "r", None), "lora_alpha": getattr(config, "lora_alpha", None),
+                "target_modules": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
+                "parameters": sum(p.numel() for p in tensors),
+                "bytes": sum(p.numel() * p.element_size() for p in tensors), "source": path}
 
     def _under_root(self, path: str) -> str:
         root = self.config.adapter_root
@@ -164,6 +181,7 @@ class Engine:
     def _remove(self, name: str) -> None:
         """Delete a hidden adapter from the model (the caller holds `lock`)."""
         self.model.delete_adapter(name)
+        self.details.pop(name, None)
         with self.registry:
             self.deleting.discard(name)
 

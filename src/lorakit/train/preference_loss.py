@@ -174,10 +174,12 @@ class PreferenceLoss(nn.Module):
 
 @torch.no_grad()
 def precompute_reference(loss_module: PreferenceLoss, examples: list, batch_size: int, pad_id: int, device,
-                         adapter_on: bool = False) -> None:
+                         adapter_on: bool = False, log=print) -> None:
     """Set each example's `ref_logps` (chosen, rejected): the model with its adapter off, or with `adapter_on` the
     adapter as it is now (a starting adapter is DPO's reference, as in TRL). Eval mode: no dropout."""
     model = loss_module.peft_model
+    reference = "the starting adapter" if adapter_on else "the base model (adapter off)"
+    log(f"reference log-probs of {reference}: computed once over {len(examples)} pairs")
     with eval_mode(model):
         for i in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", unit="batch", leave=False):
             chunk = examples[i:i + batch_size]

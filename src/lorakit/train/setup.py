@@ -176,6 +176,17 @@ def build_optimizer(cfg: TrainConfig, model: LoraModel, device: torch.device, to
     return optimizer, scheduler, params
 
 
+def adapt(cfg: TrainConfig, base, adapter_config: LoraConfig, log) -> tuple[LoraModel, LoraConfig]:
+    """The base with its trainable adapter: a new one as `cfg.lora` says, or `cfg.init_adapter`'s saved one (with
+    its own settings), and the adapter config in force."""
+    if not cfg.init_adapter:
+        return get_peft_model(base, adapter_config), adapter_config
+    peft_model = LoraModel.from_pretrained(base, cfg.init_adapter, is_trainable=True)
+    adapter_config = peft_model.peft_config["default"]
+    log(f"adapter: starting from {cfg.init_adapter} ({adapter_config.PEFT_TYPE}, r={adapter_config.r})")
+    return peft_model, adapter_config
+
+
 def build_loss(cfg: TrainConfig, peft_model) -> torch.nn.Module:
     """The module the loop calls: the task's loss, or the preference loss of `cfg.method`."""
     if cfg.method == "sft":
@@ -217,21 +228,14 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
         if is_main:
             with atomic_path(os.path.join(cfg.output_dir, "labels.json")) as tmp, open(tmp, "w") as f:
                 json.dump({"id2label": {i: name for i, name in enumerate(classes)}}, f, indent=2)
-    if cfg.init_adapter:  # continue from a saved adapter (its own settings, not cfg.lora)
-        peft_model = LoraModel.from_pretrained(base, cfg.init_adapter, is_trainable=True)
-        adapter_config = peft_model.peft_config["default"]
-        log(f"adapter: starting from {cfg.init_adapter} ({adapter_config.PEFT_TYPE}, r={adapter_config.r})")
-    else:
-        peft_model = get_peft_model(base, adapter_config)
+    peft_model, adapter_config = adapt(cfg, base, adapter_config, log)
     prompts = D.read_prompts(cfg.prompts) if is_main and cfg.prompts and cfg.task == "causal_lm" else []
     before = answer_prompts(peft_model, tokenizer, prompts, cfg.max_new_tokens)
     peft_model.train()
     loss_module = build_loss(cfg, peft_model)
     if cfg.method == "dpo" and (cfg.precompute_ref_logps or cfg.init_adapter):
-        reference = "the starting adapter" if cfg.init_adapter else "the base model (adapter off)"
-        log(f"reference log-probs of {reference}: computed once over {len(train_rows) + len(val_rows)} pairs")
         precompute_reference(loss_module, train_rows + val_rows, cfg.batch_size, tokenizer.pad_token_id, env.device,
-                             adapter_on=bool(cfg.init_adapter))
+                             adapter_on=bool(cfg.init_adapter), log=log)
     engine = dist_utils.wrap(loss_module, env, cfg.distributed)
     optimizer, scheduler, params = build_optimizer(cfg, peft_model, env.device, total_steps)  # after FSDP's wrap
     run = Run(cfg, env, log, tokenizer, train_rows, val_rows, total_steps, adapter_config, peft_model,
