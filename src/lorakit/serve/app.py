@@ -5,7 +5,8 @@
 GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
 server-sent events), POST /v1/adapters (load from under --adapter-root only), DELETE
 /v1/adapters/{name}. Errors are OpenAI-style JSON: {"error": {"message", "type", "code"}}; the engine's
-own refusals (errors.py) become 400 / 403 / 404 / 409 here.
+own refusals (errors.py) become 400 / 403 / 404 / 409 here. The browser playground at / and its read-only
+routes are in playground.py.
 (No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.)
 """
 

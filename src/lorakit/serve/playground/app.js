@@ -111,7 +111,9 @@ async function refreshAdapters() {
   const rows = listing.data.map((a) => {
     const row = document.createElement("tr");
     row.dataset.adapter = a.id;
-    const targets = Array.isArray(a.target_modules) ? a.target_modules.join(", ") : String(a.target_modules);
+    // module names (q_proj, ...), not each layer's full path
+    const targets = Array.isArray(a.target_modules)
+      ? [...new Set(a.target_modules.map((t) => t.split(".").pop()))].join(", ") : String(a.target_modules);
     for (const value of [a.id, a.peft_type, a.r, a.lora_alpha, targets, a.parameters.toLocaleString(),
       formatBytes(a.bytes)]) {
       const cell = document.createElement("td");
