@@ -209,3 +209,20 @@ def test_narrow_window_has_no_sideways_scrolling(browser):
             assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"), view
     finally:
         browser.set_window_size(1200, 900)
+
+
+def test_a_run_still_training_updates_live(browser, runs_dir):
+    live = runs_dir / "live-run"
+    live.mkdir()
+    (live / "config.yaml").write_text("method: sft\nmax_steps: 10\n")
+    records = [{"step": s, "train_loss": 3.0 - 0.1 * s} for s in (1, 2)]
+    (live / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _tab(browser, "chat")
+    _tab(browser, "runs")  # the list is read again when the view opens
+    _wait(browser, lambda d: _css(d, '#runs-list button[data-run="live-run"]'))[0].click()
+    _wait(browser, lambda d: "training: step 2 of 10" in _by_id(d, "run-status").text)
+    with open(live / "metrics.jsonl", "a") as f:  # the run logs its next step
+        f.write(json.dumps({"step": 3, "train_loss": 2.7}) + "\n")
+    _wait(browser, lambda d: "training: step 3 of 10" in _by_id(d, "run-status").text, seconds=10)
+    points = _by_id(browser, "loss-chart").find_element("css selector", "polyline").get_attribute("points")
+    assert len(points.split()) == 3
