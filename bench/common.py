@@ -60,3 +60,23 @@ def machine_name(device: str = "cpu") -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}; {cpu}"
     return f"{cpu}, {torch.get_num_threads()} threads, fast bf16: {fast_bf16()}"
+
+
+def matmul_peak_gflops(dtype, device: str = "cpu") -> float:
+    """Measured matmul throughput of this machine in `dtype` (the physical limit for the fraction)."""
+    import torch
+
+    size = 8192 if device == "cuda" else 2048
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    best, n = 0.0, 4
+    for _ in range(5):  # the peak is the best of several timings: a busy moment only lowers one of them
+        start = time.perf_counter()
+        for _ in range(n):
+            a @ b
+        sync()
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - start) / 1e9)
+    return best

@@ -6,13 +6,16 @@ Each size is a random-weight model of that architecture's real shape (lorakit.mo
 safetensors, written once to the cache; they measure memory and speed, not quality). Each run is its own
 process training LoRA r=16 on every linear layer, batch 4 x 512 tokens (packed demo rows), for `--steps`
 optimizer steps:
-  qlora  lorakit, frozen base in NF4, gradient checkpointing;
-  lora   lorakit, frozen base in the compute dtype (bf16 where the CPU has fast bf16, else fp32), checkpointing;
+  qlora  lorakit, frozen base in NF4, gradient checkpointing as the memory plan needs (`auto`: the fewest layers
+         that make the run fit, none where it fits; dense weights of a checkpointed layer kept for its backward);
+  lora   lorakit, frozen base in the compute dtype (bf16 where the CPU has fast bf16, else fp32), the same plan;
   peft   transformers + PEFT, fp32 base, gradient checkpointing (skipped as "does not fit" where its fp32
          weights alone exceed the memory available).
 Reported: peak RSS (the process's high-water mark, loading included), time to load (process start to the
-first step), seconds per step (mean over steps after the first; the first where only one ran), tokens/s,
-and `lorakit calc`'s predicted peak for the same run with its error. Results merge into the JSON by
+first step), seconds per step (mean over steps after the first; the first where only one ran), tokens/s, model
+FLOPs utilization (tokens/s x 4 x parameters FLOPs per token, recomputation not counted, over the GEMM peak
+measured in the compute dtype), the layers the plan recomputed, and `lorakit calc`'s predicted peak for the same
+run and plan with its error. Results merge into the JSON by
 (size, run), so sizes can be measured in separate invocations; the table and PNG cover the whole JSON.
 """
 
@@ -26,10 +29,12 @@ import sys
 import tempfile
 import time
 
+import yaml
+
 STARTED = time.perf_counter()
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import machine_name  # noqa: E402
+from common import machine_name, matmul_peak_gflops  # noqa: E402
 
 BATCH, LENGTH, RANK, LR = 4, 512, 16, 1e-4
 LORA = dict(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules="all-linear")
@@ -55,13 +60,19 @@ def lorakit_worker(model_dir: str, run: str, steps: int) -> dict:
     stamps = []
     cfg = TrainConfig(model=model_dir, prompts=None, output_dir=tempfile.mkdtemp(), max_length=LENGTH, packing=True,
                       batch_size=BATCH, max_steps=steps, lr=LR, warmup_steps=0, val_fraction=0.0, eval_every=10**6,
-                      save_every=10**6, progress=False, lora=dict(LORA), gradient_checkpointing=True,
+                      save_every=10**6, progress=False, lora=dict(LORA), gradient_checkpointing="auto",
                       quantize="nf4" if run == "qlora" else None)
-    train(cfg, on_step=lambda step, record: stamps.append((time.perf_counter(), record)))
+    summary = train(cfg, on_step=lambda step, record: stamps.append((time.perf_counter(), record)))
+    with open(os.path.join(cfg.output_dir, "config.yaml")) as f:  # the settings the run decided (its plan)
+        decided = yaml.safe_load(f)
+    plan = decided["checkpoint_layers"] if decided["gradient_checkpointing"] else 0
+    layers = summary["model"].get_base_model().config.num_hidden_layers
     first_at, first = stamps[0]
     step_seconds = [b[1]["elapsed_s"] - a[1]["elapsed_s"] for a, b in zip(stamps, stamps[1:])] or [first["elapsed_s"]]
     return {"load_s": first_at - first["elapsed_s"] - STARTED, "seconds_per_step": sum(step_seconds) / len(step_seconds),
-            "losses": [r["train_loss"] for _, r in stamps], "peak_rss_gb": peak_resident_gb()}
+            "losses": [r["train_loss"] for _, r in stamps], "peak_rss_gb": peak_resident_gb(),
+            "checkpointed_layers": layers if plan is None else plan, "layers": layers,
+            "compute": "bf16" if decided["bf16"] else "fp32"}
 
 
 def peft_worker(model_dir: str, steps: int) -> dict:
@@ -93,19 +104,23 @@ def peft_worker(model_dir: str, steps: int) -> dict:
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
     later = times[1:] or times
+    layers = model.get_base_model().config.num_hidden_layers
     return {"load_s": loaded - STARTED, "seconds_per_step": sum(later) / len(later), "losses": losses,
-            "peak_rss_gb": peak_resident_gb()}
+            "peak_rss_gb": peak_resident_gb(), "checkpointed_layers": layers, "layers": layers, "compute": "fp32"}
 
 
-def predicted_peak_gb(size: str, run: str) -> float | None:
-    """`lorakit calc`'s predicted peak for this run (None for PEFT, which the calculator does not model)."""
+def predicted_peak_gb(r: dict) -> float | None:
+    """`lorakit calc`'s predicted peak for this run and its checkpointing plan (None for PEFT, which the calculator
+    does not model; results measured before plans were recorded checkpointed every layer)."""
     from lorakit import calc
 
-    if run == "peft":
+    if r["run"] == "peft":
         return None
-    return calc.predict_run(calc.ARCHITECTURES[size], calc.RunShape(
-        storage="nf4" if run == "qlora" else None, batch=BATCH, length=LENGTH, rank=RANK,
-        gradient_checkpointing=True))["total"]
+    arch = calc.ARCHITECTURES[r["size"]]
+    recomputed = r.get("checkpointed_layers", arch.layers)
+    return calc.predict_run(arch, calc.RunShape(
+        storage="nf4" if r["run"] == "qlora" else None, compute=r.get("compute", "fp32"), batch=BATCH, length=LENGTH,
+        rank=RANK, gradient_checkpointing=recomputed > 0, checkpointed_layers=recomputed))["total"]
 
 
 def measure(size: str, run: str, steps: int) -> dict:
@@ -127,7 +142,12 @@ def measure(size: str, run: str, steps: int) -> dict:
         sys.stderr.write(proc.stderr[-3000:])
         return {**entry, "status": f"failed (exit {proc.returncode})"}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    entry.update(result, status="ok", tokens_per_s=BATCH * LENGTH / result["seconds_per_step"])
+    import torch
+
+    peak = matmul_peak_gflops(torch.bfloat16 if result["compute"] == "bf16" else torch.float32)
+    tokens_per_s = BATCH * LENGTH / result["seconds_per_step"]
+    entry.update(result, status="ok", tokens_per_s=tokens_per_s, matmul_peak_gflops=peak,
+                 mfu=tokens_per_s * 4 * params / (peak * 1e9))
     return entry
 
 
@@ -136,24 +156,26 @@ def with_predictions(results: list[dict]) -> list[dict]:
     changed since the measurement)."""
     out = []
     for r in results:
-        predicted = predicted_peak_gb(r["size"], r["run"])
+        predicted = predicted_peak_gb(r)
         error = predicted / r["peak_rss_gb"] - 1 if predicted is not None and r["status"] == "ok" else None
         out.append({**r, "predicted_peak_gb": predicted, "calc_error": error})
     return out
 
 
 def table(results: list[dict]) -> str:
-    head = ("| model | params | run | peak RSS GB | calc GB (error) | load s | s/step | tokens/s | status |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    head = ("| model | params | run | recomputed layers | peak RSS GB | calc GB (error) | load s | s/step | tokens/s "
+            "| MFU | status |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in sorted(results, key=lambda r: (r["params"], RUNS.index(r["run"]))):
         ok = r["status"] == "ok"
         calc_cell = (f"{r['predicted_peak_gb']:.2f}" + (f" ({100 * r['calc_error']:+.0f} %)" if ok else "")
                      if r["predicted_peak_gb"] is not None else "—")
-        cells = [r["size"], f"{r['params'] / 1e9:.2f} B", r["run"],
+        plan = f"{r['checkpointed_layers']} of {r['layers']}" if "layers" in r else "all"
+        cells = [r["size"], f"{r['params'] / 1e9:.2f} B", r["run"], plan if ok else "—",
                  f"{r['peak_rss_gb']:.2f}" if ok else "—", calc_cell,
                  f"{r['load_s']:.0f}" if ok else "—", f"{r['seconds_per_step']:.0f}" if ok else "—",
-                 f"{r['tokens_per_s']:.1f}" if ok else "—", "ok" if ok else r["status"]]
+                 f"{r['tokens_per_s']:.1f}" if ok else "—", f"{100 * r['mfu']:.0f} %" if "mfu" in r else "—",
+                 "ok" if ok else r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

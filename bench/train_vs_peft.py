@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from common import LORA, machine_name  # noqa: E402  (lora_dropout comes from --dropout; PEFT default 0)
+from common import LORA, machine_name, matmul_peak_gflops  # noqa: E402  (lora_dropout comes from --dropout; PEFT default 0)
 
 LR, WARMUP, BATCH, MAX_LEN, TURNS = 2e-4, 5, 8, 320, 3
 
@@ -146,26 +146,6 @@ def kernel_counter():
     return KernelCounter()
 
 
-def matmul_peak_gflops(dtype, device: str = "cpu") -> float:
-    """Measured matmul throughput of this machine in `dtype` (the physical limit for the fraction)."""
-    import torch
-
-    size = 8192 if device == "cuda" else 2048
-    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    best, n = 0.0, 4
-    for _ in range(5):  # the peak is the best of several timings: a busy moment only lowers one of them
-        start = time.perf_counter()
-        for _ in range(n):
-            a @ b
-        sync()
-        best = max(best, 2 * size**3 * n / (time.perf_counter() - start) / 1e9)
-    return best
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=50)
@@ -222,9 +202,15 @@ def main():
     # LoRA training FLOPs ~ 4 x (base parameters) per token: forward + activation gradients.
     flops_per_token = 4 * 134.5e6
     fraction = k["tokens_per_s"] * flops_per_token / (peak * 1e9)
+    fp32_peak = peak if compute == "fp32" else matmul_peak_gflops(torch.float32, args.device)
+    # model FLOPs utilization of each row: its tokens/s x FLOPs per token over the GEMM peak in its compute dtype
+    # (PEFT computes in fp32 on CPU, bf16 in the bf16 peer row)
+    mfu = {kind: r["tokens_per_s"] * flops_per_token / (
+        (peak if kind == "lorakit" and compute == "bf16" or kind.endswith("bf16") else fp32_peak) * 1e9)
+        for kind, r in results.items()}
     row_tables = {("peft_fp32" if kind == "peft" else kind): {
         "tokens_per_s": r["tokens_per_s"], "peak_rss_gb": r["peak_rss_gb"], "final_loss": final[kind],
-        "kernels_per_step": r["kernels_per_step"], "matmuls_per_step": r["matmuls_per_step"],
+        "kernels_per_step": r["kernels_per_step"], "matmuls_per_step": r["matmuls_per_step"], "mfu": mfu[kind],
         **({"peak_gpu_gb": r["peak_gpu_gb"]} if "peak_gpu_gb" in r else {})} for kind, r in results.items()}
     # lorakit against each peer: PEFT fp32 (keys without suffix) and, on cuda, PEFT bf16 (suffix _vs_peft_bf16)
     ratios = {kind: {"speedup": k["tokens_per_s"] / results[kind]["tokens_per_s"],
@@ -245,11 +231,11 @@ def main():
     }
     print(f"\n{table['machine']}; {args.steps} steps of {BATCH} rows x ~{table['mean_tokens_per_row']:.0f} tokens, "
           f"lora_dropout {args.dropout}")
-    print(f"{'':<20}{'tokens/s':>10}{label:>13}{'final loss':>12}{'kernels/step':>14}{'matmuls':>9}")
+    print(f"{'':<20}{'tokens/s':>10}{'MFU':>7}{label:>13}{'final loss':>12}{'kernels/step':>14}{'matmuls':>9}")
     for kind in results:
         r = results[kind]
-        print(f"{PEER_NAMES.get(kind, kind):<20}{r['tokens_per_s']:>10.0f}{r[memory]:>13.2f}{final[kind]:>12.4f}"
-              f"{r['kernels_per_step']:>14}{r['matmuls_per_step']:>9}")
+        print(f"{PEER_NAMES.get(kind, kind):<20}{r['tokens_per_s']:>10.0f}{100 * mfu[kind]:>6.1f}%{r[memory]:>13.2f}"
+              f"{final[kind]:>12.4f}{r['kernels_per_step']:>14}{r['matmuls_per_step']:>9}")
     for kind, r in ratios.items():
         print(f"{'lorakit / ' + PEER_NAMES[kind]:<20}{r['speedup']:>9.2f}x{r['memory_ratio']:>12.2f}x"
               f"{100 * r['final_loss_rel_diff']:>10.1f} %")

@@ -129,3 +129,33 @@ def test_chunked_quantization_equals_one_pass_and_leaves_the_input_alone(monkeyp
     chunked = nf4.quantize_nf4(w).tensors()
     assert all(torch.equal(whole[k], chunked[k]) for k in whole)
     assert torch.equal(w, original)
+
+
+def test_dense_weight_cache_gives_bit_identical_gradients_and_saves_the_backward_dequantization():
+    """With gradient checkpointing each layer's recomputed forward leaves its dense weights for its backward: every
+    backward is a cache hit, and loss and adapter gradients are bit-identical to dequantizing again."""
+    from lorakit.quant.nf4 import layer_cache_bytes, nf4_weight_cache
+
+    results = []
+    for cached in (False, True):
+        base = quantize_model_nf4(tiny_llama(), compute_dtype=torch.float32)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        randomize_adapters(model)
+        model.train()
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        budget = layer_cache_bytes(base, base.config.num_hidden_layers) if cached else 0
+        with nf4_weight_cache(budget) as cache:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            hits, misses = cache.hits, cache.misses
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+                        hits, misses))
+        cache.hits = cache.misses = 0
+    (loss0, grads0, _, _), (loss1, grads1, hits, misses) = results
+    assert budget == (2 * 32 * 32 + 2 * 16 * 32 + 3 * 64 * 32) * 4  # one decoder layer's 7 projections, fp32
+    assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys()
+    assert all(torch.equal(grads0[n], grads1[n]) for n in grads0)
+    # 14 projections used 3 times each (forward, recompute, backward): every backward hits, and so does the last
+    # layer's recompute (its first forward's weights are still there): 21 dequantizations instead of 42
+    assert (hits, misses) == (21, 21)

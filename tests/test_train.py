@@ -401,3 +401,44 @@ def test_seq2seq_rows_need_input_and_target(tmp_path, tiny_tokenizer):
     assert batch["labels"].shape == (2, 4) and batch["input_ids"].shape == (2, max(len(example.input_ids), 1))
     assert batch["labels"][1].tolist() == [6, 7, 8, 9] and (batch["labels"][0, len(example.labels):] == -100).all()
     assert batch["attention_mask"][1].tolist() == [1] + [0] * (batch["input_ids"].shape[1] - 1)
+
+
+def test_auto_checkpointing_recomputes_only_the_layers_the_memory_budget_needs(tmp_path, tiny_model_dir,
+                                                                              tiny_tokenizer):
+    """gradient_checkpointing: auto picks the fewest layers whose recomputation brings the predicted peak under the
+    planned share of the memory limit (none where everything fits); those layers recompute, the others keep their
+    activations, and training gives the adapter of a run without checkpointing (same arithmetic)."""
+    import dataclasses
+
+    from lorakit import calc
+    from lorakit.train.distributed import Env
+    from lorakit.train.memory_check import PLAN_HEADROOM, choose_checkpointing, run_shape
+    from lorakit.train.setup import resolve_run_settings
+
+    base_cfg = _cfg(tmp_path / "plan", model=tiny_model_dir, max_steps=3, lora=dict(r=4, lora_alpha=8,
+                                                                                    lora_dropout=0.0,
+                                                                                    target_modules="all-linear"))
+    arch = calc.get_arch(tiny_model_dir)
+    shape = run_shape(dataclasses.replace(base_cfg, gradient_checkpointing=True))
+    peaks = [calc.predict_run(arch, dataclasses.replace(shape, checkpointed_layers=k))["total"] for k in range(3)]
+    assert peaks[0] > peaks[1] < peaks[2]  # checkpointing the last layer too only adds its input
+    plans = {}
+    for name, limit in [("roomy", 2 * peaks[0] / PLAN_HEADROOM), ("tight", (peaks[0] + peaks[1]) / 2 / PLAN_HEADROOM),
+                        ("too small", peaks[1] / 2 / PLAN_HEADROOM)]:
+        plans[name] = choose_checkpointing(dataclasses.replace(base_cfg, memory_limit_gb=limit), tiny_model_dir)
+    assert plans["roomy"] == (False, None, None)
+    assert plans["tight"][:2] == (True, 1) and "1 of 2 layers recompute" in plans["tight"][2]
+    assert plans["too small"][:2] == (True, 1) and "does not fit even so" in plans["too small"][2]
+    cfg, notes = resolve_run_settings(dataclasses.replace(base_cfg, memory_limit_gb=(peaks[0] + peaks[1]) / 2
+                                                          / PLAN_HEADROOM), Env())
+    assert (cfg.gradient_checkpointing, cfg.checkpoint_layers) == (True, 1) and "1 of 2 layers" in notes[0]
+
+    partial = train(dataclasses.replace(base_cfg, memory_limit_gb=(peaks[0] + peaks[1]) / 2 / PLAN_HEADROOM),
+                    tokenizer=tiny_tokenizer)
+    layers = partial["model"].get_base_model().model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    plain = train(dataclasses.replace(base_cfg, output_dir=str(tmp_path / "plain"), gradient_checkpointing=False),
+                  tokenizer=tiny_tokenizer)
+    ours, theirs = _adapter(partial), _adapter(plain)
+    for name, value in theirs.items():
+        assert_close_fp32(ours[name], value, name)

@@ -178,6 +178,7 @@ class RunShape:
     targets: tuple[str, ...] | None = None  # None: every linear layer
     gradient_checkpointing: bool = False
     saved_bytes: int | None = None    # bytes per saved activation value (None: the compute dtype's, as auto)
+    checkpointed_layers: int | None = None  # with gradient_checkpointing: how many layers recompute (None: all)
 
     def __post_init__(self):
         if self.storage not in (None, "nf4"):
@@ -193,8 +194,8 @@ def predict_run(arch: Arch, run: RunShape) -> dict[str, float]:
 
     weights: the frozen linear layers (NF4 4.127 bits, or the compute dtype) + embeddings and an untied head in
     the compute dtype; adapters: fp32 factors + gradients + AdamW's two moments (16 B per parameter);
-    activations: without checkpointing, every layer's saved tensors (SAVED_PER_TOKEN_LAYER values per token, at
-    `saved_bytes`); with it, each layer's input hidden state plus one layer recomputed in backward; loss: the
+    activations: every layer's saved tensors (SAVED_PER_TOKEN_LAYER values per token, at `saved_bytes`), except
+    that a checkpointed layer keeps only its input hidden state (all checkpointed: plus one rebuilt in backward); loss: the
     final hidden state and its gradient, and the chunked cross-entropy's logits chunk (fp32, with the softmax);
     transient: the largest frozen matrix as the compute dtype (NF4 dequantized for a matmul) and the backward
     of one MLP (gradients of the intermediate activations); allocator: the freed heap the training loop lets
@@ -209,10 +210,12 @@ def predict_run(arch: Arch, run: RunShape) -> dict[str, float]:
     per_token_layer = sum(c * d for c, d in zip(SAVED_PER_TOKEN_LAYER, (arch.hidden, arch.kv_dim,
                                                                           arch.intermediate))) * saved
     one_layer = tokens * per_token_layer
-    if run.gradient_checkpointing:
-        activations = arch.layers * tokens * arch.hidden * compute + one_layer
-    else:
-        activations = arch.layers * one_layer
+    # Checkpointed layers (the first ones) keep only their input. The peak is at the end of forward (their inputs +
+    # the other layers' activations) or, when every layer recomputes, during backward (their inputs + one rebuilt
+    # layer): by then the layers that kept activations have finished backward and freed them.
+    recomputed = checkpointed(arch, run)
+    activations = recomputed * (tokens * arch.hidden * compute) \
+        + max(arch.layers - recomputed, 1 if recomputed else 0) * one_layer
     largest = max(o * i for o, i in shapes.values())
     rows = {
         "runtime": RUNTIME_GB * GB,
@@ -228,6 +231,13 @@ def predict_run(arch: Arch, run: RunShape) -> dict[str, float]:
     out = {name: value / GB for name, value in rows.items()}
     out["total"] = sum(out.values())
     return out
+
+
+def checkpointed(arch: Arch, run: RunShape) -> int:
+    """How many of the model's layers recompute their forward in backward under `run`."""
+    if not run.gradient_checkpointing:
+        return 0
+    return arch.layers if run.checkpointed_layers is None else min(run.checkpointed_layers, arch.layers)
 
 
 def fits(estimate: dict[str, dict[str, float]], memory_gb: float) -> dict[str, bool]:

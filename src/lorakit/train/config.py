@@ -39,6 +39,7 @@ FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "float | None": ((int, float, type(None)), "a number or null"),
     "bool | str": ((bool, str), "true, false or a name"),
     "bool | int": ((bool, int), "true, false or an integer"),
+    "int | None": ((int, type(None)), "an integer or null"),
 }
 
 
@@ -83,7 +84,10 @@ class TrainConfig:
                                             # from the model cache, so grouping them would hold a second copy)
     padding_free: bool = True             # causal LM with fused_kernels: a batch's rows laid end to end without
                                           # padding, attention per row (kernels/varlen_attention.py)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = "auto"  # recompute layers' forward in backward to save memory: auto =
+                                          # as few layers as the memory check needs (none where the run fits);
+                                          # true = every layer (or checkpoint_layers of them); false = none
+    checkpoint_layers: int | None = None  # with gradient_checkpointing: true, recompute only the first N layers
     packing: bool = False
     train_on_prompt: bool = False
     val_fraction: float = 0.1
@@ -157,7 +161,10 @@ class TrainConfig:
         if not (isinstance(self.trim_memory, int) and self.trim_memory >= 0):
             raise ValueError(f"trim_memory must be true, false or a step interval >= 1, got {self.trim_memory!r}")
         resolve_saved_activations(self.saved_activations, torch.float32)  # raises on a bad setting
-        for name in ("bf16", "group_projections"):
+        if self.checkpoint_layers is not None and (isinstance(self.checkpoint_layers, bool)
+                                                   or self.checkpoint_layers < 0):
+            raise ValueError(f"checkpoint_layers must be an integer >= 0 or null, got {self.checkpoint_layers!r}")
+        for name in ("bf16", "group_projections", "gradient_checkpointing"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise ValueError(f"{name} must be true, false or 'auto', got {getattr(self, name)!r}")
         self._check_method()

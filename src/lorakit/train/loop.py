@@ -18,6 +18,7 @@ import torch
 
 from ..generation import answer_prompts
 from ..hardware import FreedMemoryCap, attention_backends, release_freed_memory
+from ..quant.nf4 import nf4_weight_cache
 from ..utils import atomic_path, eval_mode, progress_bar
 from . import checkpoint as ckpt
 from . import data as D
@@ -143,7 +144,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
         started, tokens_seen, interrupted, at_step_boundary = time.perf_counter(), 0, False, True
         grouping = group_projections_enabled(cfg, env)
         memory_cap = FreedMemoryCap(cfg.freed_memory_slack_gb) if cfg.freed_memory_slack_gb else nullcontext()
-        with StopRequest(run.log) as stop, grouped_projections(run.model, enabled=grouping), memory_cap:
+        with StopRequest(run.log) as stop, grouped_projections(run.model, enabled=grouping), memory_cap, \
+                nf4_weight_cache(run.nf4_cache_bytes):
             try:
                 while step < run.total_steps:
                     at_step_boundary = False

@@ -43,14 +43,16 @@ def run_shape(cfg) -> calc.RunShape:
     saved = {"bf16": 2, "fp32": 4}.get(cfg.saved_activations)
     return calc.RunShape(storage=cfg.quantize, compute="bf16" if cfg.bf16 else "fp32", batch=cfg.batch_size,
                          length=cfg.max_length, rank=int(lora.get("r", 8)), targets=known or None,
-                         gradient_checkpointing=cfg.gradient_checkpointing, saved_bytes=saved)
+                         gradient_checkpointing=cfg.gradient_checkpointing is True, saved_bytes=saved,
+                         checkpointed_layers=cfg.checkpoint_layers)
 
 
 ALTERNATIVES = (  # what a refusal suggests, in order: (setting as the user writes it, the change to the run)
     ("saved_activations: bf16", {"saved_bytes": 2}),  # backward reads bf16-rounded inputs: not exact, but close
-    ("gradient_checkpointing: true", {"gradient_checkpointing": True}),
+    ("gradient_checkpointing: true", {"gradient_checkpointing": True, "checkpointed_layers": None}),
     ("quantize: nf4", {"storage": "nf4"}),
-    ("quantize: nf4 + gradient_checkpointing: true", {"storage": "nf4", "gradient_checkpointing": True}),
+    ("quantize: nf4 + gradient_checkpointing: true", {"storage": "nf4", "gradient_checkpointing": True,
+                                                      "checkpointed_layers": None}),
     ("bf16: true", {"compute": "bf16"}),  # slower where the CPU lacks fast bf16, but half the weights
 )
 
@@ -90,6 +92,37 @@ def check_fits(model_dir: str, shape: calc.RunShape, limit_gb: float | None) -> 
         f"{predicted['weights']:.1f}, activations {predicted['activations']:.1f}), {available:.1f} GB is available; "
         + (f"would fit: {'; '.join(options)}" if options else "nothing smaller fits: use a smaller model")
         + " (set memory_check: false to start anyway)")
+
+
+PLAN_HEADROOM = 0.85  # the checkpointing plan aims at this share of the memory available (calc is +-20 %)
+
+
+def choose_checkpointing(cfg, model_dir: str | None) -> tuple[bool, int | None, str | None]:
+    """`gradient_checkpointing: auto` decided: (gradient_checkpointing, checkpoint_layers, the reason). No layer
+    recomputes where the run is predicted to fit in PLAN_HEADROOM of the memory available; else the fewest layers
+    whose recomputation makes it fit (each checkpointed layer keeps only its input); else all but the last (the memory
+    check then says what else would fit). A run that cannot be sized (no model directory, an unknown architecture,
+    memory_check: false) recomputes nothing."""
+    if cfg.gradient_checkpointing != "auto":
+        return cfg.gradient_checkpointing, cfg.checkpoint_layers, None
+    available = available_gb(cfg.memory_limit_gb)
+    if model_dir is None or available is None or not cfg.memory_check:
+        return False, None, None
+    try:
+        arch = calc.get_arch(model_dir)
+    except calc.ArchUnknown:
+        return False, None, None
+    shape = run_shape(dataclasses.replace(cfg, gradient_checkpointing=True))
+    budget = PLAN_HEADROOM * available
+    peaks = [calc.predict_run(arch, dataclasses.replace(shape, checkpointed_layers=k))["total"]
+             for k in range(arch.layers)]  # the last layer never needs it: it is rebuilt right after its forward
+    layers = next((k for k, peak in enumerate(peaks) if peak <= budget), arch.layers - 1)
+    if layers == 0:
+        return False, None, None
+    fits_note = "" if peaks[layers] <= budget else "; the run does not fit even so: see below"
+    return True, layers, (f"gradient checkpointing: {layers} of {arch.layers} layers recompute in backward "
+                          f"(predicted peak {peaks[layers]:.2f} GB, {budget:.1f} GB planned; with none "
+                          f"{peaks[0]:.2f} GB{fits_note})")
 
 
 def choose_saved_activations(cfg, model_dir: str | None) -> tuple[str, str | None]:

@@ -26,7 +26,7 @@ from ..generation import answer_prompts
 from ..hardware import compute_dtype_note, resolve_bf16
 from ..kernels.saved_activations import compressed_activations, resolve_saved_activations
 from ..models.loading import load_model, load_tokenizer, resolve_model_dir
-from ..quant.nf4 import quantize_model_nf4
+from ..quant.nf4 import layer_cache_bytes, quantize_model_nf4
 from ..utils import atomic_path
 from ..variants import create_loraplus_optimizer
 from ..variants.lora_config import LoraConfig
@@ -36,7 +36,7 @@ from . import distributed as dist_utils
 from .config import TrainConfig
 from .fast_paths import enable_fast_paths
 from .loss import LOSSES
-from .memory_check import check_fits, choose_saved_activations, run_shape
+from .memory_check import check_fits, choose_checkpointing, choose_saved_activations, run_shape
 from .preference_data import load_preference_examples
 from .preference_loss import PreferenceLoss, precompute_reference
 
@@ -69,6 +69,7 @@ class Run:
     keep_activations: Callable[[], Any]     # context for the forward: saved activations in their storage dtype
     after_step: Callable[[Any, int], Any] | None  # the form's per-step callback (AdaLoRA's rank allocator)
     checkpoints: bool                       # mid-run checkpoints (not under multi-process FSDP)
+    nf4_cache_bytes: int = 0                # dense NF4 weights kept for backward (checkpointed QLoRA runs)
     prompts: list[str] = field(default_factory=list)
     before: list[str] = field(default_factory=list)
     step: int = 0
@@ -99,10 +100,12 @@ def resolve_run_settings(cfg: TrainConfig, env: dist_utils.Env, model=None) -> t
     dtype_note = compute_dtype_note(env.device) if cfg.bf16 == "auto" else None
     cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
     model_dir = resolve_model_dir(cfg.model) if model is None and cfg.memory_check else None  # sized, not loaded
+    checkpointing, layers, plan_note = choose_checkpointing(cfg, model_dir)
+    cfg = dataclasses.replace(cfg, gradient_checkpointing=checkpointing, checkpoint_layers=layers)
     saved, saved_note = choose_saved_activations(cfg, model_dir)
     cfg = dataclasses.replace(cfg, saved_activations=saved)
     memory_line = check_memory(cfg, model_dir) if model_dir else None
-    return cfg, [line for line in (dtype_note, memory_line, saved_note) if line]
+    return cfg, [line for line in (dtype_note, plan_note, memory_line, saved_note) if line]
 
 
 def check_memory(cfg: TrainConfig, model_dir: str) -> str | None:
@@ -157,8 +160,20 @@ def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=
     if cfg.fused_kernels:  # each where it is exact for this model (fast_paths.py), saying so
         log(enable_fast_paths(base, cfg.task, cfg.padding_free, lora_dropout))
     if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(base, cfg.checkpoint_layers)
     return base
+
+
+def checkpoint_layers(base: torch.nn.Module, count: int | None) -> list[int]:
+    """Gradient checkpointing on the first `count` decoder layers (None: all); returns their indices. The others
+    keep their activations for backward (no second forward)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer  # transformers is loaded by now
+
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers[count:] if count is not None else []:
+        layer.gradient_checkpointing = False
+    return list(range(len(layers) if count is None else min(count, len(layers))))
 
 
 def build_optimizer(cfg: TrainConfig, model: LoraModel, device: torch.device, total_steps: int):
@@ -242,7 +257,9 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
               engine=engine, optimizer=optimizer, scheduler=scheduler, params=params,
               keep_activations=(lambda: compressed_activations(stored_as)) if stored_as != dtype else nullcontext,
               after_step=peft_model.step_hook,  # the same per-step object model.update_and_allocate drives
-              checkpoints=not (env.world_size > 1 and cfg.distributed == "fsdp"), prompts=prompts, before=before)
+              checkpoints=not (env.world_size > 1 and cfg.distributed == "fsdp"), prompts=prompts, before=before,
+              nf4_cache_bytes=layer_cache_bytes(base, getattr(base.config, "num_hidden_layers", 1) or 1)
+              if cfg.quantize and cfg.gradient_checkpointing else 0)
     if adapter_config.svd_init and is_main and not cfg.resume:
         peft_model.save_pretrained(run.initial_dir)
     if env.world_size > 1:  # each process its own dropout stream (the adapters were initialised alike above)
