@@ -161,7 +161,12 @@ def memory_estimate(arch: Arch, targets: list[str], r: int, tokens: int = 2048) 
 # The peak of one lorakit training run (predict_run), per component. Calibrated against bench/scale.py's measured
 # peak RSS (random-weight models of real shape, 0.36B-8B; the table in the README gives the error per size).
 RUNTIME_GB = 0.45            # python, torch, transformers, the tokenizer: RSS before the model loads
-SAVED_PER_TOKEN_LAYER = (10, 2, 4)  # values kept for backward per token and layer: x hidden, x kv_dim, x intermediate
+# Values kept for backward per token and layer (x hidden, x kv_dim, x intermediate) on lorakit's path (fused norms
+# and SwiGLU, LoRA on every linear layer): norm inputs, the normed input shared by q/k/v and by gate/up, q, k, v,
+# the attention output, gate and up (the fused SwiGLU recomputes its product). Fitted to the activations measured
+# without checkpointing on the 1B shape (4.70 GB: peak RSS minus the other components, qlora and lora alike; was
+# (10, 2, 4) when only checkpointed runs were measured, where one layer's worth hardly shows).
+SAVED_PER_TOKEN_LAYER = (6, 2, 2.75)
 ALLOCATOR_SLACK_GB = 0.5     # freed heap the training loop lets glibc keep (TrainConfig.freed_memory_slack_gb)
 
 
