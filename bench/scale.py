@@ -52,7 +52,7 @@ def packed_rows(tokenizer):
     return D.pack(examples, LENGTH)
 
 
-def lorakit_worker(model_dir: str, run: str, steps: int) -> dict:
+def lorakit_worker(model_dir: str, run: str, steps: int, memory_gb: float | None = None) -> dict:
     from lorakit.hardware import peak_resident_gb
     from lorakit.train.config import TrainConfig
     from lorakit.train import train
@@ -61,7 +61,7 @@ def lorakit_worker(model_dir: str, run: str, steps: int) -> dict:
     cfg = TrainConfig(model=model_dir, prompts=None, output_dir=tempfile.mkdtemp(), max_length=LENGTH, packing=True,
                       batch_size=BATCH, max_steps=steps, lr=LR, warmup_steps=0, val_fraction=0.0, eval_every=10**6,
                       save_every=10**6, progress=False, lora=dict(LORA), gradient_checkpointing="auto",
-                      quantize="nf4" if run == "qlora" else None)
+                      quantize="nf4" if run == "qlora" else None, memory_limit_gb=memory_gb)
     summary = train(cfg, on_step=lambda step, record: stamps.append((time.perf_counter(), record)))
     with open(os.path.join(cfg.output_dir, "config.yaml")) as f:  # the settings the run decided (its plan)
         decided = yaml.safe_load(f)
@@ -123,18 +123,20 @@ def predicted_peak_gb(r: dict) -> float | None:
         rank=RANK, gradient_checkpointing=recomputed > 0, checkpointed_layers=recomputed))["total"]
 
 
-def measure(size: str, run: str, steps: int) -> dict:
+def measure(size: str, run: str, steps: int, memory_gb: float | None = None) -> dict:
     from lorakit.calc import get_arch
     from lorakit.models.synthetic import synthetic_model_dir
     from lorakit.train.memory_check import available_gb
 
     model_dir = synthetic_model_dir(size)
     params = get_arch(model_dir).base_params()
-    entry = {"size": size, "run": run, "params": params, "steps": steps, "machine": machine_name()}
+    entry = {"size": size, "run": run, "params": params, "steps": steps, "machine": machine_name(),
+             **({"memory_limit_gb": memory_gb} if memory_gb else {})}
     if run == "peft" and params * 4 / 1e9 > 0.9 * (available_gb() or float("inf")):
         return {**entry, "status": f"does not fit: fp32 weights {params * 4 / 1e9:.1f} GB"}
     print(f"{size} {run}: {steps} steps ...", file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, __file__, "--worker", run, "--model-dir", model_dir, f"--steps={steps}"],
+    proc = subprocess.run([sys.executable, __file__, "--worker", run, "--model-dir", model_dir, f"--steps={steps}",
+                           *([f"--memory-gb={memory_gb}"] if memory_gb else [])],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode == REFUSED_EXIT:
         return {**entry, "status": "refused: " + proc.stderr.strip().splitlines()[-1]}
@@ -170,7 +172,8 @@ def table(results: list[dict]) -> str:
         ok = r["status"] == "ok"
         calc_cell = (f"{r['predicted_peak_gb']:.2f}" + (f" ({100 * r['calc_error']:+.0f} %)" if ok else "")
                      if r["predicted_peak_gb"] is not None else "—")
-        plan = f"{r['checkpointed_layers']} of {r['layers']}" if "layers" in r else "all"
+        plan = (f"{r['checkpointed_layers']} of {r['layers']}" if "layers" in r else "all") + (
+            f" (planned for {r['memory_limit_gb']:g} GB)" if r.get("memory_limit_gb") else "")
         cells = [r["size"], f"{r['params'] / 1e9:.2f} B", r["run"], plan if ok else "—",
                  f"{r['peak_rss_gb']:.2f}" if ok else "—", calc_cell,
                  f"{r['load_s']:.0f}" if ok else "—", f"{r['seconds_per_step']:.0f}" if ok else "—",
@@ -214,6 +217,8 @@ def main():
     ap.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help="calc architecture names, comma-separated")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {','.join(RUNS)}")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--memory-gb", type=float, default=None,
+                    help="the memory lorakit's runs may plan for (memory_limit_gb; default: what is available)")
     ap.add_argument("--json", default=os.path.join(HERE, "scale.json"))
     ap.add_argument("--png", default=os.path.join(HERE, "scale.png"))
     ap.add_argument("--readme", default=os.path.join(HERE, "..", "README.md"),
@@ -226,7 +231,7 @@ def main():
 
         try:
             out = peft_worker(args.model_dir, args.steps) if args.worker == "peft" else \
-                lorakit_worker(args.model_dir, args.worker, args.steps)
+                lorakit_worker(args.model_dir, args.worker, args.steps, args.memory_gb)
         except MemoryRefusal as e:  # lorakit's memory check refusing the run (any other error is a failure)
             print(e, file=sys.stderr)
             sys.exit(REFUSED_EXIT)
@@ -239,7 +244,7 @@ def main():
     results = {(r["size"], r["run"]): r for r in previous}
     for size in args.sizes.split(","):
         for run in runs:
-            results[size, run] = measure(size, run, args.steps)
+            results[size, run] = measure(size, run, args.steps, args.memory_gb)
             with open(args.json + ".tmp", "w") as f:
                 json.dump(list(results.values()), f, indent=1)
             os.replace(args.json + ".tmp", args.json)

@@ -111,13 +111,17 @@ def test_predict_run_components_follow_the_formula():
     adapter = n_layers * 16 * (2 * (h + h) + 2 * (h + kv) + 3 * (h + i))
     assert got["adapters"] == pytest.approx(adapter * 16 / 1e9)
     tokens = 2048
-    one_layer = tokens * (10 * h + 2 * kv + 4 * i) * 4  # saved in the compute dtype (fp32) by default
+    one_layer = tokens * (6 * h + 2 * kv + 2.75 * i) * 4  # saved in the compute dtype (fp32) by default
     assert got["activations"] == pytest.approx((n_layers * tokens * h * 4 + one_layer) / 1e9)
     assert got["total"] == pytest.approx(sum(v for k, v in got.items() if k != "total"))
     without = calc.predict_run(arch, calc.RunShape(storage="nf4", batch=4, length=512, rank=16))
     assert without["activations"] == pytest.approx(n_layers * one_layer / 1e9)
     halved = calc.predict_run(arch, calc.RunShape(storage="nf4", batch=4, length=512, rank=16, saved_bytes=2))
     assert halved["activations"] == pytest.approx(n_layers * one_layer / 2 / 1e9)  # saved_activations: bf16
+    for k in (1, 20, 31):  # the first k layers recompute: they keep their input, the others everything
+        partial = calc.predict_run(arch, calc.RunShape(storage="nf4", batch=4, length=512, rank=16,
+                                                       gradient_checkpointing=True, checkpointed_layers=k))
+        assert partial["activations"] == pytest.approx((k * tokens * h * 4 + (n_layers - k) * one_layer) / 1e9)
 
 
 def test_saved_activations_auto_keeps_fp32_unless_only_bf16_copies_fit(generated_model, tmp_path):
