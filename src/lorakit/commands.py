@@ -68,6 +68,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    import signal
     import threading
 
     from transformers import TextIteratorStreamer
@@ -91,12 +92,17 @@ def cmd_chat(args) -> int:
         thread.start()
         print("bot> ", end="", flush=True)
         reply = ""
+        # Ctrl-C ends this reply (the partial answer stays in the conversation): the handler only sets the event, so
+        # no KeyboardInterrupt can land inside the streamer's queue while it holds its lock (which would leave the
+        # generating thread blocked on it forever); generation stops after the current token and the stream ends.
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
         try:
             for piece in streamer:
                 reply += piece
                 print(piece, end="", flush=True)
-        except KeyboardInterrupt:  # Ctrl-C ends this reply (the partial answer stays in the conversation)
-            stop.set()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if stop.is_set():
             print(" [stopped]", end="", flush=True)
         thread.join()
         print()
