@@ -281,3 +281,11 @@ def test_fast_paths_give_the_reference_path_loss_and_gradients(tiny_tokenizer, m
     assert_close_fp32(fast_loss, slow_loss)
     for name, grad in slow_grads.items():
         assert_close_fp32(fast_grads[name], grad, name)
+
+
+def test_memory_check_counts_two_sequences_per_preference_pair(tmp_path):
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.memory_check import run_shape
+
+    assert run_shape(TrainConfig(output_dir=str(tmp_path), batch_size=4, method="dpo")).batch == 8
+    assert run_shape(TrainConfig(output_dir=str(tmp_path), batch_size=4)).batch == 4

@@ -34,14 +34,16 @@ def available_gb(limit_gb: float | None = None) -> float | None:
 
 
 def run_shape(cfg) -> calc.RunShape:
-    """The calculator's view of a TrainConfig (adapter sizes by the LoRA formula, whatever the form)."""
+    """The calculator's view of a TrainConfig (adapter sizes by the LoRA formula, whatever the form; dpo / orpo
+    batches hold two sequences per pair)."""
     lora = cfg.lora
     targets = lora.get("target_modules")
     names = [targets] if isinstance(targets, str) else list(targets or [])
     layer_matrices = set(calc.ALIASES.values())  # the per-layer matrix names the calculator sizes
     known = tuple(n for n in names if n in layer_matrices)
     saved = {"bf16": 2, "fp32": 4}.get(cfg.saved_activations)
-    return calc.RunShape(storage=cfg.quantize, compute="bf16" if cfg.bf16 else "fp32", batch=cfg.batch_size,
+    rows = cfg.batch_size * (2 if cfg.method != "sft" else 1)  # a preference pair is two sequences
+    return calc.RunShape(storage=cfg.quantize, compute="bf16" if cfg.bf16 else "fp32", batch=rows,
                          length=cfg.max_length, rank=int(lora.get("r", 8)), targets=known or None,
                          gradient_checkpointing=cfg.gradient_checkpointing is True, saved_bytes=saved,
                          checkpointed_layers=cfg.checkpoint_layers)
