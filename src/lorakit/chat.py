@@ -11,18 +11,26 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system"}
 
 
+def check_messages(messages, name: str = "messages") -> list[dict]:
+    """`messages` itself when it is a non-empty list of {role: system/user/assistant, content: string}; a
+    ValueError naming `name` (a training row's field) otherwise."""
+    where = "" if name == "messages" else f" in {name}"
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{name} must be a non-empty list" + (" of messages" if where else ""))
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise ValueError(f"each message{where} needs role system/user/assistant and string content, got {m!r}")
+    return messages
+
+
 def chat_messages(row: dict) -> list[dict]:
     if "messages" in row:
         messages = row["messages"]
     else:
         messages = [{"role": SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")}
                     for m in row["conversations"] if isinstance(m, dict)]
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list")
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
-            raise ValueError(f"each message needs role system/user/assistant and string content, got {m!r}")
+    check_messages(messages)
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("conversation has no assistant message to learn from")
     return messages

@@ -55,17 +55,19 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
-def run_summary(runs_dir: str, name: str) -> dict:
+def read_run(runs_dir: str, name: str) -> tuple[dict, dict, list[dict]]:
+    """(summary, config, metrics records) of one run, each file read once."""
     directory = os.path.join(runs_dir, name)
     metrics, adapter = os.path.join(directory, "metrics.jsonl"), os.path.join(directory, "adapter",
                                                                                 "adapter_config.json")
-    records = read_metrics(metrics)
+    records, config = read_metrics(metrics), read_config(directory)
     finished = os.path.isfile(adapter) and os.path.getmtime(adapter) >= os.path.getmtime(metrics) - 1
     live = not finished and time.time() - os.path.getmtime(metrics) < LIVE_SECONDS
-    config = read_config(directory)
-    return {"id": name, "method": config.get("method", "sft"), "model": config.get("model"),
-            "step": max((r.get("step", 0) for r in records), default=0), "max_steps": config.get("max_steps") or None,
-            "status": "finished" if finished else "training" if live else "stopped", "has_adapter": finished}
+    summary = {"id": name, "method": config.get("method", "sft"), "model": config.get("model"),
+               "step": max((r.get("step", 0) for r in records), default=0),
+               "max_steps": config.get("max_steps") or None,
+               "status": "finished" if finished else "training" if live else "stopped", "has_adapter": finished}
+    return summary, config, records
 
 
 def read_config(directory: str) -> dict:
@@ -122,18 +124,18 @@ def _add_info_routes(app: FastAPI, engine: Engine, runs_dir: str | None) -> None
 
     @app.get("/v1/runs")
     async def runs():
-        return {"object": "list", "data": [run_summary(runs_dir, name) for name in list_runs(runs_dir)]}
+        return {"object": "list", "data": [read_run(runs_dir, name)[0] for name in list_runs(runs_dir)]}
 
     @app.get("/v1/runs/{name}")
     async def run(name: str):
-        directory = known_run(runs_dir, name)
-        return {**run_summary(runs_dir, name), "config": read_config(directory),
-                "metrics": read_metrics(os.path.join(directory, "metrics.jsonl"))}
+        known_run(runs_dir, name)
+        summary, config, records = read_run(runs_dir, name)
+        return {**summary, "config": config, "metrics": records}
 
     @app.post("/v1/runs/{name}/adapter")
     async def load_run_adapter(name: str):
         directory = known_run(runs_dir, name)
-        if not run_summary(runs_dir, name)["has_adapter"]:
+        if not read_run(runs_dir, name)[0]["has_adapter"]:
             raise InvalidRequest(f"run {name!r} has no finished adapter yet", "run_not_finished")
         adapter = re.sub(r"[^A-Za-z0-9_-]", "-", name).lstrip("-_")[:64] or "run"
         if not ADAPTER_NAME.fullmatch(adapter):

@@ -30,10 +30,15 @@ from .projection_groups import grouped_projections
 from .setup import Run, prepare_run
 
 
+def loss_module_of(engine) -> torch.nn.Module:
+    """The loss module the loop calls, unwrapped from its DDP wrapper when there is one."""
+    return getattr(engine, "module", engine)
+
+
 def count_targets(engine, batch: dict) -> int:
-    """What the loss sums over in `batch` (target tokens; rows for classification); `engine` is the loss
+    """What the loss sums over in `batch` (target tokens; rows for classification; pairs); `engine` is the loss
     module or its DDP wrapper."""
-    return getattr(engine, "module", engine).count_targets(batch)
+    return loss_module_of(engine).count_targets(batch)
 
 
 def batch_order(n_rows: int, micro_index: int, rows_per_micro: int, seed: int) -> list[int]:
@@ -51,7 +56,7 @@ def collate_for(cfg: TrainConfig):
 
 def take_metrics(engine) -> dict[str, float]:
     """The loss module's metric sums since the last call (the preference metrics), else nothing."""
-    take = getattr(getattr(engine, "module", engine), "take_metrics", None)
+    take = getattr(loss_module_of(engine), "take_metrics", None)
     return take() if take is not None else {}
 
 

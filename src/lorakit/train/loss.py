@@ -32,6 +32,12 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
     return bool(torch.all(mask[:, :-1] | ~mask[:, 1:]))
 
 
+def runs_padding_free(base: nn.Module, input_ids: torch.Tensor) -> bool:
+    """A right-padded batch of several rows goes through the decoder padding-free: the model runs lorakit's
+    padding-free attention (switched on by the fast paths where proven)."""
+    return input_ids.shape[0] > 1 and getattr(base.config, "_attn_implementation", None) == VARLEN
+
+
 def fused_head_supported(model: nn.Module, frozen: bool = True) -> bool:
     """True when hidden -> logits is exactly `hidden @ lm_head.weight.T` (and, with `frozen`, lm_head is frozen)."""
     get_decoder = getattr(model, "get_decoder", None)
@@ -61,7 +67,7 @@ class CausalLMLoss(nn.Module):
         model = self.peft_model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if attention_mask is not None and position_ids is None and is_right_padded(attention_mask):
-            if input_ids.shape[0] > 1 and getattr(base.config, "_attn_implementation", None) == VARLEN:
+            if runs_padding_free(base, input_ids):
                 packed = unpad_batch(input_ids, labels, attention_mask)  # no work on padding positions
                 input_ids, labels, position_ids = packed["input_ids"], packed["labels"], packed["position_ids"]
             attention_mask = None

@@ -23,13 +23,13 @@ def _save_png(fig, path: str) -> None:
     _pyplot().close(fig)
 
 
-def _plot_metric(ax, history: list[dict], name: str, ylabel: str) -> None:
-    """Train values as a line, held-out values (eval_<name>) as markers, against step."""
-    trains = [r for r in history if name in r]
-    ax.plot([r["step"] for r in trains], [r[name] for r in trains], label="train")
-    evals = [r for r in history if f"eval_{name}" in r]
+def _plot_metric(ax, history: list[dict], train_key: str, eval_key: str, ylabel: str) -> None:
+    """Train values (train_key) as a line, held-out values (eval_key) as markers, against step."""
+    trains = [r for r in history if train_key in r]
+    ax.plot([r["step"] for r in trains], [r[train_key] for r in trains], label="train")
+    evals = [r for r in history if eval_key in r]
     if evals:
-        ax.plot([r["step"] for r in evals], [r[f"eval_{name}"] for r in evals], "o-", label="eval")
+        ax.plot([r["step"] for r in evals], [r[eval_key] for r in evals], "o-", label="eval")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -40,13 +40,12 @@ def plot_losses(history: list[dict], path: str) -> None:
     """loss.png: train and eval loss; for a preference run (dpo/orpo) also the reward margin and accuracy."""
     preference = any("rewards/margins" in r for r in history)
     fig, axes = _pyplot().subplots(1, 3 if preference else 1, figsize=(15 if preference else 7, 4), squeeze=False)
-    trains = [{**r, "loss": r["train_loss"]} for r in history if "train_loss" in r]
-    evals = [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in history if "eval_loss" in r]
-    _plot_metric(axes[0][0], sorted(trains + evals, key=lambda r: r["step"]), "loss",
+    _plot_metric(axes[0][0], history, "train_loss", "eval_loss",
                  "loss (nats / pair)" if preference else "loss (nats / token)")
     if preference:
-        _plot_metric(axes[0][1], history, "rewards/margins", "reward margin (chosen - rejected)")
-        _plot_metric(axes[0][2], history, "rewards/accuracies", "reward accuracy (chosen > rejected)")
+        for ax, name, label in ((axes[0][1], "rewards/margins", "reward margin (chosen - rejected)"),
+                                (axes[0][2], "rewards/accuracies", "reward accuracy (chosen > rejected)")):
+            _plot_metric(ax, history, name, f"eval_{name}", label)
     _save_png(fig, path)
 
 

@@ -20,11 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..chat import render_conversation, render_prompt
+from ..chat import check_messages, render_conversation, render_prompt
 from .data import DataError, DataStats, read_rows, right_pad
-
-ROLES = ("system", "user", "assistant")
-
 
 @dataclass
 class PreferenceExample:
@@ -35,16 +32,6 @@ class PreferenceExample:
 
     def __len__(self) -> int:  # tokens the pair puts through the model
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
-
-
-def _messages(value, key: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"{key!r} must be a non-empty list of messages")
-    for m in value:
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise ValueError(f"each message in {key!r} needs role system/user/assistant and string content, "
-                             f"got {m!r}")
-    return value
 
 
 def split_prompt(row: dict) -> tuple[object, object, object]:
@@ -65,9 +52,9 @@ def split_prompt(row: dict) -> tuple[object, object, object]:
         if not chosen.strip() or not rejected.strip():
             raise ValueError(f"empty response: {'chosen' if not chosen.strip() else 'rejected'} has no text")
     else:
-        chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        chosen, rejected = check_messages(chosen, "'chosen'"), check_messages(rejected, "'rejected'")
         if "prompt" in row:
-            prompt = _messages(row["prompt"], "prompt")
+            prompt = check_messages(row["prompt"], "'prompt'")
         else:  # the shared leading messages are the prompt
             shared = 0
             while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:

@@ -22,6 +22,8 @@ second copy of the base. Precomputed reference log-probs (a batch's `ref_logps`)
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,9 +31,9 @@ from tqdm import tqdm
 
 from ..hardware import attention_backends
 from ..kernels import linear_cross_entropy_sum
-from ..kernels.varlen_attention import VARLEN, unpad_batch
+from ..kernels.varlen_attention import unpad_batch
 from ..utils import eval_mode
-from .loss import fused_head_supported, is_right_padded
+from .loss import fused_head_supported, is_right_padded, runs_padding_free
 from .preference_data import collate_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -88,7 +90,7 @@ def token_logps(model: nn.Module, input_ids, attention_mask, selections: list[to
     decoder = base.get_decoder()
     if not is_right_padded(attention_mask):
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    elif input_ids.shape[0] > 1 and getattr(base.config, "_attn_implementation", None) == VARLEN:
+    elif runs_padding_free(base, input_ids):
         packed = unpad_batch(input_ids, input_ids, attention_mask)  # rows end to end, no work on padding
         out = decoder(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                       use_cache=False).last_hidden_state[0]
@@ -123,9 +125,10 @@ class PreferenceLoss(nn.Module):
         self.metric_sums: dict[str, float] = {}
 
     @torch.no_grad()
-    def reference_logps(self, input_ids, attention_mask, completion_mask) -> torch.Tensor:
-        """Response log-probs of each row under the reference: this model with its adapter switched off."""
-        with self.peft_model.disable_adapter():
+    def reference_logps(self, input_ids, attention_mask, completion_mask, adapter_on: bool = False) -> torch.Tensor:
+        """Response log-probs of each row under the reference: this model with its adapter switched off (or, with
+        `adapter_on`, the adapter as it is now: a starting adapter is the reference)."""
+        with nullcontext() if adapter_on else self.peft_model.disable_adapter():
             return token_logps(self.peft_model, input_ids, attention_mask, [completion_mask[:, 1:].bool()],
                                self.fused)[0]
 
@@ -185,11 +188,6 @@ def precompute_reference(loss_module: PreferenceLoss, examples: list, batch_size
             chunk = examples[i:i + batch_size]
             batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items() if k != "ref_logps"}
             with attention_backends(device):
-                if adapter_on:
-                    logps = token_logps(model, batch["input_ids"], batch["attention_mask"],
-                                        [batch["completion_mask"][:, 1:].bool()], loss_module.fused)[0]
-                else:
-                    logps = loss_module.reference_logps(**batch)
-            values = logps.float().tolist()
+                values = loss_module.reference_logps(**batch, adapter_on=adapter_on).float().tolist()
             for k, example in enumerate(chunk):
                 example.ref_logps = (values[k], values[len(chunk) + k])

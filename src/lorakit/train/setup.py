@@ -164,16 +164,15 @@ def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=
     return base
 
 
-def checkpoint_layers(base: torch.nn.Module, count: int | None) -> list[int]:
-    """Gradient checkpointing on the first `count` decoder layers (None: all); returns their indices. The others
-    keep their activations for backward (no second forward)."""
+def checkpoint_layers(base: torch.nn.Module, count: int | None) -> None:
+    """Gradient checkpointing on the first `count` decoder layers (None: all). The others keep their activations
+    for backward (no second forward)."""
     from transformers.modeling_layers import GradientCheckpointingLayer  # transformers is loaded by now
 
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers[count:] if count is not None else []:
         layer.gradient_checkpointing = False
-    return list(range(len(layers) if count is None else min(count, len(layers))))
 
 
 def build_optimizer(cfg: TrainConfig, model: LoraModel, device: torch.device, total_steps: int):
