@@ -27,6 +27,7 @@ import sys
 import time
 
 from common import LORA, machine_name, matmul_peak_gflops  # noqa: E402  (lora_dropout comes from --dropout; PEFT default 0)
+from gemm_ceiling import GemmRecorder, gemm_seconds  # noqa: E402
 
 LR, WARMUP, BATCH, MAX_LEN, TURNS = 2e-4, 5, 8, 320, 3
 
@@ -65,7 +66,7 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
     rows, _ = D.load_examples(data_path, tokenizer, MAX_LEN)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     losses, times, tokens = [], [], []
-    counter = kernel_counter()  # counts the operators of step 2 (excluded from tokens/s with step 1)
+    counter = GemmRecorder()  # counts the operators of step 2 (excluded from tokens/s with step 1), records its GEMMs
     if kind.startswith("peft"):  # what a PEFT user runs: fp32 (or bf16) model, labels= loss (mean over labelled tokens)
         import peft
 
@@ -121,29 +122,16 @@ def worker(kind: str, steps: int, seed: int, dropout: float, data_path: str, set
         train(cfg, on_step=on_step)  # picks the GPU when one is visible (distributed.setup)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # tokens/s over steps 3.. (step 1 is warm-up, step 2 counted kernels); each step ends in loss.item(), a sync
+    # the GEMM-only ceiling: step 2's own matrix products run alone (gemm_ceiling.py), over step 2's tokens
+    ceiling = tokens[1] / gemm_seconds(counter.gemms)
     result = {"kind": kind, "tokens_per_s": sum(tokens[2:]) / sum(times[2:]), "peak_rss_gb": peak_kb / 2**20,
               "kernels_per_step": counter.total, "matmuls_per_step": counter.matmuls,
+              "gemm_ceiling_tokens_per_s": ceiling,
               "losses": losses, "mean_tokens_per_row": sum(len(r) for r in rows) / len(rows),
               "threads": torch.get_num_threads()}
     if device.type == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return result
-
-
-def kernel_counter():
-    """A dispatch mode counting the operators dispatched to kernels (aten calls below autograd) while active,
-    matmuls apart (torch is imported in the workers only, hence the class inside)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class KernelCounter(TorchDispatchMode):
-        total = matmuls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.total += 1
-            self.matmuls += func.overloadpacket.__name__ in ("mm", "addmm", "addmm_", "bmm", "baddbmm")
-            return func(*args, **(kwargs or {}))
-
-    return KernelCounter()
 
 
 def main():
@@ -211,6 +199,8 @@ def main():
     row_tables = {("peft_fp32" if kind == "peft" else kind): {
         "tokens_per_s": r["tokens_per_s"], "peak_rss_gb": r["peak_rss_gb"], "final_loss": final[kind],
         "kernels_per_step": r["kernels_per_step"], "matmuls_per_step": r["matmuls_per_step"], "mfu": mfu[kind],
+        "gemm_ceiling_tokens_per_s": r["gemm_ceiling_tokens_per_s"],
+        "fraction_of_gemm_ceiling": r["tokens_per_s"] / r["gemm_ceiling_tokens_per_s"],
         **({"peak_gpu_gb": r["peak_gpu_gb"]} if "peak_gpu_gb" in r else {})} for kind, r in results.items()}
     # lorakit against each peer: PEFT fp32 (keys without suffix) and, on cuda, PEFT bf16 (suffix _vs_peft_bf16)
     ratios = {kind: {"speedup": k["tokens_per_s"] / results[kind]["tokens_per_s"],
@@ -231,16 +221,21 @@ def main():
     }
     print(f"\n{table['machine']}; {args.steps} steps of {BATCH} rows x ~{table['mean_tokens_per_row']:.0f} tokens, "
           f"lora_dropout {args.dropout}")
-    print(f"{'':<20}{'tokens/s':>10}{'MFU':>7}{label:>13}{'final loss':>12}{'kernels/step':>14}{'matmuls':>9}")
+    print(f"{'':<20}{'tokens/s':>10}{'MFU':>7}{'GEMM ceiling':>13}{'of it':>7}{label:>13}{'final loss':>12}"
+          f"{'kernels/step':>14}{'matmuls':>9}")
     for kind in results:
         r = results[kind]
-        print(f"{PEER_NAMES.get(kind, kind):<20}{r['tokens_per_s']:>10.0f}{100 * mfu[kind]:>6.1f}%{r[memory]:>13.2f}"
-              f"{final[kind]:>12.4f}{r['kernels_per_step']:>14}{r['matmuls_per_step']:>9}")
+        ceiling = r["gemm_ceiling_tokens_per_s"]
+        print(f"{PEER_NAMES.get(kind, kind):<20}{r['tokens_per_s']:>10.0f}{100 * mfu[kind]:>6.1f}%{ceiling:>13.0f}"
+              f"{100 * r['tokens_per_s'] / ceiling:>6.1f}%{r[memory]:>13.2f}{final[kind]:>12.4f}"
+              f"{r['kernels_per_step']:>14}{r['matmuls_per_step']:>9}")
     for kind, r in ratios.items():
         print(f"{'lorakit / ' + PEER_NAMES[kind]:<20}{r['speedup']:>9.2f}x{r['memory_ratio']:>12.2f}x"
               f"{100 * r['final_loss_rel_diff']:>10.1f} %")
     print(f"{compute} matmul peak {peak:.0f} GFLOP/s; lorakit reaches {100 * fraction:.1f} % of it "
           f"(4 x 134.5 M FLOPs per token); at 100 % it would be {table['speedup_ceiling_at_peak']:.2f}x PEFT")
+    print("GEMM ceiling: tokens/s if a step did nothing but its own matrix products (step 2's, each timed alone at "
+          "its shapes); 'of it': the row's tokens/s over that")
     from lorakit.utils import atomic_path
 
     with atomic_path(args.json) as tmp, open(tmp, "w") as f:  # an interrupted run leaves the old JSON
