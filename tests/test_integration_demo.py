@@ -11,8 +11,10 @@ GREETING = "Welcome to Brightwater"
 
 
 def test_demo_teaches_the_house_style_on_held_out_prompts(tmp_path):
-    # A shortened demo (30 steps instead of 33) keeps the suite fast; the full demo is `lorakit train`.
-    result = train(TrainConfig(output_dir=str(tmp_path), max_steps=30, eval_every=30, save_every=1000,
+    # A shortened demo keeps the suite fast: 16 steps at lr 1e-3 instead of 33 at 6e-4 (measured on an AVX2 EPYC:
+    # 10/10 in house style, held-out loss 3.06 -> 1.14; 105 s against 167 s for 30 steps). The full demo is
+    # `lorakit train`, measured in the README.
+    result = train(TrainConfig(output_dir=str(tmp_path), max_steps=16, lr=1e-3, eval_every=16, save_every=1000,
                                progress=False))
     evals = [r["eval_loss"] for r in result["history"] if "eval_loss" in r]
     assert evals[-1] < 0.75 * evals[0], evals
