@@ -173,18 +173,22 @@ start = resident_gb()
 plain = fragment_then_grow() - start
 with FreedMemoryCap(0.05, poll_s=0.005) as cap:
     capped = fragment_then_grow() - start
-print(json.dumps({"plain": plain, "capped": capped, "releases": cap.releases}))
+with FreedMemoryCap(0.05, poll_s=0.005, keep_gb=resident_gb() + 2.0) as kept:  # below the run's planned level
+    fragment_then_grow()
+print(json.dumps({"plain": plain, "capped": capped, "releases": cap.releases, "kept_releases": kept.releases}))
 """
 
 
 def test_freed_memory_cap_returns_fragmented_heap_while_memory_grows():
     """glibc's real allocator in a fresh process: 6,000 freed 24 KB holes pinned between live 1 KB blocks, then
     6,000 requests of 48 KB that fit no hole. Without the cap the holes stay resident (~0.44 GB peak above the
-    start); with it (slack 0.05 GB) they are returned as the heap grows: the peak ~0.11 GB lower (0.32 GB)."""
+    start); with it (slack 0.05 GB) they are returned as the heap grows: the peak ~0.11 GB lower (0.32 GB). Below
+    the level the run is planned to use (keep_gb) nothing is returned: it would be faulted back in at once."""
     out = subprocess.run([sys.executable, "-c", FRAGMENTING], check=True, capture_output=True, text=True)
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["plain"] > 0.4, m  # the holes (0.15 GB) + the grown blocks (0.29 GB) resident together
     assert m["releases"] > 0 and m["capped"] < m["plain"] - 0.08, m
+    assert m["kept_releases"] == 0, m
 
 
 def test_qwen_shapes_are_written_as_qwen2_with_zero_qkv_biases(tmp_path, tiny_tokenizer):

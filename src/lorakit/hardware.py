@@ -169,6 +169,19 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+def keep_freed_heap() -> None:
+    """Let glibc reuse freed memory instead of returning it on every free: tensors up to 32 MB (glibc's largest
+    mmap threshold) come from the heap, and the heap top is trimmed only past 1 GB free; FreedMemoryCap then
+    decides when memory goes back. Process-wide and lasting (glibc has no way to restore its adaptive defaults)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 def resident_gb() -> float:
     """This process's resident memory now (GB; 0 where /proc is absent)."""
     try:
@@ -190,17 +203,21 @@ def peak_resident_gb() -> float:
 
 class FreedMemoryCap:
     """While active, a thread returns freed heap memory to the OS whenever the process's resident memory has grown
-    `slack_gb` above where the last release left it.
+    `slack_gb` above where the last release left it and is above `keep_gb` (the run's planned peak, when known).
 
     glibc keeps memory freed by tensors in its heap for reuse, and training's allocation pattern (each layer's
     temporaries freed around tensors that live on: the hidden states kept for checkpointing) fragments it: freed
     memory piles up layer after layer. Measured on a 1B QLoRA step (fp32 compute, batch 4 x 512): resident memory
     1.4 -> 5.1 GB while live tensors stayed near 2 GB; an 8B step grew past 22 GB. Releasing after every layer
     costs ~35 % of the step in page faults (the memory is reused at once); releasing only each `slack_gb` of growth
-    bounds the waste at `slack_gb` for a few releases per step."""
+    bounds the waste at `slack_gb` for a few releases per step. Memory the plan expects the run to use (`keep_gb`)
+    is never returned (and glibc is told to keep it too: keep_freed_heap): a step's own activations would be faulted
+    back in at once. Measured on SmolLM2-135M, 8 rows of ~233 tokens (AVX2 EPYC, alternating runs): releasing every
+    0.5 GB of growth cost ~800,000 page faults a step; keeping up to the plan's level, ~30,000, the steps 8-11 %
+    faster, peak RSS 3.7 -> 4.5 GB (predicted 4.3 GB, kept up to 5.2)."""
 
-    def __init__(self, slack_gb: float, poll_s: float = 0.05):
-        self.slack_gb, self.poll_s = slack_gb, poll_s
+    def __init__(self, slack_gb: float, poll_s: float = 0.05, keep_gb: float | None = None):
+        self.slack_gb, self.poll_s, self.keep_gb = slack_gb, poll_s, keep_gb or 0.0
         self.releases = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="lorakit-freed-memory-cap", daemon=True)
@@ -208,13 +225,15 @@ class FreedMemoryCap:
     def _watch(self) -> None:
         floor = resident_gb()
         while not self._stop.wait(self.poll_s):
-            if resident_gb() > floor + self.slack_gb:
+            if resident_gb() > max(floor + self.slack_gb, self.keep_gb):
                 release_freed_memory()
                 self.releases += 1
                 floor = resident_gb()
 
     def __enter__(self) -> "FreedMemoryCap":
         if _libc() is not None:
+            if self.keep_gb:
+                keep_freed_heap()
             self._thread.start()
         return self
 

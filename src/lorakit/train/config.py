@@ -72,8 +72,8 @@ class TrainConfig:
     trim_memory: bool | int = 10          # glibc malloc_trim every N steps (true = 1, false = never): returns
                                           # fragmented free heap to the OS; bench: peak RSS 3.5 -> 3.3 GB at N=10
     freed_memory_slack_gb: float | None = 0.5  # return freed heap to the OS whenever resident memory grew this
-                                               # much (glibc fragments under training: a 1B QLoRA step's peak
-                                               # 5.1 GB -> ~2.5 GB); null = never
+                                               # much and is above the run's planned peak (glibc fragments under
+                                               # training: a 1B QLoRA step's peak 5.1 GB -> ~2.5 GB); null = never
     saved_activations: str = "auto"       # dtype of activations kept for backward: auto = the compute dtype
                                           # (exact), bf16 for an fp32 run only where fp32 would not fit; bf16 | fp32
     quantize: str | None = None           # "nf4": frozen base in 4-bit NF4 (QLoRA)

@@ -148,7 +148,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
         progress = progress_bar(run.total_steps, step, enabled=run.is_main and cfg.progress)
         started, tokens_seen, interrupted, at_step_boundary = time.perf_counter(), 0, False, True
         grouping = group_projections_enabled(cfg, env)
-        memory_cap = FreedMemoryCap(cfg.freed_memory_slack_gb) if cfg.freed_memory_slack_gb else nullcontext()
+        memory_cap = (FreedMemoryCap(cfg.freed_memory_slack_gb, keep_gb=run.keep_memory_gb)
+                      if cfg.freed_memory_slack_gb else nullcontext())
         with StopRequest(run.log) as stop, grouped_projections(run.model, enabled=grouping), memory_cap, \
                 nf4_weight_cache(run.nf4_cache_bytes):
             try:

@@ -96,6 +96,18 @@ def check_fits(model_dir: str, shape: calc.RunShape, limit_gb: float | None) -> 
         + " (set memory_check: false to start anyway)")
 
 
+def memory_to_keep_gb(cfg, model_dir: str) -> float | None:
+    """Resident memory below which freed heap is kept for reuse (hardware.FreedMemoryCap): the run's predicted peak
+    plus the calculator's error (+20 %), within PLAN_HEADROOM of the memory available; None where the calculator
+    cannot size the model's config."""
+    try:
+        planned = calc.predict_run(calc.get_arch(model_dir), run_shape(cfg))["total"]
+    except calc.ArchUnknown:
+        return None
+    available = available_gb(cfg.memory_limit_gb)
+    return min(1.2 * planned, PLAN_HEADROOM * available) if available is not None else planned
+
+
 PLAN_HEADROOM = 0.85  # the checkpointing plan aims at this share of the memory available (calc is +-20 %)
 
 

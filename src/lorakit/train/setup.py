@@ -36,7 +36,7 @@ from . import distributed as dist_utils
 from .config import TrainConfig
 from .fast_paths import enable_fast_paths
 from .loss import LOSSES
-from .memory_check import check_fits, choose_checkpointing, choose_saved_activations, run_shape
+from .memory_check import check_fits, choose_checkpointing, choose_saved_activations, memory_to_keep_gb, run_shape
 from .preference_data import load_preference_examples
 from .preference_loss import PreferenceLoss, precompute_reference
 
@@ -70,6 +70,7 @@ class Run:
     after_step: Callable[[Any, int], Any] | None  # the form's per-step callback (AdaLoRA's rank allocator)
     checkpoints: bool                       # mid-run checkpoints (not under multi-process FSDP)
     nf4_cache_bytes: int = 0                # dense NF4 weights kept for backward (checkpointed QLoRA runs)
+    keep_memory_gb: float | None = None     # freed heap is kept for reuse below this (memory_to_keep_gb)
     prompts: list[str] = field(default_factory=list)
     before: list[str] = field(default_factory=list)
     step: int = 0
@@ -258,7 +259,9 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
               after_step=peft_model.step_hook,  # the same per-step object model.update_and_allocate drives
               checkpoints=not (env.world_size > 1 and cfg.distributed == "fsdp"), prompts=prompts, before=before,
               nf4_cache_bytes=layer_cache_bytes(base, getattr(base.config, "num_hidden_layers", 1) or 1)
-              if cfg.quantize and cfg.gradient_checkpointing else 0)
+              if cfg.quantize and cfg.gradient_checkpointing else 0,
+              keep_memory_gb=memory_to_keep_gb(cfg, resolve_model_dir(cfg.model))
+              if model is None and cfg.memory_check else None)
     if adapter_config.svd_init and is_main and not cfg.resume:
         peft_model.save_pretrained(run.initial_dir)
     if env.world_size > 1:  # each process its own dropout stream (the adapters were initialised alike above)
