@@ -118,6 +118,11 @@ def check_memory(cfg: TrainConfig, model_dir: str) -> str | None:
         return None
 
 
+def keep_memory(cfg: TrainConfig, model) -> float | None:
+    """memory_to_keep_gb for a model loaded by name; None for a model passed in or with memory_check off."""
+    return memory_to_keep_gb(cfg, resolve_model_dir(cfg.model)) if model is None and cfg.memory_check else None
+
+
 def load_rows(cfg: TrainConfig, tokenizer, log) -> tuple[list, list, list | None]:
     """(train rows, held-out rows, class names for seq_cls else None), tokenized; packed when `cfg.packing`."""
     classes = None
@@ -260,8 +265,7 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
               checkpoints=not (env.world_size > 1 and cfg.distributed == "fsdp"), prompts=prompts, before=before,
               nf4_cache_bytes=layer_cache_bytes(base, getattr(base.config, "num_hidden_layers", 1) or 1)
               if cfg.quantize and cfg.gradient_checkpointing else 0,
-              keep_memory_gb=memory_to_keep_gb(cfg, resolve_model_dir(cfg.model))
-              if model is None and cfg.memory_check else None)
+              keep_memory_gb=keep_memory(cfg, model))
     if adapter_config.svd_init and is_main and not cfg.resume:
         peft_model.save_pretrained(run.initial_dir)
     if env.world_size > 1:  # each process its own dropout stream (the adapters were initialised alike above)
