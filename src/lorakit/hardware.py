@@ -203,7 +203,7 @@ def peak_resident_gb() -> float:
 
 class FreedMemoryCap:
     """While active, a thread returns freed heap memory to the OS whenever the process's resident memory has grown
-    `slack_gb` above where the last release left it and is above `keep_gb` (the run's planned peak, when known).
+    `slack_gb` above where the last release left it and is above `keep_gb` (the run's planned level, when known).
 
     glibc keeps memory freed by tensors in its heap for reuse, and training's allocation pattern (each layer's
     temporaries freed around tensors that live on: the hidden states kept for checkpointing) fragments it: freed

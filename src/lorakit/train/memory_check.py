@@ -105,7 +105,7 @@ def memory_to_keep_gb(cfg, model_dir: str) -> float | None:
     except calc.ArchUnknown:
         return None
     available = available_gb(cfg.memory_limit_gb)
-    return min(1.2 * planned, PLAN_HEADROOM * available) if available is not None else planned
+    return 1.2 * planned if available is None else min(1.2 * planned, PLAN_HEADROOM * available)
 
 
 PLAN_HEADROOM = 0.85  # the checkpointing plan aims at this share of the memory available (calc is +-20 %)
