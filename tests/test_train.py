@@ -412,7 +412,7 @@ def test_auto_checkpointing_recomputes_only_the_layers_the_memory_budget_needs(t
 
     from lorakit import calc
     from lorakit.train.distributed import Env
-    from lorakit.train.memory_check import PLAN_HEADROOM, choose_checkpointing, memory_to_keep_gb, run_shape
+    from lorakit.train.memory_check import PLAN_HEADROOM, check_fits, choose_checkpointing, run_shape
     from lorakit.train.setup import resolve_run_settings
 
     base_cfg = _cfg(tmp_path / "plan", model=tiny_model_dir, max_steps=3, lora=dict(r=4, lora_alpha=8,
@@ -429,13 +429,13 @@ def test_auto_checkpointing_recomputes_only_the_layers_the_memory_budget_needs(t
     assert plans["roomy"] == (False, None, None)
     assert plans["tight"][:2] == (True, 1) and "1 of 2 layers recompute" in plans["tight"][2]
     assert plans["too small"][:2] == (True, 1) and "does not fit even so" in plans["too small"][2]
-    cfg, notes = resolve_run_settings(dataclasses.replace(base_cfg, memory_limit_gb=(peaks[0] + peaks[1]) / 2
-                                                          / PLAN_HEADROOM), Env())
+    cfg, notes, _ = resolve_run_settings(dataclasses.replace(base_cfg, memory_limit_gb=(peaks[0] + peaks[1]) / 2
+                                                             / PLAN_HEADROOM), Env())
     assert (cfg.gradient_checkpointing, cfg.checkpoint_layers) == (True, 1) and "1 of 2 layers" in notes[0]
     # freed heap is kept for reuse up to the predicted peak + the calculator's 20 %, within the planned share
     plain_cfg = dataclasses.replace(base_cfg, gradient_checkpointing=False)
     for limit in (10 * peaks[0], 1.1 * peaks[0]):
-        kept = memory_to_keep_gb(dataclasses.replace(plain_cfg, memory_limit_gb=limit), tiny_model_dir)
+        kept = check_fits(tiny_model_dir, run_shape(plain_cfg), limit)[1]
         assert kept == pytest.approx(min(1.2 * peaks[0], PLAN_HEADROOM * limit), rel=1e-12)
 
     partial = train(dataclasses.replace(base_cfg, memory_limit_gb=(peaks[0] + peaks[1]) / 2 / PLAN_HEADROOM),

@@ -77,35 +77,27 @@ def would_fit(arch: calc.Arch, shape: calc.RunShape, available: float) -> list[s
     return options
 
 
-def check_fits(model_dir: str, shape: calc.RunShape, limit_gb: float | None) -> str:
-    """A one-line summary of the predicted peak against the memory available (or `limit_gb`); MemoryRefusal,
-    naming what would fit instead, when the prediction exceeds it."""
+def check_fits(model_dir: str, shape: calc.RunShape, limit_gb: float | None) -> tuple[str, float]:
+    """A one-line summary of the predicted peak against the memory available (or `limit_gb`), and the resident
+    memory below which freed heap is kept for reuse (hardware.FreedMemoryCap): the predicted peak plus the
+    calculator's error (+20 %), within PLAN_HEADROOM of the memory available. MemoryRefusal, naming what would fit
+    instead, when the prediction exceeds the memory available."""
     arch = calc.get_arch(model_dir)
     predicted = calc.predict_run(arch, shape)
     available = available_gb(limit_gb)
     parts = ", ".join(f"{name} {value:.2f}" for name, value in predicted.items() if name != "total")
     summary = (f"memory: predicted peak {predicted['total']:.2f} GB ({parts})"
                + (f" of {available:.1f} GB available" if available is not None else ""))
-    if available is None or predicted["total"] <= available:
-        return summary
+    if available is None:
+        return summary, 1.2 * predicted["total"]
+    if predicted["total"] <= available:
+        return summary, min(1.2 * predicted["total"], PLAN_HEADROOM * available)
     options = would_fit(arch, shape, available)
     raise MemoryRefusal(
         f"this run cannot fit: its predicted peak is {predicted['total']:.1f} GB (frozen weights "
         f"{predicted['weights']:.1f}, activations {predicted['activations']:.1f}), {available:.1f} GB is available; "
         + (f"would fit: {'; '.join(options)}" if options else "nothing smaller fits: use a smaller model")
         + " (set memory_check: false to start anyway)")
-
-
-def memory_to_keep_gb(cfg, model_dir: str) -> float | None:
-    """Resident memory below which freed heap is kept for reuse (hardware.FreedMemoryCap): the run's predicted peak
-    plus the calculator's error (+20 %), within PLAN_HEADROOM of the memory available; None where the calculator
-    cannot size the model's config."""
-    try:
-        planned = calc.predict_run(calc.get_arch(model_dir), run_shape(cfg))["total"]
-    except calc.ArchUnknown:
-        return None
-    available = available_gb(cfg.memory_limit_gb)
-    return 1.2 * planned if available is None else min(1.2 * planned, PLAN_HEADROOM * available)
 
 
 PLAN_HEADROOM = 0.85  # the checkpointing plan aims at this share of the memory available (calc is +-20 %)

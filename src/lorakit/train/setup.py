@@ -36,7 +36,7 @@ from . import distributed as dist_utils
 from .config import TrainConfig
 from .fast_paths import enable_fast_paths
 from .loss import LOSSES
-from .memory_check import check_fits, choose_checkpointing, choose_saved_activations, memory_to_keep_gb, run_shape
+from .memory_check import check_fits, choose_checkpointing, choose_saved_activations, run_shape
 from .preference_data import load_preference_examples
 from .preference_loss import PreferenceLoss, precompute_reference
 
@@ -70,7 +70,7 @@ class Run:
     after_step: Callable[[Any, int], Any] | None  # the form's per-step callback (AdaLoRA's rank allocator)
     checkpoints: bool                       # mid-run checkpoints (not under multi-process FSDP)
     nf4_cache_bytes: int = 0                # dense NF4 weights kept for backward (checkpointed QLoRA runs)
-    keep_memory_gb: float | None = None     # freed heap is kept for reuse below this (memory_to_keep_gb)
+    keep_memory_gb: float | None = None     # freed heap is kept for reuse below this (memory_check.check_fits)
     prompts: list[str] = field(default_factory=list)
     before: list[str] = field(default_factory=list)
     step: int = 0
@@ -95,9 +95,11 @@ def check_run(cfg: TrainConfig, env: dist_utils.Env) -> None:
                               "pass --force (overwrite: true) to replace it, or --output_dir=DIR for a new run")
 
 
-def resolve_run_settings(cfg: TrainConfig, env: dist_utils.Env, model=None) -> tuple[TrainConfig, list[str]]:
+def resolve_run_settings(cfg: TrainConfig, env: dist_utils.Env,
+                         model=None) -> tuple[TrainConfig, list[str], float | None]:
     """The `auto` settings decided before anything is loaded or written (compute dtype by measurement, saved
-    activations by memory) and the memory check; returns the decided config and the lines saying why."""
+    activations by memory) and the memory check; returns the decided config, the lines saying why, and the memory
+    to keep for reuse (None where the run was not sized)."""
     dtype_note = compute_dtype_note(env.device) if cfg.bf16 == "auto" else None
     cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
     model_dir = resolve_model_dir(cfg.model) if model is None and cfg.memory_check else None  # sized, not loaded
@@ -105,22 +107,18 @@ def resolve_run_settings(cfg: TrainConfig, env: dist_utils.Env, model=None) -> t
     cfg = dataclasses.replace(cfg, gradient_checkpointing=checkpointing, checkpoint_layers=layers)
     saved, saved_note = choose_saved_activations(cfg, model_dir)
     cfg = dataclasses.replace(cfg, saved_activations=saved)
-    memory_line = check_memory(cfg, model_dir) if model_dir else None
-    return cfg, [line for line in (dtype_note, plan_note, memory_line, saved_note) if line]
+    memory_line, keep_gb = check_memory(cfg, model_dir) if model_dir else (None, None)
+    return cfg, [line for line in (dtype_note, plan_note, memory_line, saved_note) if line], keep_gb
 
 
-def check_memory(cfg: TrainConfig, model_dir: str) -> str | None:
-    """The run's predicted peak memory against what is available (see memory_check.py); None where the model's
-    config cannot be sized (not a decoder config the calculator knows)."""
+def check_memory(cfg: TrainConfig, model_dir: str) -> tuple[str | None, float | None]:
+    """The run's predicted peak memory against what is available and the memory to keep for reuse (see
+    memory_check.check_fits); (None, None) where the model's config cannot be sized (not a decoder config the
+    calculator knows)."""
     try:
         return check_fits(model_dir, run_shape(cfg), cfg.memory_limit_gb)
     except calc.ArchUnknown:
-        return None
-
-
-def keep_memory(cfg: TrainConfig, model) -> float | None:
-    """memory_to_keep_gb for a model loaded by name; None for a model passed in or with memory_check off."""
-    return memory_to_keep_gb(cfg, resolve_model_dir(cfg.model)) if model is None and cfg.memory_check else None
+        return None, None
 
 
 def load_rows(cfg: TrainConfig, tokenizer, log) -> tuple[list, list, list | None]:
@@ -218,7 +216,7 @@ def build_loss(cfg: TrainConfig, peft_model) -> torch.nn.Module:
 
 def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=None) -> Run:
     check_run(cfg, env)
-    cfg, notes = resolve_run_settings(cfg, env, model)  # before anything is written
+    cfg, notes, keep_gb = resolve_run_settings(cfg, env, model)  # before anything is written
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -265,7 +263,7 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
               checkpoints=not (env.world_size > 1 and cfg.distributed == "fsdp"), prompts=prompts, before=before,
               nf4_cache_bytes=layer_cache_bytes(base, getattr(base.config, "num_hidden_layers", 1) or 1)
               if cfg.quantize and cfg.gradient_checkpointing else 0,
-              keep_memory_gb=keep_memory(cfg, model))
+              keep_memory_gb=keep_gb)
     if adapter_config.svd_init and is_main and not cfg.resume:
         peft_model.save_pretrained(run.initial_dir)
     if env.world_size > 1:  # each process its own dropout stream (the adapters were initialised alike above)
