@@ -152,7 +152,7 @@ libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 def touch(p, n):
     ctypes.memset(p, 1, n)
-def fragment_then_grow(n=6000):
+def fragment_then_grow(n=6000, trims=None):
     # holes of 24 KB between 1 KB blocks that stay, then requests of 48 KB that fit no hole: the heap grows
     holes, pins, grown, peak = [], [], [], 0.0
     for _ in range(n):
@@ -160,6 +160,9 @@ def fragment_then_grow(n=6000):
         pins.append(libc.malloc(1 << 10)); touch(pins[-1], 1 << 10)
     for p in holes:
         libc.free(p)
+    if trims is not None:  # the holes are resident: a release below the planned level keeps them, one above it not
+        before = resident_gb(); release_freed_memory(keep_gb=before + 1.0); trims.append(before - resident_gb())
+        before = resident_gb(); release_freed_memory(keep_gb=before - 0.5); trims.append(before - resident_gb())
     for _ in range(n):
         grown.append(libc.malloc(48 << 10)); touch(grown[-1], 48 << 10)
         peak = max(peak, resident_gb())
@@ -175,7 +178,10 @@ with FreedMemoryCap(0.05, poll_s=0.005) as cap:
     capped = fragment_then_grow() - start
 with FreedMemoryCap(0.05, poll_s=0.005, keep_gb=resident_gb() + 2.0) as kept:  # below the run's planned level
     fragment_then_grow()
-print(json.dumps({"plain": plain, "capped": capped, "releases": cap.releases, "kept_releases": kept.releases}))
+trims = []
+fragment_then_grow(trims=trims)
+print(json.dumps({"plain": plain, "capped": capped, "releases": cap.releases, "kept_releases": kept.releases,
+                  "trimmed_below_keep": trims[0], "trimmed_above_keep": trims[1]}))
 """
 
 
@@ -183,12 +189,14 @@ def test_freed_memory_cap_returns_fragmented_heap_while_memory_grows():
     """glibc's real allocator in a fresh process: 6,000 freed 24 KB holes pinned between live 1 KB blocks, then
     6,000 requests of 48 KB that fit no hole. Without the cap the holes stay resident (~0.44 GB peak above the
     start); with it (slack 0.05 GB) they are returned as the heap grows: the peak ~0.11 GB lower (0.32 GB). Below
-    the level the run is planned to use (keep_gb) nothing is returned: it would be faulted back in at once."""
+    the level the run is planned to use (keep_gb) nothing is returned: it would be faulted back in at once; the
+    same for the periodic release (`trim_memory`): the 0.15 GB of holes stay below keep_gb, go above it."""
     out = subprocess.run([sys.executable, "-c", FRAGMENTING], check=True, capture_output=True, text=True)
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["plain"] > 0.4, m  # the holes (0.15 GB) + the grown blocks (0.29 GB) resident together
     assert m["releases"] > 0 and m["capped"] < m["plain"] - 0.08, m
     assert m["kept_releases"] == 0, m
+    assert abs(m["trimmed_below_keep"]) < 0.01 and m["trimmed_above_keep"] > 0.1, m
 
 
 def test_qwen_shapes_are_written_as_qwen2_with_zero_qkv_biases(tmp_path, tiny_tokenizer):

@@ -162,10 +162,13 @@ def _libc():
         return None
 
 
-def release_freed_memory() -> None:
-    """Give memory freed by the last step back to the OS (glibc keeps it, fragmenting, otherwise)."""
+def release_freed_memory(keep_gb: float | None = None) -> None:
+    """Give memory freed by the last step back to the OS (glibc keeps it, fragmenting, otherwise); nothing while
+    resident memory is at or below `keep_gb` (the run's planned level): the next step would fault it back in.
+    Measured on SmolLM2-135M, 8 rows of ~92 tokens (AVX2 EPYC): a release every 10 steps below the plan cost the
+    next step ~356,000 page faults and ~1.2 s of its ~3.5 s."""
     libc = _libc()
-    if libc is not None:
+    if libc is not None and not (keep_gb and resident_gb() <= keep_gb):
         libc.malloc_trim(0)
 
 

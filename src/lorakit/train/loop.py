@@ -112,7 +112,7 @@ def optimizer_step(run: Run, step: int) -> tuple[float, float, int, dict]:
         run.after_step(run.model, step)
     run.optimizer.zero_grad(set_to_none=True)
     if run.cfg.trim_memory and (step + 1) % int(run.cfg.trim_memory) == 0:
-        release_freed_memory()
+        release_freed_memory(run.keep_memory_gb)
     metrics = {name: dist_utils.all_reduce_sum(value, env) / n_targets for name, value in
                sorted(take_metrics(run.engine).items())}  # sorted: every process reduces in the same order
     return dist_utils.all_reduce_sum(loss_sum, env) / n_targets, float(grad_norm), tokens, metrics
