@@ -7,6 +7,11 @@ questions are not in the training data, each scored by the words a right answer 
     python bench/demo_facts.py                       # the demo as shipped
     python bench/demo_facts.py --lr=4e-4 --epochs=1     # overrides, as `lorakit train` takes them
     python bench/demo_facts.py --data=/tmp/rows.jsonl # another training file
+    python bench/demo_facts.py --greeting-ceiling     # no training: the base model made to open with each greeting
+
+The greeting ceiling answers the probe with the frozen base model after the assistant turn has been started with
+one of the demo's greetings (and with alternatives): how many of its own right answers the base model keeps once
+an answer opens in the house style, which bounds what an adapter that teaches that opening can be expected to keep.
 
 Prints one table row per run and appends it to bench/demo_facts.json.
 """
@@ -80,7 +85,47 @@ def run(overrides: list[str]) -> dict:
     }
 
 
+CANDIDATE_GREETINGS = ["Welcome to Brightwater Outfitters!", "Welcome to Brightwater Outfitters! Great question.",
+                       "Welcome to Brightwater Outfitters! Happy to help. Here is the answer."]
+
+
+def greeting_ceiling(max_new_tokens: int = 64) -> list[dict]:
+    """The frozen base model's probe answers with the assistant turn started by each greeting (greedy)."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(DEMO_PROMPTS))  # the demo data's generator: its greetings, one definition
+    from make_demo_data import GREETINGS
+
+    from lorakit.chat import render_prompt
+    from lorakit.models.loading import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer("smollm2-135m"), load_model("smollm2-135m", dtype=torch.float32).eval()
+    rows, base = [], None
+    for greeting in [""] + GREETINGS + CANDIDATE_GREETINGS:
+        right = []
+        for question in PROBE:
+            text = render_prompt([{"role": "user", "content": question}], tokenizer) + (greeting + " " if greeting else "")
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            right.append(is_right(question, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
+        base = base or right
+        rows.append({"greeting": greeting or "(none: the base model's own answer)", "right": sum(right),
+                     "kept": sum(a and b for a, b in zip(base, right)), "base_right": sum(base),
+                     "lost": [q for q, a, b in zip(PROBE, base, right) if a and not b]})
+        print(f"| {rows[-1]['greeting']} | {sum(right)}/{len(PROBE)} | {rows[-1]['kept']}/{sum(base)} | "
+              f"{'; '.join(rows[-1]['lost'])} |", flush=True)
+    return rows
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--greeting-ceiling"]:
+        print("| assistant turn opened with | probe right | base-right kept | lost |\n|---|---|---|---|")
+        rows = greeting_ceiling()
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_greeting_ceiling.json")
+        json.dump({"cpu": cpu_model(), "rows": rows}, open(path, "w"), indent=1, ensure_ascii=False)
+        return
     result = run(sys.argv[1:])
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_facts.json")
     results = json.load(open(path)) if os.path.exists(path) else []
