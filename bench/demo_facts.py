@@ -13,7 +13,8 @@ The greeting ceiling answers the probe with the frozen base model after the assi
 one of the demo's greetings (and with alternatives): how many of its own right answers the base model keeps once
 an answer opens in the house style, which bounds what an adapter that teaches that opening can be expected to keep.
 
-Prints one table row per run and appends it to bench/demo_facts.json.
+Prints one table row per run and appends it to bench/demo_facts.json (--greeting-ceiling: a table, written to
+bench/demo_greeting_ceiling.json).
 """
 
 from __future__ import annotations

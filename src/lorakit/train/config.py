@@ -70,7 +70,8 @@ class TrainConfig:
     attn_implementation: str | None = None  # transformers' attention ("sdpa" default, "eager": ~7 % faster on
                                             # CPU at ~200 tokens but +0.6 GB peak in bench/train_vs_peft.py)
     trim_memory: bool | int = 10          # glibc malloc_trim every N steps (true = 1, false = never): returns
-                                          # fragmented free heap to the OS; bench: peak RSS 3.5 -> 3.3 GB at N=10
+                                          # fragmented free heap to the OS, only above the run's planned level
+                                          # (memory_check's keep level; none when the run cannot be sized)
     freed_memory_slack_gb: float | None = 0.5  # return freed heap to the OS whenever resident memory grew this
                                                # much and is above the run's planned peak (glibc fragments under
                                                # training: a 1B QLoRA step's peak 5.1 GB -> ~2.5 GB); null = never
