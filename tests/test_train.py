@@ -37,6 +37,22 @@ def test_training_lowers_eval_loss_and_writes_outputs(tmp_path, tiny_tokenizer):
     assert [json.loads(l)["step"] for l in lines] == list(range(0, 21))
 
 
+def test_prompts_are_answered_by_the_base_before_and_the_adapter_after(tmp_path, tiny_tokenizer):
+    """The summary's before/after answers (what `lorakit train` prints) are the untrained model's and the trained
+    model's greedy answers, at the run's max_new_tokens."""
+    from lorakit.generation import answer_prompts
+
+    prompts = ["What tent should I buy?", "Do you ship abroad?"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    model = lambda: tiny_llama_for(tiny_tokenizer, initializer_range=0.3)  # noqa: E731 (peaked logits: no ties)
+    result = train(_cfg(tmp_path / "run", max_steps=4, lr=5e-2, prompts=str(tmp_path / "prompts.txt"),
+                        max_new_tokens=6), model(), tiny_tokenizer)
+    assert result["prompts"] == prompts
+    assert result["before"] == answer_prompts(model(), tiny_tokenizer, prompts, 6)
+    assert result["after"] == answer_prompts(result["model"], tiny_tokenizer, prompts, 6)
+    assert result["after"] != result["before"]  # it trained (lr 5e-2 on a model with peaked logits)
+
+
 def test_resume_after_interrupt_is_bit_identical(tmp_path, tiny_tokenizer):
     straight = _adapter(train(_cfg(tmp_path / "a", grad_accum=2), tiny_llama_for(tiny_tokenizer), tiny_tokenizer))
 
