@@ -147,15 +147,21 @@ def _single_and_two_process_adapters(tmp_path, model_dir, port, run_kw=None, **d
     from safetensors.torch import load_file
 
     exact = dict(saved_activations="fp32", **(run_kw or {}))
-    single = _write_yaml(tmp_path / "single.yaml", model_dir, tmp_path / "single", batch_size=4, **exact)
+    key = (model_dir, json.dumps(exact, sort_keys=True))
+    if key not in _SINGLE_PROCESS:  # the same reference serves DDP and FSDP (a process start is ~8 s)
+        single = _write_yaml(tmp_path / "single.yaml", model_dir, tmp_path / "single", batch_size=4, **exact)
+        subprocess.run([sys.executable, "-m", "lorakit", "train", single], check=True, env=_env(),
+                       capture_output=True)
+        _SINGLE_PROCESS[key] = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
     multi = _write_yaml(tmp_path / "multi.yaml", model_dir, tmp_path / "multi", batch_size=2, **exact,
                         **distributed_kw)
-    subprocess.run([sys.executable, "-m", "lorakit", "train", single], check=True, env=_env(), capture_output=True)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           "-m", "lorakit", "train", multi], env=_env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    return (load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors"),
-            load_file(tmp_path / "multi" / "adapter" / "adapter_model.safetensors"))
+    return _SINGLE_PROCESS[key], load_file(tmp_path / "multi" / "adapter" / "adapter_model.safetensors")
+
+
+_SINGLE_PROCESS = {}  # (model dir, run settings) -> the one-process run's adapter tensors
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo"])
