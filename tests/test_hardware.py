@@ -62,3 +62,23 @@ def test_a_close_call_is_measured_again_and_keeps_each_dtype_s_best_rate(tmp_pat
 def test_measured_rates_are_rates():
     rates = hardware.measure_matmul_rates(shapes=((128, 128, 128),), repeats=2)
     assert set(rates) == {"fp32", "bf16"} and all(r > 0 for r in rates.values())
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_auto_dtype_of_a_multi_process_run_is_measured_by_rank_0_and_taken_by_every_rank(rank, monkeypatch):
+    """Ranks timing products at once would slow each other and could decide differently: rank 0 measures, every
+    rank takes its decision (gather_objects stands in for torch.distributed's all_gather_object here)."""
+    from lorakit.train import setup
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.distributed import Env
+
+    measured = []
+    monkeypatch.setattr(hardware, "cpu_matmul_rates", lambda: measured.append(rank) or {"fp32": 90.0, "bf16": 300.0})
+    rank_0 = ("auto dtype: fp32 (rank 0's measurement)", False)  # what rank 0 decided on its own measurement
+    monkeypatch.setattr(setup.dist_utils, "gather_objects",
+                        lambda value, env: [value if env.rank == 0 else rank_0, None if env.rank == 0 else value])
+    cfg, notes, _ = setup.resolve_run_settings(TrainConfig(memory_check=False), Env(rank=rank, world_size=2))
+    if rank == 0:  # its own measurement: bf16 at 3.3x fp32
+        assert cfg.bf16 is True and measured and notes[0].startswith("auto dtype: bf16")
+    else:
+        assert cfg.bf16 is False and measured == [] and notes[0] == rank_0[0]

@@ -62,6 +62,7 @@ def test_cli_writes_a_training_config_with_the_rank_pattern(tmp_path, tiny_model
     assert written["rank_pattern"] == report["rank_pattern"]
     assert written["target_modules"] == sorted(report["rank_pattern"])
 
+
 def test_cli_refuses_a_budget_below_rank_1_in_one_line(tiny_model_dir, capsys):
     from lorakit.cli import main  # in this process: the process-level behaviour is checked above (a start is ~8 s)
 

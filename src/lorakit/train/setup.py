@@ -100,7 +100,11 @@ def resolve_run_settings(cfg: TrainConfig, env: dist_utils.Env,
     """The `auto` settings decided before anything is loaded or written (compute dtype by measurement, saved
     activations by memory) and the memory check; returns the decided config, the lines saying why, and the memory
     to keep for reuse (None where the run was not sized)."""
-    dtype_note = compute_dtype_note(env.device) if cfg.bf16 == "auto" else None
+    dtype_note = None
+    if cfg.bf16 == "auto":  # measured by rank 0 only (ranks timing at once slow each other), taken by every rank
+        decided = (compute_dtype_note(env.device), resolve_bf16("auto", env.device)) if env.rank == 0 else None
+        dtype_note, bf16 = dist_utils.gather_objects(decided, env)[0]
+        cfg = dataclasses.replace(cfg, bf16=bf16)
     cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
     model_dir = resolve_model_dir(cfg.model) if model is None and cfg.memory_check else None  # sized, not loaded
     checkpointing, layers, plan_note = choose_checkpointing(cfg, model_dir)
