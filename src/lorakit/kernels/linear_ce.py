@@ -34,10 +34,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        # one logits buffer for all chunks: a fresh 100 MB block per chunk is a fresh mmap (past glibc's largest
+        # heap threshold), its pages faulted in and zeroed again each time
+        buffer = torch.empty(min(n, chunk_rows), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, y = hidden[rows], labels[rows]
-            logits = (h @ weight.T).to(acc)
+            logits = torch.mm(h, weight.T, out=buffer[:h.shape[0]]).to(acc)
             picked = (torch.arange(h.shape[0], device=h.device), y)
             target = logits[picked]
             peak = logits.amax(dim=-1, keepdim=True)  # log-sum-exp in place: ~5x torch.logsumexp on CPU in fp32
