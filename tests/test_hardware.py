@@ -38,6 +38,32 @@ def test_rates_are_measured_once_and_kept_in_the_cache(tmp_path, monkeypatch):
         hardware.cpu_matmul_rates.cache_clear()
 
 
+def test_cpus_a_hypervisor_names_alike_are_cached_apart(tmp_path, monkeypatch):
+    """Two machine classes both called "AMD EPYC" (AVX2-only, and AVX-512-BF16) must not share a measurement: a
+    cache moved between them would otherwise pick the other CPU's dtype."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    info = "processor\t: {n}\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: {model}\nflags\t\t: {flags}\n"
+    avx2, avx512 = tmp_path / "avx2", tmp_path / "avx512"
+    avx2.write_text(info.format(n=0, model=1, flags="fpu sse avx2") + "\n" + info.format(n=1, model=1, flags="x"))
+    avx512.write_text(info.format(n=0, model=1, flags="fpu sse avx2 avx512f avx512_bf16"))
+    assert hardware.cpu_model(str(avx2)).startswith("AMD EPYC (cpu family 25, model 1, flags ")
+    assert hardware.cpu_model(str(avx2)) != hardware.cpu_model(str(avx512))
+    assert hardware.cpu_model(str(tmp_path / "absent")) == "unknown"
+    by_cpu = {"avx2": {"fp32": 180.0, "bf16": 60.0}, "avx512": {"fp32": 150.0, "bf16": 350.0}}
+    seen, measured, real_cpu_model = [], [], hardware.cpu_model
+    for machine in ("avx2", "avx512", "avx2"):  # the third start finds its own CPU's entry
+        monkeypatch.setattr(hardware, "cpu_model", lambda machine=machine: real_cpu_model(str(tmp_path / machine)))
+        monkeypatch.setattr(hardware, "measure_matmul_rates",
+                            lambda machine=machine: measured.append(machine) or by_cpu[machine])
+        hardware.cpu_matmul_rates.cache_clear()
+        try:
+            seen.append(hardware.fast_bf16("cpu"))
+        finally:
+            hardware.cpu_matmul_rates.cache_clear()
+    assert seen == [False, True, False] and measured == ["avx2", "avx512"]
+    assert len(json.loads((tmp_path / "lorakit" / "calibration.json").read_text())) == 2
+
+
 def test_a_close_call_is_measured_again_and_keeps_each_dtype_s_best_rate(tmp_path, monkeypatch):
     """A first measurement with the CPU busy during the fp32 products says bf16; the next starts measure again
     (the rates are within 2x), keep each dtype's best rate, choose fp32, and stop measuring after the third."""
