@@ -40,7 +40,8 @@ def _case_args(tmp_path, tiny_model_dir, data_file):
         "bad override syntax": (["train", "--lr"], "must look like --key=value"),
         "missing config": (["train", str(tmp_path / "nope.yaml")], "config file"),
         "invalid yaml": (["train", str(bad_yaml)], "invalid YAML"),
-        "missing data": (["train", f"--model={tiny_model_dir}", f"--data={tmp_path}/none.jsonl"], "does not exist"),
+        "missing data": (["train", f"--model={tiny_model_dir}", f"--data={tmp_path}/none.jsonl",
+                          f"--output_dir={tmp_path}/m"], "does not exist"),  # not ./runs/demo: `make demo` fills it
         "malformed row": (["train", f"--model={tiny_model_dir}", f"--data={bad_rows}", "--prompts=null",
                            f"--output_dir={tmp_path}/o"], "bad.jsonl:2: row has none of the known fields"),
         "resume without checkpoint": (["train", f"--model={tiny_model_dir}", f"--data={data_file}", "--prompts=null",

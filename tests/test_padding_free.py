@@ -157,3 +157,58 @@ def test_row_lengths_are_never_taken_from_an_earlier_tensor():
     assert V._segments(positions) == [3, 5]
     positions[0, 3] = 7  # written in place: the version changes, the lengths are read again
     assert V._segments(positions) is None  # one row now (a single restart at 0)
+
+
+@pytest.mark.parametrize("rates, fp32", [({"bf16": 17.6, "fp32": 37.3}, True),    # an AVX-512-BF16 EPYC
+                                         ({"bf16": 60.0, "fp32": 35.0}, False),   # bf16 attention faster
+                                         ({"bf16": 30.0, "fp32": 32.0}, False)])  # within the margin
+def test_a_timing_table_picks_the_attention_dtype(rates, fp32, monkeypatch):
+    from lorakit.kernels import attention_dtype as A
+    from lorakit.train import setup
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.distributed import Env
+
+    assert A.attention_in_fp32(rates) is fp32
+    monkeypatch.setattr(A, "cpu_attention_rates", lambda: rates)
+    monkeypatch.setattr(setup, "attention_in_fp32", lambda: A.attention_in_fp32(rates))
+    monkeypatch.setattr(setup, "attention_dtype_note", lambda fp32: A.attention_dtype_note(fp32, rates))
+    cfg, notes, _ = setup.resolve_run_settings(TrainConfig(memory_check=False, bf16=True), Env())
+    assert cfg.attention_fp32 is fp32
+    assert [n for n in notes if n.startswith("attention: ")] == [
+        f"attention: {'fp32 (bf16 inputs cast)' if fp32 else 'bf16'} for padding-free rows (measured on this CPU: "
+        f"bf16 {rates['bf16']:g}, cast to fp32 {rates['fp32']:g} GFLOP/s)"]
+    for settings in (dict(bf16=False), dict(bf16=True, padding_free=False), dict(bf16=True, attention_fp32=False)):
+        cfg, notes, _ = setup.resolve_run_settings(TrainConfig(memory_check=False, **settings), Env())
+        assert cfg.attention_fp32 is False and not [n for n in notes if n.startswith("attention: ")]
+    with pytest.raises(ValueError, match="attention_fp32 must be true, false or 'auto', got 'fp16'"):
+        TrainConfig(attention_fp32="fp16")
+
+
+def test_bf16_rows_marked_for_fp32_attention_are_computed_in_fp32_and_returned_in_bf16():
+    """Marked attention modules run each row's SDPA on the bf16 inputs cast to fp32: bit-identical to that
+    reference, bf16 out and bf16 gradients in; the unmarked module computes in bf16 (a different rounding)."""
+    from lorakit.kernels.attention_dtype import set_attention_dtype
+
+    torch.manual_seed(0)
+    segments = [37, 50, 41]
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal, training = 3, True, True
+
+    marked, plain = Attn(), Attn()
+    assert set_attention_dtype(marked, torch.float32) == 1
+    q, k, v = (torch.randn(1, heads, sum(segments), 64, dtype=torch.bfloat16, requires_grad=True)
+               for heads in (6, 2, 2))
+    positions = torch.cat([torch.arange(n) for n in segments])[None]
+
+    def attend(module, q, k, v):
+        return V.varlen_attention_forward(module, q, k, v, None, scaling=0.125, position_ids=positions)[0]
+
+    out = attend(marked, q, k, v)
+    reference = torch.cat([F.scaled_dot_product_attention(a.float(), b.float(), c.float(), is_causal=True, scale=0.125,
+                                                          enable_gqa=True)
+                           for a, b, c in zip(q.split(segments, 2), k.split(segments, 2), v.split(segments, 2))], 2)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference.bfloat16().transpose(1, 2))
+    assert not torch.equal(attend(plain, q, k, v), out)
+    out.float().square().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and k.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0

@@ -88,14 +88,12 @@ def _with_measurement(entry: dict | None, rates: dict[str, float]) -> dict:
     return {**{name: max(entry[name], rates[name]) for name in rates}, "measurements": entry.get("measurements", 1) + 1}
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_matmul_rates() -> dict[str, float]:
-    """measure_matmul_rates per CPU model, torch version and thread count, kept in the cache
-    ($XDG_CACHE_HOME/lorakit/calibration.json): the flags a CPU lists say what it can decode, not what is fast
-    (one Xeon listing avx512_bf16 multiplies bf16 at 0.57x its fp32 rate, an EPYC listing it at 3.5x). Measured
-    once where one dtype is CLOSE_CALL times faster; a close call is measured at the next starts too, up to
-    SETTLE_MEASUREMENTS times, keeping each dtype's best rate (a busy CPU only ever slows a measurement)."""
-    key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+def cached_rates(kind: str, measure) -> dict[str, float]:
+    """measure() (GFLOP/s per dtype) per CPU, torch version and thread count, kept in the cache
+    ($XDG_CACHE_HOME/lorakit/calibration.json) under `kind` ("" for the matrix products). Measured once where one
+    dtype is CLOSE_CALL times faster; a close call is measured at the next starts too, up to SETTLE_MEASUREMENTS
+    times, keeping each dtype's best rate (a busy CPU only ever slows a measurement)."""
+    key = f"{kind + ': ' if kind else ''}{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = os.path.join(cache_root(), "calibration.json")
     try:
         with open(path) as f:
@@ -108,12 +106,19 @@ def cpu_matmul_rates() -> dict[str, float]:
     if not isinstance(entry, dict) or not {"fp32", "bf16"} <= set(entry):
         entry = None
     if entry is None or not _settled(entry):
-        table[key] = entry = _with_measurement(entry, measure_matmul_rates())
+        table[key] = entry = _with_measurement(entry, measure())
         with contextlib.suppress(OSError):  # a read-only cache only costs a measurement per process
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with atomic_path(path) as tmp, open(tmp, "w") as f:
                 json.dump(table, f, indent=1)
     return {"fp32": entry["fp32"], "bf16": entry["bf16"]}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_matmul_rates() -> dict[str, float]:
+    """measure_matmul_rates, cached (cached_rates): the flags a CPU lists say what it can decode, not what is fast
+    (one Xeon listing avx512_bf16 multiplies bf16 at 0.57x its fp32 rate, an EPYC listing it at 3.5x)."""
+    return cached_rates("", lambda: measure_matmul_rates())
 
 
 def fast_bf16(device: torch.device | str = "cpu", rates: dict[str, float] | None = None) -> bool:

@@ -18,6 +18,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from .attention_dtype import MODULE_ATTRIBUTE
+
 VARLEN = "lorakit_varlen"
 IGNORE = -100
 
@@ -60,11 +62,15 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     gqa = query.shape[1] != key.shape[1]
+    dtype = query.dtype
+    compute = getattr(module, MODULE_ATTRIBUTE, None) or dtype  # fp32 where measured faster (attention_dtype.py)
+    if compute != dtype:
+        query, key, value = query.to(compute), key.to(compute), value.to(compute)
     outputs = [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa,
                                               dropout_p=dropout)
                for q, k, v in zip(query.split(segments, dim=2), key.split(segments, dim=2),
                                   value.split(segments, dim=2))]
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(outputs, dim=2).to(dtype).transpose(1, 2).contiguous(), None
 
 
 def register() -> None:

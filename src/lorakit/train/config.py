@@ -85,6 +85,8 @@ class TrainConfig:
                                             # from the model cache, so grouping them would hold a second copy)
     padding_free: bool = True             # causal LM with fused_kernels: a batch's rows laid end to end without
                                           # padding, attention per row (kernels/varlen_attention.py)
+    attention_fp32: bool | str = "auto"   # padding-free rows of a bf16 run: attention on inputs cast to fp32;
+                                          # auto = where that measured faster on this CPU (kernels/attention_dtype.py)
     gradient_checkpointing: bool | str = "auto"  # recompute layers' forward in backward to save memory: auto =
                                           # as few layers as the memory check needs (none where the run fits);
                                           # true = every layer (or checkpoint_layers of them); false = none
@@ -165,7 +167,7 @@ class TrainConfig:
         if self.checkpoint_layers is not None and (isinstance(self.checkpoint_layers, bool)
                                                    or self.checkpoint_layers < 0):
             raise ValueError(f"checkpoint_layers must be an integer >= 0 or null, got {self.checkpoint_layers!r}")
-        for name in ("bf16", "group_projections", "gradient_checkpointing"):
+        for name in ("bf16", "group_projections", "gradient_checkpointing", "attention_fp32"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise ValueError(f"{name} must be true, false or 'auto', got {getattr(self, name)!r}")
         self._check_method()

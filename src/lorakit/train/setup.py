@@ -24,6 +24,7 @@ from ..adapters.model import LoraModel
 from ..adapters.task_models import get_peft_model
 from ..generation import answer_prompts
 from ..hardware import compute_dtype_note, resolve_bf16
+from ..kernels.attention_dtype import attention_dtype_note, attention_in_fp32
 from ..kernels.saved_activations import compressed_activations, resolve_saved_activations
 from ..models.loading import load_model, load_tokenizer, resolve_model_dir
 from ..quant.nf4 import layer_cache_bytes, quantize_model_nf4
@@ -106,13 +107,25 @@ def resolve_run_settings(cfg: TrainConfig, env: dist_utils.Env,
         dtype_note, bf16 = dist_utils.gather_objects(decided, env)[0]
         cfg = dataclasses.replace(cfg, bf16=bf16)
     cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
+    attention_note = None
+    if cfg.attention_fp32 == "auto":  # bf16 CPU runs with padding-free rows: measured, like the dtype
+        fp32 = False
+        if cfg.bf16 and torch.device(env.device).type == "cpu" and cfg.fused_kernels and cfg.padding_free:
+            decided = attention_decision() if env.rank == 0 else None
+            attention_note, fp32 = dist_utils.gather_objects(decided, env)[0]
+        cfg = dataclasses.replace(cfg, attention_fp32=fp32)
     model_dir = resolve_model_dir(cfg.model) if model is None and cfg.memory_check else None  # sized, not loaded
     checkpointing, layers, plan_note = choose_checkpointing(cfg, model_dir)
     cfg = dataclasses.replace(cfg, gradient_checkpointing=checkpointing, checkpoint_layers=layers)
     saved, saved_note = choose_saved_activations(cfg, model_dir)
     cfg = dataclasses.replace(cfg, saved_activations=saved)
     memory_line, keep_gb = check_memory(cfg, model_dir) if model_dir else (None, None)
-    return cfg, [line for line in (dtype_note, plan_note, memory_line, saved_note) if line], keep_gb
+    return cfg, [line for line in (dtype_note, attention_note, plan_note, memory_line, saved_note) if line], keep_gb
+
+
+def attention_decision() -> tuple[str, bool]:
+    fp32 = attention_in_fp32()
+    return attention_dtype_note(fp32), fp32
 
 
 def check_memory(cfg: TrainConfig, model_dir: str) -> tuple[str | None, float | None]:
@@ -166,7 +179,8 @@ def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=
             quantize_model_nf4(base.to(dtype), compute_dtype=dtype)
         base.to(env.device)  # moves the 4-bit buffers as they are
     if cfg.fused_kernels:  # each where it is exact for this model (fast_paths.py), saying so
-        log(enable_fast_paths(base, cfg.task, cfg.padding_free, lora_dropout))
+        log(enable_fast_paths(base, cfg.task, cfg.padding_free, lora_dropout,
+                              attention_fp32=cfg.attention_fp32 is True and dtype == torch.bfloat16))
     if cfg.gradient_checkpointing:
         checkpoint_layers(base, cfg.checkpoint_layers)
     return base
