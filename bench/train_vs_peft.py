@@ -149,16 +149,12 @@ def main():
     ap.add_argument("--worker", choices=["peft", "peft_bf16", "lorakit"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    import yaml
-
-    def yaml_bool(text):
-        value = yaml.safe_load(text)
-        return value if isinstance(value, bool) else None  # "auto" leaves the measured choice
-
     if args.steps < 3:
         ap.error(f"--steps must be >= 3 (step 1 warms up, step 2 counts kernels), got {args.steps}")
+    import yaml
+
+    settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.worker:
-        settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
         print(json.dumps(worker(args.worker, args.steps, args.seed, args.dropout, args.data, settings)))
         return
     import tempfile
@@ -181,8 +177,8 @@ def main():
         raise SystemExit("--device cuda, but the workers saw no GPU")
     # lorakit computes in bf16 where the device has fast bf16, else in fp32 (hardware.resolve_bf16), unless --set
     # bf16=true/false forces it
-    forced = next((yaml_bool(v) for key, v in (item.split("=", 1) for item in args.set) if key == "bf16"), None)
-    compute = "bf16" if (fast_bf16(args.device) if forced is None else forced) else "fp32"
+    forced = settings.get("bf16")  # "auto" (or absent) leaves the measured choice
+    compute = "bf16" if (forced if isinstance(forced, bool) else fast_bf16(args.device)) else "fp32"
     peak = matmul_peak_gflops(torch.bfloat16 if compute == "bf16" else torch.float32, args.device)
     memory, label = ("peak_gpu_gb", "peak GPU GB") if args.device == "cuda" else ("peak_rss_gb", "peak RSS GB")
     p, k = results["peft"], results["lorakit"]

@@ -103,16 +103,15 @@ def resolve_run_settings(cfg: TrainConfig, env: dist_utils.Env,
     to keep for reuse (None where the run was not sized)."""
     dtype_note = None
     if cfg.bf16 == "auto":  # measured by rank 0 only (ranks timing at once slow each other), taken by every rank
-        decided = (compute_dtype_note(env.device), resolve_bf16("auto", env.device)) if env.rank == 0 else None
-        dtype_note, bf16 = dist_utils.gather_objects(decided, env)[0]
+        dtype_note, bf16 = decided_by_rank_0(
+            lambda: (compute_dtype_note(env.device), resolve_bf16("auto", env.device)), env)
         cfg = dataclasses.replace(cfg, bf16=bf16)
     cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
     attention_note = None
     if cfg.attention_fp32 == "auto":  # bf16 CPU runs with padding-free rows: measured, like the dtype
         fp32 = False
         if cfg.bf16 and torch.device(env.device).type == "cpu" and cfg.fused_kernels and cfg.padding_free:
-            decided = attention_decision() if env.rank == 0 else None
-            attention_note, fp32 = dist_utils.gather_objects(decided, env)[0]
+            attention_note, fp32 = decided_by_rank_0(attention_decision, env)
         cfg = dataclasses.replace(cfg, attention_fp32=fp32)
     model_dir = resolve_model_dir(cfg.model) if model is None and cfg.memory_check else None  # sized, not loaded
     checkpointing, layers, plan_note = choose_checkpointing(cfg, model_dir)
@@ -121,6 +120,12 @@ def resolve_run_settings(cfg: TrainConfig, env: dist_utils.Env,
     cfg = dataclasses.replace(cfg, saved_activations=saved)
     memory_line, keep_gb = check_memory(cfg, model_dir) if model_dir else (None, None)
     return cfg, [line for line in (dtype_note, attention_note, plan_note, memory_line, saved_note) if line], keep_gb
+
+
+def decided_by_rank_0(decide, env: dist_utils.Env):
+    """decide() run on rank 0 only, its result taken by every rank: measurements that ranks timing at once would
+    slow (and could decide differently)."""
+    return dist_utils.gather_objects(decide() if env.rank == 0 else None, env)[0]
 
 
 def attention_decision() -> tuple[str, bool]:
