@@ -4,6 +4,14 @@ Why: the module path saves a separate (dropped-out, fp32-cast) copy of x for eve
 and computes a weight gradient nobody needs. This function saves x once (in the compute dtype),
 the dropout mask as bytes, and A(x) (r columns); backward never touches the frozen weight's
 gradient. Adapter weights stay fp32 (for the optimizer) and are cast to x's dtype for the matmuls.
+
+Order of the sums (bf16): the output is computed as `s * A(x) B^T` first, then `x W^T` accumulated onto
+it by the matmul itself (fp32 accumulators, one rounding at the end). The usual order, `x W^T` rounded
+to bf16 and the update added after, puts the base output exactly on the bf16 grid, so every update
+element smaller than half a unit in its last place rounds away, deterministically. A fresh adapter's
+updates are that small: on SmolLM2 the first training steps lost over half of the update that way
+(and PEFT on a bf16 base loses it too). Computed in the order below, the update survives on average,
+as it would in one fp32 accumulation. The input gradient is summed in the same order.
 """
 
 from __future__ import annotations
@@ -45,7 +53,13 @@ class _FusedLoraLinear(torch.autograd.Function):
             scaling = scaling / keep
         xd = x2 if mask is None else x2.masked_fill(mask, 0)
         after_A = xd @ A.T
-        out = F.linear(x2, weight, bias).addmm_(after_A, B.T, alpha=scaling)  # the update added in place
+        # The update first, then the frozen matmul accumulates onto it: one rounding of base + update. Rounding the
+        # base output first (to bf16) and adding the update after loses every update element under half a unit in
+        # the last place of the output, and an adapter's first updates are that small (kernel docstring).
+        scaled_B = (lora_B * scaling).to(x.dtype)
+        out = (after_A @ scaled_B.T).addmm_(x2, weight.T)
+        if bias is not None:  # after: a bias is on the bf16 grid, and the update rounded onto it alone would vanish
+            out += bias
         # x itself (not the x2 view): q, k and v (gate and up) get the same x object, so a saved-tensor
         # hook (kernels.saved_activations) can store it once for all of them
         ctx.save_for_backward(x, mask, after_A, weight, A, B)
@@ -61,13 +75,11 @@ class _FusedLoraLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
         gB = g @ B  # (N, r)
         grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
-            if mask is None:  # the update's input gradient accumulated in place (no (N, d_in) temporary)
-                grad_x.addmm_(gB, A, alpha=s)
-            else:
-                grad_x.add_((gB @ A).masked_fill_(mask, 0), alpha=s)
-            grad_x = grad_x.view(ctx.shape)
+        if ctx.needs_input_grad[0]:  # the update's part first, the frozen weight's accumulated onto it (as forward)
+            grad_x = gB @ (A * s)
+            if mask is not None:
+                grad_x.masked_fill_(mask, 0)
+            grad_x = grad_x.addmm_(g, weight).view(ctx.shape)
         if ctx.needs_input_grad[3]:
             xd = x2 if mask is None else x2.masked_fill(mask, 0)
             grad_A = ((gB.T @ xd) * s).to(ctx.adapter_dtype)
