@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 MASK_BITS = 15
 
@@ -42,6 +41,9 @@ def dropout_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
 class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, training: bool):
+        rebuilt = not isinstance(weight, torch.Tensor)  # a callable rebuilding a frozen weight (NF4 dequantization)
+        ctx.rebuild_weight = weight if rebuilt else None
+        weight = weight(True) if rebuilt else weight
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         A = lora_A.to(x.dtype)
@@ -62,7 +64,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             out += bias
         # x itself (not the x2 view): q, k and v (gate and up) get the same x object, so a saved-tensor
         # hook (kernels.saved_activations) can store it once for all of them
-        ctx.save_for_backward(x, mask, after_A, weight, A, B)
+        ctx.save_for_backward(x, mask, after_A, None if rebuilt else weight, A, B)
         ctx.scaling, ctx.shape = scaling, shape
         ctx.adapter_dtype = lora_A.dtype
         return out.view(*shape[:-1], out.shape[-1])
@@ -70,6 +72,8 @@ class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, mask, after_A, weight, A, B = ctx.saved_tensors
+        if ctx.rebuild_weight is not None:
+            weight = ctx.rebuild_weight(False)
         x2 = x.reshape(-1, x.shape[-1])
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
@@ -91,5 +95,9 @@ class _FusedLoraLinear(torch.autograd.Function):
 
 def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
                       training: bool = True) -> torch.Tensor:
-    """F.linear(x, weight, bias) + scaling * dropout(x) @ A^T @ B^T, with a memory-lean backward."""
+    """F.linear(x, weight, bias) + scaling * dropout(x) @ A^T @ B^T, with a memory-lean backward.
+
+    `weight`: the frozen weight, or a callable `weight(keep: bool) -> Tensor` that rebuilds it (an NF4 layer's
+    dequantization; `keep`: the forward's call, which may cache it for the backward's). A rebuilt weight is not
+    saved for backward: backward calls it again."""
     return _FusedLoraLinear.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)

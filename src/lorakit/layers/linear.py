@@ -6,6 +6,8 @@ trains through the fused kernel (kernels/lora_linear.py); otherwise each adapter
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,8 +15,23 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import functional as LF
 from ..kernels import fused_lora_linear
+from ..quant.nf4 import DENSE_WEIGHTS, NF4Linear
 from .base import LoraLayer
 from .mixed_batch import mixed_linear_update
+
+
+def frozen_weight(base: nn.Module):
+    """What the fused kernel takes as the frozen weight of `base`: an nn.Linear's weight, an NF4Linear's
+    dequantization (a callable; cached between forward and backward by DENSE_WEIGHTS), else None (no fused path)."""
+    if type(base) is nn.Linear:
+        return base.weight
+    if isinstance(base, NF4Linear):
+        return functools.partial(DENSE_WEIGHTS.get, base)
+    return None
+
+
+def compute_dtype(base: nn.Module) -> torch.dtype:
+    return base.compute_dtype if isinstance(base, NF4Linear) else base.weight.dtype
 
 
 class LoraLinear(LoraLayer):
@@ -66,8 +83,8 @@ class LoraLinear(LoraLayer):
         """The adapter the fused kernel trains for input `x` (one plain LoRA adapter on an nn.Linear, gradients on,
         x in the weight's dtype, no autocast), else None."""
         base = self.base_layer
-        if (len(names) == 1 and self.adapters[names[0]].form.fusable and type(base) is nn.Linear
-                and torch.is_grad_enabled() and x.dtype == base.weight.dtype
+        if (len(names) == 1 and self.adapters[names[0]].form.fusable and frozen_weight(base) is not None
+                and torch.is_grad_enabled() and x.dtype == compute_dtype(base)
                 and not torch.is_autocast_enabled(x.device.type)):
             return names[0]
         return None
@@ -83,5 +100,5 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         A, B, s = self.effective_factors(names[0])
         drop = self.lora_dropout[names[0]]
-        return fused_lora_linear(x, base.weight, base.bias, A, B, s, drop.p if isinstance(drop, nn.Dropout) else 0.0,
-                                 self.training)
+        return fused_lora_linear(x, frozen_weight(base), base.bias, A, B, s,
+                                 drop.p if isinstance(drop, nn.Dropout) else 0.0, self.training)
