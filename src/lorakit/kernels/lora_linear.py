@@ -59,7 +59,10 @@ class _FusedLoraLinear(torch.autograd.Function):
         # base output first (to bf16) and adding the update after loses every update element under half a unit in
         # the last place of the output, and an adapter's first updates are that small (kernel docstring).
         scaled_B = (lora_B * scaling).to(x.dtype)
-        out = (after_A @ scaled_B.T).addmm_(x2, weight.T)
+        # allocated in the output's shape and filled through a 2-D view: the function returns a tensor of its own
+        # (a caller may modify it in place, as Falcon does), not a view of a temporary
+        result = torch.empty(*shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+        out = torch.mm(after_A, scaled_B.T, out=result.view(-1, weight.shape[0])).addmm_(x2, weight.T)
         if bias is not None:  # after: a bias is on the bf16 grid, and the update rounded onto it alone would vanish
             out += bias
         # x itself (not the x2 view): q, k and v (gate and up) get the same x object, so a saved-tensor
@@ -67,7 +70,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         ctx.save_for_backward(x, mask, after_A, None if rebuilt else weight, A, B)
         ctx.scaling, ctx.shape = scaling, shape
         ctx.adapter_dtype = lora_A.dtype
-        return out.view(*shape[:-1], out.shape[-1])
+        return result
 
     @staticmethod
     def backward(ctx, grad_out):
