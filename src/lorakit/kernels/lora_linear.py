@@ -9,9 +9,10 @@ Order of the sums (bf16): the output is computed as `s * A(x) B^T` first, then `
 it by the matmul itself (fp32 accumulators, one rounding at the end). The usual order, `x W^T` rounded
 to bf16 and the update added after, puts the base output exactly on the bf16 grid, so every update
 element smaller than half a unit in its last place rounds away, deterministically. A fresh adapter's
-updates are that small: on SmolLM2 the first training steps lost over half of the update that way
-(and PEFT on a bf16 base loses it too). Computed in the order below, the update survives on average,
-as it would in one fp32 accumulation. The input gradient is summed in the same order.
+updates are that small: SmolLM2 trained that way (as PEFT on a bf16 base does) ended 20 steps 2.4 %
+above the fp32 loss; in this order it ends within 0.1 % (bench/train_vs_peft.py). Computed this way
+the update survives on average, as in one fp32 accumulation (tests/test_kernels.py measures the share
+kept against float64). The input gradient is summed in the same order.
 """
 
 from __future__ import annotations
