@@ -118,6 +118,8 @@ def test_predict_run_components_follow_the_formula():
     assert without["activations"] == pytest.approx(n_layers * one_layer / 1e9)
     halved = calc.predict_run(arch, calc.RunShape(storage="nf4", batch=4, length=512, rank=16, saved_bytes=2))
     assert halved["activations"] == pytest.approx(n_layers * one_layer / 2 / 1e9)  # saved_activations: bf16
+    bf16 = calc.predict_run(arch, calc.RunShape(storage="nf4", compute="bf16", batch=4, length=512, rank=16))
+    assert bf16["activations"] == pytest.approx(n_layers * one_layer / 2 * calc.BF16_ACTIVATION_FACTOR / 1e9)
     for k in (1, 20, 31):  # the first k layers recompute: they keep their input, the others everything
         partial = calc.predict_run(arch, calc.RunShape(storage="nf4", batch=4, length=512, rank=16,
                                                        gradient_checkpointing=True, checkpointed_layers=k))

@@ -167,6 +167,11 @@ RUNTIME_GB = 0.45            # python, torch, transformers, the tokenizer: RSS b
 # without checkpointing on the 1B shape (4.70 GB: peak RSS minus the other components, qlora and lora alike; was
 # (10, 2, 4) when only checkpointed runs were measured, where one layer's worth hardly shows).
 SAVED_PER_TOKEN_LAYER = (6, 2, 2.75)
+# A bf16 run's activations are not half an fp32 run's: attention rows cast to fp32 (attention_fp32), fp32 norm
+# statistics and backward temporaries stay fp32-sized. Fitted on the 1B shape on an AVX-512-BF16 CPU (bench/
+# scale_avx512bf16.json): peak RSS minus the other components left 3.58 GB (lora) and 3.33 GB (qlora) where
+# 2 bytes per saved value give 2.35 GB (saved tensors counted alone: 2.68 GB).
+BF16_ACTIVATION_FACTOR = 1.5
 ALLOCATOR_SLACK_GB = 0.5     # freed heap the training loop lets glibc keep (TrainConfig.freed_memory_slack_gb)
 
 
@@ -199,7 +204,8 @@ def predict_run(arch: Arch, run: RunShape) -> dict[str, float]:
 
     weights: the frozen linear layers (NF4 4.127 bits, or the compute dtype) + embeddings and an untied head in
     the compute dtype; adapters: fp32 factors + gradients + AdamW's two moments (16 B per parameter);
-    activations: every layer's saved tensors (SAVED_PER_TOKEN_LAYER values per token, at `saved_bytes`), except
+    activations: every layer's saved tensors (SAVED_PER_TOKEN_LAYER values per token, at `saved_bytes`; on a bf16
+    run x BF16_ACTIVATION_FACTOR), except
     that a checkpointed layer keeps only its input hidden state (all checkpointed: plus one rebuilt in backward); loss: the
     final hidden state and its gradient, and the chunked cross-entropy's logits chunk (fp32, with the softmax);
     transient: the largest frozen matrix as the compute dtype (NF4 dequantized for a matmul) and the backward
@@ -214,6 +220,8 @@ def predict_run(arch: Arch, run: RunShape) -> dict[str, float]:
     tokens = run.batch * run.length
     per_token_layer = sum(c * d for c, d in zip(SAVED_PER_TOKEN_LAYER, (arch.hidden, arch.kv_dim,
                                                                           arch.intermediate))) * saved
+    if run.compute == "bf16":
+        per_token_layer *= BF16_ACTIVATION_FACTOR
     one_layer = tokens * per_token_layer
     # Checkpointed layers (the first ones) keep only their input. The peak is at the end of forward (their inputs +
     # the other layers' activations) or, when every layer recomputes, during backward (their inputs + one rebuilt
