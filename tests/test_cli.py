@@ -200,23 +200,24 @@ def test_ctrl_c_in_chat_stops_the_reply_and_returns_to_the_prompt(tmp_path, tiny
                             # KeyboardInterrupt: give the child the default, as a terminal would
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(follower)
-    seen = b""
+    seen, consumed = b"", 0  # output so far; how much of it earlier markers matched
 
     def read_until(marker: bytes, timeout: float) -> bool:
-        nonlocal seen
+        """True once `marker` appears after the previous match (already read, e.g. in the same chunk as it, or
+        arriving within `timeout`)."""
+        nonlocal seen, consumed
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            ready, _, _ = select.select([leader], [], [], max(0.0, end - time.monotonic()))
-            if not ready:
+        while (found := seen.find(marker, consumed)) < 0:
+            left = end - time.monotonic()
+            ready, _, _ = select.select([leader], [], [], left) if left > 0 else ([], None, None)
+            if not ready:  # timed out (a reply streaming without the marker also ends here)
                 return False
             try:
-                chunk = os.read(leader, 4096)
+                seen += os.read(leader, 4096)
             except OSError:
                 return False
-            seen += chunk
-            if marker in seen:
-                return True
-        return False
+        consumed = found + len(marker)
+        return True
 
     try:
         assert read_until(b"you> ", 120), seen[-500:]
