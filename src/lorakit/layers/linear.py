@@ -15,15 +15,16 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import functional as LF
 from ..kernels import fused_lora_linear
-from ..quant.nf4 import DENSE_WEIGHTS, NF4Linear
+from ..quant.nf4 import DENSE_WEIGHTS, NF4Linear, is_plain_linear
 from .base import LoraLayer
 from .mixed_batch import mixed_linear_update
 
 
 def frozen_weight(base: nn.Module):
-    """What the fused kernel takes as the frozen weight of `base`: an nn.Linear's weight, an NF4Linear's
-    dequantization (a callable; cached between forward and backward by DENSE_WEIGHTS), else None (no fused path)."""
-    if type(base) is nn.Linear:
+    """What the fused kernel takes as the frozen weight of `base`: an nn.Linear's weight (or a subclass computing
+    exactly what nn.Linear does, Falcon's), an NF4Linear's dequantization (a callable; cached between forward and
+    backward by DENSE_WEIGHTS), else None (no fused path)."""
+    if is_plain_linear(base):
         return base.weight
     if isinstance(base, NF4Linear):
         return functools.partial(DENSE_WEIGHTS.get, base)
