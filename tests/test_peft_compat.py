@@ -23,6 +23,8 @@ CASES = {
     "convnet": (lambda: ConvNet().eval(), dict(target_modules=["conv1", "conv2", "conv1d", "conv3d", "head"],
                                                r=2, lora_alpha=4)),
     "mlp": (lambda: MLP().eval(), dict(target_modules=["inner", "outer"], r=3, lora_alpha=6)),
+    # bias="all": the base layers' biases train too (through the fused kernel's bias gradient)
+    "mlp_bias_all": (lambda: MLP().eval(), dict(target_modules=["inner", "outer"], r=3, lora_alpha=6, bias="all")),
     # lora_bias: lora_B carries a bias (PEFT's option for adapters extracted from full fine-tunes)
     "mlp_lora_bias": (lambda: MLP().eval(), dict(target_modules=["inner", "outer"], r=3, lora_alpha=6,
                                                  lora_bias=True)),

@@ -156,6 +156,22 @@ def test_groups_are_found_only_among_plain_linear_siblings():
     assert find_groups(nf4) == []
 
 
+def test_trained_biases_keep_their_own_parameters_and_gradients():
+    """bias="all": q and v train their biases, so the block is not grouped (a group's concatenated bias is frozen);
+    every bias gets the gradient of each layer's own path."""
+    cfg = lorakit.LoraConfig(r=3, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], bias="all")
+    model = lorakit.get_peft_model(Block(), cfg)
+    assert find_groups(model) == [[model.base_model.model.gate_proj, model.base_model.model.up_proj]]
+    x = torch.randn(2, 3, 8)
+    with grouped_projections(model):
+        model(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "bias" in n}
+    model.zero_grad()
+    model(x).square().sum().backward()
+    assert grads.keys() == {n for n, p in model.named_parameters() if "bias" in n} and len(grads) == 2
+    assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters() if "bias" in n)
+
+
 @pytest.mark.parametrize("saved", ["bf16", "fp32"])
 def test_train_with_grouped_projections_equals_train_without(tmp_path, saved):
     """The training loop (fused kernels, projections grouped) against fused_kernels: false, 3 steps, fp32 base."""

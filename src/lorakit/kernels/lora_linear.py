@@ -71,6 +71,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         ctx.save_for_backward(x, mask, after_A, None if rebuilt else weight, A, B)
         ctx.scaling, ctx.shape = scaling, shape
         ctx.adapter_dtype = lora_A.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return result
 
     @staticmethod
@@ -94,7 +95,9 @@ class _FusedLoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_B = ((g.T @ after_A) * s).to(ctx.adapter_dtype)
         grad_w = g.T @ x2 if ctx.needs_input_grad[1] else None  # frozen in LoRA training: skipped
-        return grad_x, grad_w, None, grad_A, grad_B, None, None, None
+        # a trained bias (bias="all" / "lora_only"); summed in fp32 over the rows
+        grad_bias = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None
 
 
 def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,

@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import functional as LF
 from ..kernels import fused_lora_linear
+from ..kernels.saved_activations import keep_exact
 from ..quant.nf4 import DENSE_WEIGHTS, NF4Linear, is_plain_linear
 from .base import LoraLayer
 from .mixed_batch import mixed_linear_update
@@ -22,10 +23,13 @@ from .mixed_batch import mixed_linear_update
 
 def frozen_weight(base: nn.Module):
     """What the fused kernel takes as the frozen weight of `base`: an nn.Linear's weight (or a subclass computing
-    exactly what nn.Linear does, Falcon's), an NF4Linear's dequantization (a callable; cached between forward and
-    backward by DENSE_WEIGHTS), else None (no fused path)."""
+    exactly what nn.Linear does, Falcon's), a Conv1D's weight transposed (a view, saved for backward as the
+    parameter itself would be), an NF4Linear's dequantization (a callable; cached between forward and backward by
+    DENSE_WEIGHTS), else None (no fused path)."""
     if is_plain_linear(base):
         return base.weight
+    if isinstance(base, Conv1D):  # x @ W + b with W (d_in, d_out): nn.Linear's product with W^T
+        return keep_exact(base.weight.T)
     if isinstance(base, NF4Linear):
         return functools.partial(DENSE_WEIGHTS.get, base)
     return None

@@ -126,6 +126,8 @@ def find_groups(model: nn.Module) -> list[list[nn.Module]]:
             members = [parent._modules.get(n) for n in names]  # children only (wrappers forward getattr)
             if not all(isinstance(m, LoraLinear) and type(m.base_layer) is nn.Linear for m in members):
                 continue
+            if any(p.requires_grad for m in members for p in m.base_layer.parameters()):
+                continue  # a trained base weight or bias (bias="all" / "lora_only") keeps its own parameter
             weights = [m.base_layer.weight for m in members]
             if len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1 and weights[0].is_floating_point():
                 groups.append(members)
