@@ -85,8 +85,8 @@ class LoraLinear(LoraLayer):
     mixed_update = staticmethod(mixed_linear_update)
 
     def fused_adapter(self, x, names) -> str | None:
-        """The adapter the fused kernel trains for input `x` (one plain LoRA adapter on an nn.Linear, gradients on,
-        x in the weight's dtype, no autocast), else None."""
+        """The adapter the fused kernel trains for input `x` (one plain LoRA adapter on a base `frozen_weight`
+        covers, gradients on, x in the base's compute dtype, no autocast), else None."""
         base = self.base_layer
         if (len(names) == 1 and self.adapters[names[0]].form.fusable and frozen_weight(base) is not None
                 and torch.is_grad_enabled() and x.dtype == compute_dtype(base)
