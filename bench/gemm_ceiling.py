@@ -37,7 +37,8 @@ class GemmRecorder(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in GEMMS:
             self.matmuls += 1
-            self.gemms[(name, tuple(_layout(a) for a in args), tuple(sorted((kwargs or {}).items())))] += 1
+            kw = tuple(sorted((k, _layout(v)) for k, v in (kwargs or {}).items()))  # out= tensors as layouts too
+            self.gemms[(name, tuple(_layout(a) for a in args), kw)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -72,10 +73,12 @@ def gemm_seconds(gemms: Counter) -> float:
     for (name, layouts, kwargs), calls in gemms.items():
         op = getattr(torch.ops.aten, name.rstrip("_"))
         operands = [_operand(layout) for layout in layouts]
+        kwargs = {k: _operand(v) for k, v in kwargs}
 
-        def run(op=op, operands=operands, kwargs=dict(kwargs)):
+        def run(op=op, operands=operands, kwargs=kwargs):
             op(*operands, **kwargs)
             sync()
 
-        total += calls * _best_seconds(run)
+        with torch.no_grad():
+            total += calls * _best_seconds(run)
     return total

@@ -128,6 +128,32 @@ def test_linear_cross_entropy_bf16_within_stated_tolerance():
     assert abs(ours.item() - ref.item()) / ref.item() < 0.01
 
 
+def test_linear_cross_entropy_bf16_chunks_match_float64_within_the_rounding_bound():
+    """bf16 logits over several chunks (reused logits / upcast buffers, a partial last chunk): loss and both
+    gradients against float64 on the same bf16 values, within the bound bf16 rounding allows: each logit rounded
+    (half an ulp, 2^-9 relative) moves a row's loss by at most 2 max|d logit| and a probability by
+    p * 2 max|d logit|; the probabilities and the gradients are rounded to bf16 once more (2^-9 relative), the
+    head's gradient once per chunk."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 16, generator=g).bfloat16().requires_grad_()
+    W = (torch.randn(50, 16, generator=g) * 0.5).bfloat16().requires_grad_()
+    y = torch.randint(0, 50, (10,), generator=g)
+    ours = linear_cross_entropy_sum(h, W, y, chunk_rows=4)  # chunks of 4, 4, 2 rows
+    ours.backward()
+    h64, W64 = h.detach().double(), W.detach().double()
+    logits = h64 @ W64.T
+    probs, onehot = logits.softmax(-1), F.one_hot(y, 50).double()
+    ulp = 2.0 ** -9
+    logit_err = ulp * logits.abs().amax(-1, keepdim=True)  # per row
+    assert abs(ours.item() - F.cross_entropy(logits, y, reduction="sum").item()) <= 2 * logit_err.sum().item()
+    prob_err = probs * 2 * logit_err + ulp * (probs - onehot).abs()
+    grad_h, grad_W = (probs - onehot) @ W64, (probs - onehot).T @ h64
+    assert ((h.grad.double() - grad_h).abs() <= prob_err @ W64.abs() + ulp * grad_h.abs()).all()
+    # the head's gradient is summed over chunks from bf16 products: one more rounding per chunk's contribution
+    chunk_rounding = ulp * (probs - onehot).abs().T @ h64.abs()
+    assert ((W.grad.double() - grad_W).abs() <= prob_err.T @ h64.abs() + chunk_rounding + ulp * grad_W.abs()).all()
+
+
 def test_fused_training_loss_equals_reference_path_values_and_adapter_grads():
     from conftest import tiny_llama
 
