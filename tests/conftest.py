@@ -86,6 +86,19 @@ def randomize_adapters(model, seed=123, scale=0.1):
                 p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
+def assert_lora_layer_matches_float64(layer, x, grad_out, base_weight, base_bias, rel):
+    """A LoRA layer's output and gradients (x, lora_A, lora_B of its "default" adapter) against float64:
+    x @ base_weight^T + base_bias + scaling * x A^T B^T, each within `rel` relative norm error."""
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    out = layer(x)
+    out.backward(grad_out)
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    ref = x64 @ base_weight.T + base_bias + layer.scaling["default"] * x64 @ A64.T @ B64.T
+    ref.backward(grad_out.double())
+    for got, want in ((out, ref), (x.grad, x64.grad), (A.grad, A64.grad), (B.grad, B64.grad)):
+        assert (got.double() - want.detach()).norm() / want.detach().norm() < rel
+
+
 def copy_adapters_to_peft(ours, theirs):
     """Load a lorakit model's adapter weights into a PEFT model with the same adapters."""
     result = theirs.load_state_dict({k: v for k, v in ours.state_dict().items()

@@ -415,7 +415,7 @@ def test_conv1d_lora_trains_through_the_fused_kernel_with_its_weight_saved_as_is
     """GPT-2's Conv1D (x @ W + b, W stored (d_in, d_out)) takes the fused kernel with W^T, a view: saved for backward
     as the parameter itself (not packed into a bf16 copy by compressed activations); output and gradients equal a
     float64 reference (fp32 arithmetic, 64-term sums: 1e-5 relative norm error)."""
-    from conftest import randomize_adapters
+    from conftest import assert_lora_layer_matches_float64, randomize_adapters
     from transformers.pytorch_utils import Conv1D
 
     import lorakit
@@ -429,17 +429,9 @@ def test_conv1d_lora_trains_through_the_fused_kernel_with_its_weight_saved_as_is
     layer = model.c_attn
     randomize_adapters(layer)
     W, b = layer.base_layer.weight, layer.base_layer.bias
-    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     x = torch.randn(6, 64, requires_grad=True)
     with compressed_activations(min_numel=1):  # activations stored as bf16 copies, the frozen weight as it is
         packed = layer(x).grad_fn
     assert type(packed).__name__ == "_FusedLoraLinearBackward"
     assert any(t is not None and t.shape == (48, 64) and torch.equal(t, W.T) for t in packed.saved_tensors)
-    out = layer(x)
-    grad_out = torch.randn(6, 48)
-    out.backward(grad_out)
-    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
-    ref = x64 @ W.detach().double() + b.detach().double() + 2.0 * x64 @ A64.T @ B64.T
-    ref.backward(grad_out.double())
-    for got, want in ((out, ref), (x.grad, x64.grad), (A.grad, A64.grad), (B.grad, B64.grad)):
-        assert (got.double() - want.detach()).norm() / want.detach().norm() < 1e-5
+    assert_lora_layer_matches_float64(layer, x, torch.randn(6, 48), W.detach().double().T, b.detach().double(), 1e-5)
