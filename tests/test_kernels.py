@@ -424,6 +424,7 @@ def test_conv1d_lora_trains_through_the_fused_kernel_with_its_weight_saved_as_is
     torch.manual_seed(0)
     model = torch.nn.Module()
     model.c_attn = Conv1D(48, 64)
+    torch.nn.init.normal_(model.c_attn.bias)  # Conv1D starts its bias at zero, which would hide a wrong bias path
     lorakit.get_peft_model(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
                                                       fan_in_fan_out=True))
     layer = model.c_attn
