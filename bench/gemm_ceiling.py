@@ -70,10 +70,10 @@ def gemm_seconds(gemms: Counter) -> float:
     """Seconds the recorded products take when run alone (best of 3 per layout) times how often each ran."""
     total = 0.0
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for (name, layouts, kwargs), calls in gemms.items():
+    for (name, layouts, keyword_layouts), calls in gemms.items():
         op = getattr(torch.ops.aten, name.rstrip("_"))
         operands = [_operand(layout) for layout in layouts]
-        kwargs = {k: _operand(v) for k, v in kwargs}
+        kwargs = {k: _operand(v) for k, v in keyword_layouts}
 
         def run(op=op, operands=operands, kwargs=kwargs):
             op(*operands, **kwargs)
