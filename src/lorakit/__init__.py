@@ -11,8 +11,10 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from . import moved_modules
+from .ecosystem import as_peft
 
 moved_modules.install()  # old module paths (lorakit.train_config, lorakit.model, ...) for one release
+as_peft.install_from_environment()  # LORAKIT_AS_PEFT=1: `import peft` resolves to lorakit
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,7 @@ _PUBLIC = {
     **dict.fromkeys(["LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear"], "lorakit.layers"),
     **dict.fromkeys(["load_model", "load_tokenizer"], "lorakit.models"),
     "PeftWarning": "lorakit.utils",
+    "install_as_peft": "lorakit.ecosystem.as_peft",
     **dict.fromkeys([
         "LoraModel", "PeftModel", "get_peft_model", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
         "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
@@ -43,6 +46,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
                            set_base_model_state_dict)
     from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear  # noqa: F401
     from .models import load_model, load_tokenizer  # noqa: F401
+    from .ecosystem.as_peft import install_as_peft  # noqa: F401
     from .utils import PeftWarning  # noqa: F401
     from .variants import AdaLoraConfig, LoraConfig, VeraConfig  # noqa: F401
 

@@ -3,16 +3,17 @@
 `import lorakit.train_config` (or `from lorakit.model import LoraModel`) gives the module at its new path
 (`lorakit.train.config`, `lorakit.adapters.model`), the same module object, with a DeprecationWarning naming
 the new path. `lorakit.train`, `lorakit.serve` and `lorakit.export` are packages now; their `__init__` keeps
-the names the old modules documented (`from lorakit.train import train` still works).
+the names the old modules documented (`from lorakit.train import train` still works). The hook is the one
+`install_as_peft()` uses for `peft` (ecosystem/module_aliases.py).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
-import sys
 import warnings
+
+from .ecosystem.module_aliases import ModuleAliases
+from .ecosystem.module_aliases import install as install_finder
 
 MOVED = {f"lorakit.{old}": f"lorakit.{new}" for old, new in {
     "adapter_files": "adapters.files", "checkpoint": "train.checkpoint", "config": "variants.lora_config",
@@ -29,23 +30,18 @@ MOVED = {f"lorakit.{old}": f"lorakit.{new}" for old, new in {
 }.items()}
 
 
-class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+def moved(old: str):
+    warnings.warn(f"{old} moved to {MOVED[old]}; the old path works until the next release",
+                  DeprecationWarning, stacklevel=3)
+    return importlib.import_module(MOVED[old])
+
+
+class MovedModuleFinder(ModuleAliases):
     """Resolves an old module path to the module at its new path (no second copy: the same object)."""
 
-    def find_spec(self, fullname, path=None, target=None):
-        return importlib.util.spec_from_loader(fullname, self) if fullname in MOVED else None
-
-    def create_module(self, spec):
-        warnings.warn(f"{spec.name} moved to {MOVED[spec.name]}; the old path works until the next release",
-                      DeprecationWarning, stacklevel=2)
-        module = importlib.import_module(MOVED[spec.name])
-        spec.loader_state = module.__spec__  # the import system stamps the old name's spec on the module next
-        return module
-
-    def exec_module(self, module):
-        module.__spec__ = module.__spec__.loader_state  # give the module its own spec back
+    def __init__(self):
+        super().__init__(dict.fromkeys(MOVED, moved))
 
 
 def install() -> None:
-    if not any(isinstance(f, MovedModuleFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, MovedModuleFinder())
+    install_finder(MovedModuleFinder())
