@@ -14,10 +14,19 @@ import json
 import os
 import sys
 
-if "--lorakit" in sys.argv:
+if "--lorakit" in sys.argv:  # the switch: `import peft` below is lorakit
     import lorakit
 
     lorakit.install_as_peft()
+if "--lorakit-direct" in sys.argv:  # no switch: lorakit's own names where the script says peft (Trainer only)
+    import lorakit as peft
+else:
+    import peft
+
+    if peft.__version__ == "0.21.2":  # transformers 5.25's adapter API asks for >= 0.22 (not on the registry);
+        import transformers.integrations.peft as hf_peft  # the reference runs 0.21.2 through the same code
+
+        hf_peft.check_peft_version = lambda min_version: None
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,10 +44,8 @@ COMMON = dict(report_to=[], use_cpu=True, logging_steps=1, seed=0, per_device_tr
 
 
 def lora_config(**kw):
-    from peft import LoraConfig
-
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
-                      task_type="CAUSAL_LM", **kw)
+    kw = {"target_modules": ["q_proj", "v_proj", "down_proj"], **kw}
+    return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", **kw)
 
 
 def base(tok):
@@ -50,6 +57,11 @@ def losses(trainer, key="loss"):
 
 
 def probe_logits(model):
+    """Logits on PROBE in float32: the trainer's autocast wrapper (bf16=True) is taken off the forward first, so
+    the trained model and the reloaded directory are evaluated alike."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
     model.eval()
     with torch.no_grad():
         return model(input_ids=torch.tensor(PROBE)).logits[0, :, :16].double().tolist()
@@ -77,14 +89,89 @@ def sft_peft_config(tok, out):
 
 
 def sft_wrapped_model(tok, out):
-    from peft import get_peft_model
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(output_dir=out, max_steps=4, max_length=64, **COMMON)
-    trainer = SFTTrainer(model=get_peft_model(base(tok), lora_config()), args=args,
+    trainer = SFTTrainer(model=peft.get_peft_model(base(tok), lora_config()), args=args,
                          train_dataset=Dataset.from_list(chat_rows()), processing_class=tok)
     trainer.train()
     return finish(trainer, out)
+
+
+def sft_fp32(tok, out):
+    """bf16=False: lorakit's fused LoRA kernel trains inside TRL's loop."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=out, max_steps=4, max_length=64, bf16=False, **COMMON)
+    trainer = SFTTrainer(model=base(tok), args=args, train_dataset=Dataset.from_list(chat_rows()),
+                         processing_class=tok, peft_config=lora_config())
+    trainer.train()
+    return finish(trainer, out)
+
+
+def trainer_save_resume_best(tok, out):
+    """Plain transformers Trainer: checkpoints every 2 steps, a run resumed from checkpoint-2, and
+    load_best_model_at_end with the *highest* eval loss as best (so the reloaded checkpoint is not the last)."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    rows = [{"input_ids": tok(f"row {i} says {i * 7 % 13} to the trainer")["input_ids"]} for i in range(24)]
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+
+    def run(folder, resume=None):
+        args = TrainingArguments(output_dir=os.path.join(out, folder), max_steps=6, eval_strategy="steps",
+                                 eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                                 greater_is_better=True, **{**COMMON, "save_strategy": "steps", "save_steps": 2})
+        trainer = Trainer(model=peft.get_peft_model(base(tok), lora_config()), args=args, train_dataset=rows,
+                          eval_dataset=rows[:8], data_collator=collator)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run("full")
+    resumed = run("resumed", resume=os.path.join(out, "full", "checkpoint-2"))
+    result = finish(full, os.path.join(out, "saved"))
+    result.update(best=os.path.relpath(full.state.best_model_checkpoint, out), resumed_losses=losses(resumed),
+                  resumed_logits=probe_logits(resumed.model),
+                  checkpoint_files=sorted(os.listdir(os.path.join(out, "full", "checkpoint-2"))))
+    return result
+
+
+def fill_lora(model, scale=0.1):
+    """Every lora_* parameter set from a generator seeded by its name: the same adapter on either library."""
+    import zlib
+
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            param.data = torch.randn(param.shape, generator=g, dtype=param.dtype) * scale
+
+
+def transformers_adapter_api(tok, out):
+    """transformers' own adapter API (integrations/peft.py) on an adapter with known weights: load_adapter,
+    enable/disable_adapters, add_adapter + set_adapter, and AutoModelForCausalLM.from_pretrained(adapter_dir)."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir, adapter_dir = os.path.join(out, "base"), os.path.join(out, "adapter")
+    base(tok).save_pretrained(base_dir)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora_config())
+    fill_lora(model)
+    model.save_pretrained(adapter_dir)
+    cells = {}
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir)
+    fresh.load_adapter(adapter_dir, adapter_name="loaded")
+    cells["load_adapter"] = probe_logits(fresh)
+    fresh.disable_adapters()
+    cells["disable_adapters"] = probe_logits(fresh)
+    fresh.enable_adapters()
+    cells["enable_adapters"] = probe_logits(fresh)
+    fresh.add_adapter(lora_config(target_modules=["k_proj", "up_proj"]), adapter_name="added")
+    fill_lora(fresh, scale=0.05)
+    fresh.set_adapter("added")
+    cells["add_adapter+set_adapter"] = probe_logits(fresh)
+    cells["active_adapters"] = fresh.active_adapters()
+    cells["adapter_state_keys"] = sorted(fresh.get_adapter_state_dict("added"))
+    cells["from_pretrained(adapter_dir)"] = probe_logits(AutoModelForCausalLM.from_pretrained(adapter_dir))
+    cells["base"] = probe_logits(AutoModelForCausalLM.from_pretrained(base_dir))
+    return {"cells": cells, "dir": adapter_dir, "logits": cells["load_adapter"], "losses": []}
 
 
 def preference_rows():
@@ -93,11 +180,10 @@ def preference_rows():
 
 
 def dpo_no_ref_model(tok, out):
-    from peft import get_peft_model
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(output_dir=out, max_steps=4, max_length=64, beta=0.1, **COMMON)
-    trainer = DPOTrainer(model=get_peft_model(base(tok), lora_config()), ref_model=None, args=args,
+    trainer = DPOTrainer(model=peft.get_peft_model(base(tok), lora_config()), ref_model=None, args=args,
                          train_dataset=Dataset.from_list(preference_rows()), processing_class=tok)
     trainer.train()
     return finish(trainer, out)
@@ -134,14 +220,16 @@ def grpo_peft_config(tok, out):
     return finish(trainer, out)
 
 
-SCENARIOS = {f.__name__: f for f in (sft_peft_config, sft_wrapped_model, dpo_no_ref_model, kto_peft_config,
-                                      grpo_peft_config)}
+SCENARIOS = {f.__name__: f for f in (sft_peft_config, sft_wrapped_model, sft_fp32, dpo_no_ref_model,
+                                      kto_peft_config, grpo_peft_config, trainer_save_resume_best,
+                                      transformers_adapter_api)}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out", nargs="?")
     parser.add_argument("--lorakit", action="store_true")
+    parser.add_argument("--lorakit-direct", action="store_true")
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--load-check")
     args = parser.parse_args()
@@ -156,12 +244,10 @@ def main():
 
 
 def load_check(path):
-    from peft import PeftModel
-
     tok = make_tiny_tokenizer()
     with open(path) as f:
         results = json.load(f)
-    loaded = {name: probe_logits(PeftModel.from_pretrained(base(tok), r["dir"])) for name, r in results.items()}
+    loaded = {name: probe_logits(peft.PeftModel.from_pretrained(base(tok), r["dir"])) for name, r in results.items()}
     print(json.dumps(loaded))
 
 

@@ -202,7 +202,6 @@ def test_transformers_trainer_with_defaults_trains_saves_and_resumes_a_peft_adap
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from lorakit import LoraConfig, PeftModel, get_peft_model
-    from lorakit.train.hf_trainer import AdapterTrainer
 
     def build():
         torch.manual_seed(0)
@@ -212,16 +211,16 @@ def test_transformers_trainer_with_defaults_trains_saves_and_resumes_a_peft_adap
     rows = [{"input_ids": tiny_tokenizer(f"row {i} says hello to the trainer")["input_ids"]} for i in range(24)]
     collator = DataCollatorForLanguageModeling(tiny_tokenizer, mlm=False)
 
-    def run(out, steps, resume=None, cls=AdapterTrainer, save="steps"):
+    def run(out, steps, resume=None, save="steps"):
         model = build()
         args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
                                  learning_rate=1e-2, report_to=[], save_strategy=save, save_steps=2, use_cpu=True,
                                  seed=0, data_seed=0)
-        trainer = cls(model=model, args=args, train_dataset=rows, data_collator=collator)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
         trainer.train(resume_from_checkpoint=resume)
         return model, trainer
 
-    plain_model, _ = run(tmp_path / "plain", 2, cls=Trainer, save="no")  # the plain Trainer keeps the columns
+    plain_model, _ = run(tmp_path / "plain", 2, save="no")
     assert any("lora_B" in n and p.abs().max() > 0 for n, p in plain_model.named_parameters())
     model, trainer = run(tmp_path / "full", 4)
     trainer.save_model(str(tmp_path / "saved"))

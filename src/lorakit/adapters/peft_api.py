@@ -38,7 +38,13 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
                               unwrap_compiled: bool = False, save_embedding_layers: str | bool = "auto"):
     """The adapter's tensors under the keys PEFT writes to adapter_model.safetensors (no adapter name)."""
     config = getattr(model, "peft_config", {}).get(adapter_name)
-    return peft_format.adapter_state_dict(_root(model), adapter_name, config, save_embedding_layers)
+    state = peft_format.adapter_state_dict(_root(model), adapter_name, config, save_embedding_layers)
+    if hasattr(model, "get_base_model"):
+        return state
+    # A bare model with injected layers (inject_adapter_in_model, transformers' add_adapter): PEFT's keys are that
+    # model's own state_dict names, without the PeftModel's `base_model.model.` prefix.
+    prefix = peft_format.KEY_PREFIX
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, adapter_name: str = "default",
@@ -66,6 +72,9 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
                 torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
     if state_dict is not None:
         peft_format.load_adapter_weights(model, adapter_name, state_dict, source="state_dict")
+    # As PEFT: the model carries its adapters' configs (transformers' adapter API reads model.peft_config).
+    configs = model.__dict__.get("peft_config")
+    model.peft_config = {**(configs if isinstance(configs, dict) else {}), adapter_name: peft_config}
     return model
 
 

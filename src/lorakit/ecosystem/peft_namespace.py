@@ -13,7 +13,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-PEFT_API_VERSION = "0.21.2"  # the PEFT release whose API and file format lorakit follows (peft.__version__)
+# `peft.__version__` and importlib.metadata.version("peft") while lorakit stands in: the lowest release the
+# installed transformers (5.25: MIN_PEFT_VERSION 0.22.0 for its adapter API) and trl accept. lorakit's file format
+# and API follow PEFT 0.21.2 (the dev dependency tests compare with), which 0.22 keeps.
+PEFT_API_VERSION = "0.22.0"
 
 _ADAPTERS = "lorakit.adapters"
 _TOP = {name: f"{_ADAPTERS}:{name}" for name in [

@@ -66,7 +66,9 @@ class LoraLinear(LoraLayer):
 
     def add_update(self, result, x, name, A, B, s):
         after_A = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
-        if result.dtype != after_A.dtype:
+        if result.dtype != after_A.dtype or torch.is_autocast_enabled(x.device.type):
+            # Autocast (Trainer/TRL with bf16=True) rounds each op's output: PEFT's order of ops, so the same
+            # roundings, so the same numbers as PEFT in the same loop.
             return result + F.linear(after_A, B) * s
         # result + s * after_A @ B^T in one kernel: no separate scale and add passes.
         rows = result.numel() // result.shape[-1]  # explicit: after_A may have 0 columns (AdaLoRA rank 0)

@@ -36,6 +36,11 @@ class PeftLayerAPI:
         return {n: getattr(a.form.projections, which) for n, a in self.adapters.items()
                 if hasattr(a.form, "projections")}
 
+    @property
+    def active_adapter(self) -> list[str]:
+        """The active adapters' names (PEFT's BaseTunerLayer.active_adapter, which transformers reads)."""
+        return list(self.active_adapters)
+
     def _all_available_adapter_names(self) -> list[str]:
         """Every adapter this layer holds, sorted (PEFT's name)."""
         return sorted(self.adapter_names)

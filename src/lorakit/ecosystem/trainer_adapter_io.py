@@ -1,0 +1,57 @@
+"""transformers' Trainer saving, resuming and reloading the best checkpoint of a lorakit model through its adapter
+files (installed on Trainer by guards.patch_trainer; each function gets the Trainer's original method and calls
+it for any other model).
+
+Trainer saves PreTrainedModel and the real peft's PeftModel by their save_pretrained, anything else as one full
+`model.safetensors` (which fails on tied weights and is not an adapter). Here a lorakit model writes
+adapter_config.json + adapter_model.safetensors (other adapters in subfolders), the files PEFT and lorakit load.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _lorakit_model(trainer, model=None):
+    from ..adapters import LoraModel
+
+    model = trainer.accelerator.unwrap_model(model if model is not None else trainer.model, keep_torch_compile=False)
+    return model if isinstance(model, LoraModel) else None
+
+
+def save(trainer, original, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    model = _lorakit_model(trainer)
+    if model is None:
+        return original(trainer, output_dir, state_dict)
+    from transformers.trainer import TRAINING_ARGS_NAME
+
+    output_dir = output_dir if output_dir is not None else trainer.args.output_dir
+    model.save_pretrained(output_dir, is_main_process=trainer.args.should_save)
+    if not trainer.args.should_save:
+        return None
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(output_dir)
+    torch.save(trainer.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # as Trainer does
+    return None
+
+
+def load_from_checkpoint(trainer, original, resume_from_checkpoint: str, model=None) -> None:
+    target = _lorakit_model(trainer, model)
+    if target is None:
+        return original(trainer, resume_from_checkpoint, model)
+    from ..adapters.peft_format import load_adapter_weights, read_adapter
+
+    for name in target.peft_config:  # 'default' in the folder itself, others in subfolders (save_pretrained)
+        folder = resume_from_checkpoint if name == "default" else os.path.join(resume_from_checkpoint, name)
+        if os.path.isdir(folder):
+            _, state = read_adapter(folder)
+            load_adapter_weights(target.model, name, state, source=folder)
+    return None
+
+
+def load_best_model(trainer, original) -> None:
+    if _lorakit_model(trainer) is None:
+        return original(trainer)
+    return load_from_checkpoint(trainer, lambda *a: None, trainer.state.best_model_checkpoint)
