@@ -69,8 +69,8 @@ def probe_logits(model):
 
 def finish(trainer, out, key="loss"):
     trainer.save_model(out)
-    return {"losses": losses(trainer, key), "dir": out, "logits": probe_logits(trainer.model),
-            "files": sorted(os.listdir(out)), "history": trainer.state.log_history, "model_class": type(trainer.model).__module__.split(".")[0]}
+    return {"losses": losses(trainer, key), "dirs": {"saved": out}, "logits": probe_logits(trainer.model),
+            "files": sorted(os.listdir(out)), "model_class": type(trainer.model).__module__.split(".")[0]}
 
 
 def chat_rows():
@@ -130,8 +130,9 @@ def trainer_save_resume_best(tok, out):
     resumed = run("resumed", resume=os.path.join(out, "full", "checkpoint-2"))
     result = finish(full, os.path.join(out, "saved"))
     result.update(best=os.path.relpath(full.state.best_model_checkpoint, out), resumed_losses=losses(resumed),
-                  resumed_logits=probe_logits(resumed.model),
                   checkpoint_files=sorted(os.listdir(os.path.join(out, "full", "checkpoint-2"))))
+    result["dirs"].update({f"{run}/checkpoint-{step}": os.path.join(out, run, f"checkpoint-{step}")
+                           for run in ("full", "resumed") for step in (2, 6)})
     return result
 
 
@@ -171,7 +172,7 @@ def transformers_adapter_api(tok, out):
     cells["adapter_state_keys"] = sorted(fresh.get_adapter_state_dict("added"))
     cells["from_pretrained(adapter_dir)"] = probe_logits(AutoModelForCausalLM.from_pretrained(adapter_dir))
     cells["base"] = probe_logits(AutoModelForCausalLM.from_pretrained(base_dir))
-    return {"cells": cells, "dir": adapter_dir, "logits": cells["load_adapter"], "losses": []}
+    return {"cells": cells, "dirs": {"saved": adapter_dir}, "logits": cells["load_adapter"], "losses": []}
 
 
 def preference_rows():
@@ -247,7 +248,9 @@ def load_check(path):
     tok = make_tiny_tokenizer()
     with open(path) as f:
         results = json.load(f)
-    loaded = {name: probe_logits(peft.PeftModel.from_pretrained(base(tok), r["dir"])) for name, r in results.items()}
+    loaded = {name: {label: probe_logits(peft.PeftModel.from_pretrained(base(tok), folder))
+                     for label, folder in r["dirs"].items() if os.path.isdir(folder)}
+              for name, r in results.items()}
     print(json.dumps(loaded))
 
 

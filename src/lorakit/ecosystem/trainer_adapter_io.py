@@ -31,8 +31,9 @@ def save(trainer, original, output_dir: str | None = None, state_dict: dict | No
     model.save_pretrained(output_dir, is_main_process=trainer.args.should_save)
     if not trainer.args.should_save:
         return None
-    if trainer.processing_class is not None:
-        trainer.processing_class.save_pretrained(output_dir)
+    tokenizer = trainer.processing_class or getattr(trainer.data_collator, "tokenizer", None)  # as Trainer picks
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
     torch.save(trainer.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # as Trainer does
     return None
 
