@@ -168,6 +168,15 @@ def test_environment_switch_runs_an_unchanged_peft_script():
     assert module.startswith("lorakit.") and flag is True
 
 
+def test_an_unchanged_script_runs_on_lorakit_through_the_runner(runs, tmp_path):
+    """`python -m lorakit.as_peft SCRIPT ARGS`: the scenario script with no lorakit flag, as a PEFT user has it."""
+    run_python("-m", "lorakit.as_peft", SCRIPT, str(tmp_path), "--only", "sft_peft_config")
+    with open(tmp_path / "results.json") as f:
+        got = json.load(f)["sft_peft_config"]
+    assert got["model_class"] == "lorakit"
+    assert rel(runs["peft"]["sft_peft_config"]["losses"], got["losses"]) < 1e-4
+
+
 def test_install_as_peft_refuses_when_the_real_peft_is_imported():
     code = ("import peft, lorakit\ntry:\n    lorakit.install_as_peft()\nexcept RuntimeError as e:\n    print('REFUSED', e)\n"
             "import sys; print('STILL', sys.modules['peft'].__file__)")

@@ -11,11 +11,12 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from . import moved_modules
-from .ecosystem import as_peft, guards
+from .ecosystem import as_peft as _as_peft
+from .ecosystem import guards as _guards
 
 moved_modules.install()  # old module paths (lorakit.train_config, lorakit.model, ...) for one release
-as_peft.install_from_environment()  # LORAKIT_AS_PEFT=1: `import peft` resolves to lorakit
-guards.install_guards()  # transformers' Trainer saves lorakit adapters; TRL names install_as_peft() when needed
+_as_peft.install_from_environment()  # LORAKIT_AS_PEFT=1: `import peft` resolves to lorakit
+_guards.install_guards()  # transformers' Trainer saves lorakit adapters; TRL names install_as_peft() when needed
 
 __version__ = "0.1.0"
 

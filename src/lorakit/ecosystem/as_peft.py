@@ -3,8 +3,9 @@ resolve to lorakit, so code written for PEFT — TRL's trainers, transformers' T
 lorakit unchanged. Nothing on disk changes: an import hook (the one moved_modules.py uses) answers the names, and
 a metadata finder answers `importlib.metadata.version("peft")` where the real peft is not installed.
 
-The same switch from the environment: `LORAKIT_AS_PEFT=1` (read by `import lorakit`, and at interpreter start by
-the `lorakit-as-peft.pth` file the package installs, so an unchanged script needs no import of lorakit).
+The same switch from the environment: `LORAKIT_AS_PEFT=1`, read by `import lorakit`. A script that never imports
+lorakit runs unchanged with `python -m lorakit.as_peft SCRIPT.py [ARGS]` (lorakit/as_peft.py), which turns the
+switch on and then runs the script as `__main__`.
 """
 
 from __future__ import annotations
