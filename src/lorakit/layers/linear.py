@@ -65,10 +65,16 @@ class LoraLinear(LoraLayer):
         return F.linear(F.linear(h, A), B)
 
     def add_update(self, result, x, name, A, B, s):
-        after_A = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
-        if result.dtype != after_A.dtype or torch.is_autocast_enabled(x.device.type):
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
             # Autocast (Trainer/TRL with bf16=True) rounds each op's output: PEFT's order of ops, so the same
-            # roundings, so the same numbers as PEFT in the same loop.
+            # roundings, so the same numbers as PEFT in the same loop. PEFT casts x to A's dtype (fp32) and autocast
+            # casts it back for the matmul: without dropout that round trip is the identity, so it is skipped.
+            drop = self.lora_dropout[name]
+            h = x if x.dtype == torch.get_autocast_dtype(device) and isinstance(drop, nn.Identity) else drop(x.to(A.dtype))
+            return result + F.linear(F.linear(h, A), B) * s
+        after_A = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
+        if result.dtype != after_A.dtype:
             return result + F.linear(after_A, B) * s
         # result + s * after_A @ B^T in one kernel: no separate scale and add passes.
         rows = result.numel() // result.shape[-1]  # explicit: after_A may have 0 columns (AdaLoRA rank 0)
