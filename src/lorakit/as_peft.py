@@ -11,6 +11,7 @@ import os
 import runpy
 import sys
 
+# imports inside functions: the switch loads only once the arguments are checked (`--help` imports nothing)
 USAGE = "usage: python -m lorakit.as_peft SCRIPT.py [ARGS...]  |  python -m lorakit.as_peft -m MODULE [ARGS...]"
 
 

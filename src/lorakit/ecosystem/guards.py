@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 from .module_aliases import install
 
+# imports inside functions: torch, transformers and lorakit.adapters load with a trainer (`import lorakit` stays light)
+
 PATCHED = "__lorakit_patched__"
 
 

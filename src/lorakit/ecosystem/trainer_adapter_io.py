@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 
 import torch
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from ..adapters import LoraModel
+from ..adapters.peft_format import load_adapter_weights, read_adapter
 
 
 def _lorakit_model(trainer, model=None):
-    from ..adapters import LoraModel
-
     model = trainer.accelerator.unwrap_model(model if model is not None else trainer.model, keep_torch_compile=False)
     return model if isinstance(model, LoraModel) else None
 
@@ -25,8 +27,6 @@ def save(trainer, original, output_dir: str | None = None, state_dict: dict | No
     model = _lorakit_model(trainer)
     if model is None:
         return original(trainer, output_dir, state_dict)
-    from transformers.trainer import TRAINING_ARGS_NAME
-
     output_dir = output_dir if output_dir is not None else trainer.args.output_dir
     model.save_pretrained(output_dir, is_main_process=trainer.args.should_save)
     if not trainer.args.should_save:
@@ -42,8 +42,6 @@ def load_from_checkpoint(trainer, original, resume_from_checkpoint: str, model=N
     target = _lorakit_model(trainer, model)
     if target is None:
         return original(trainer, resume_from_checkpoint, model)
-    from ..adapters.peft_format import load_adapter_weights, read_adapter
-
     for name in target.peft_config:  # 'default' in the folder itself, others in subfolders (save_pretrained)
         folder = resume_from_checkpoint if name == "default" else os.path.join(resume_from_checkpoint, name)
         if os.path.isdir(folder):
