@@ -43,7 +43,8 @@ def main(output_dir):
     args = SFTConfig(output_dir=output_dir, max_steps=20, per_device_train_batch_size=8, learning_rate=1e-3,
                      logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, seed=0)
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
     print("model class:", type(trainer.model).__module__, type(trainer.model).__name__)

@@ -71,7 +71,8 @@ class LoraLinear(LoraLayer):
             # roundings, so the same numbers as PEFT in the same loop. PEFT casts x to A's dtype (fp32) and autocast
             # casts it back for the matmul: without dropout that round trip is the identity, so it is skipped.
             drop = self.lora_dropout[name]
-            h = x if x.dtype == torch.get_autocast_dtype(device) and isinstance(drop, nn.Identity) else drop(x.to(A.dtype))
+            identity_round_trip = x.dtype == torch.get_autocast_dtype(device) and isinstance(drop, nn.Identity)
+            h = x if identity_round_trip else drop(x.to(A.dtype))
             return result + F.linear(F.linear(h, A), B) * s
         after_A = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
         if result.dtype != after_A.dtype:
