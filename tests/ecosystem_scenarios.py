@@ -52,8 +52,8 @@ def base(tok):
     return tiny_llama_for(tok, seed=1, initializer_range=0.2, tie_word_embeddings=True)
 
 
-def losses(trainer, key="loss"):
-    return [h[key] for h in trainer.state.log_history if key in h]
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 def probe_logits(model):
@@ -67,9 +67,9 @@ def probe_logits(model):
         return model(input_ids=torch.tensor(PROBE)).logits[0, :, :16].double().tolist()
 
 
-def finish(trainer, out, key="loss"):
+def finish(trainer, out):
     trainer.save_model(out)
-    return {"losses": losses(trainer, key), "dirs": {"saved": out}, "logits": probe_logits(trainer.model),
+    return {"losses": losses(trainer), "dirs": {"saved": out}, "logits": probe_logits(trainer.model),
             "files": sorted(os.listdir(out)), "model_class": type(trainer.model).__module__.split(".")[0]}
 
 

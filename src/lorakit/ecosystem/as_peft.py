@@ -15,7 +15,7 @@ import os
 import sys
 
 from .module_aliases import ModuleAliases, install
-from .peft_namespace import PEFT_API_VERSION, PEFT_MODULES, build_module, missing_module
+from .peft_namespace import PEFT_STAND_IN_VERSION, PEFT_MODULES, build_module, missing_module
 
 ENV_SWITCH = "LORAKIT_AS_PEFT"
 
@@ -25,7 +25,7 @@ class PeftDistribution(importlib.metadata.Distribution):
 
     def read_text(self, filename):
         if filename == "METADATA":
-            return f"Metadata-Version: 2.1\nName: peft\nVersion: {PEFT_API_VERSION}\nSummary: lorakit standing in\n"
+            return f"Metadata-Version: 2.1\nName: peft\nVersion: {PEFT_STAND_IN_VERSION}\nSummary: lorakit standing in\n"
         return None
 
     def locate_file(self, path):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
-import importlib.machinery
 import sys
 from collections.abc import Callable
 

@@ -16,7 +16,7 @@ from types import ModuleType
 # `peft.__version__` and importlib.metadata.version("peft") while lorakit stands in: the lowest release the
 # installed transformers (5.25: MIN_PEFT_VERSION 0.22.0 for its adapter API) and trl accept. lorakit's file format
 # and API follow PEFT 0.21.2 (the dev dependency tests compare with), which 0.22 keeps.
-PEFT_API_VERSION = "0.22.0"
+PEFT_STAND_IN_VERSION = "0.22.0"
 
 _ADAPTERS = "lorakit.adapters"
 _TOP = {name: f"{_ADAPTERS}:{name}" for name in [
@@ -92,7 +92,7 @@ def build_module(fullname: str) -> ModuleType:
     module.__lorakit__ = True
     module.__all__ = sorted(names)
     if fullname == "peft":
-        module.__version__ = PEFT_API_VERSION
+        module.__version__ = PEFT_STAND_IN_VERSION
 
     def __getattr__(name: str):
         if name in names:

@@ -38,19 +38,27 @@ def save(trainer, original, output_dir: str | None = None, state_dict: dict | No
     return None
 
 
+def _load_adapters(model, checkpoint: str) -> None:
+    """Every adapter of `model` from a checkpoint folder: 'default' in the folder itself, the others in
+    subfolders named after them (as save_pretrained writes them)."""
+    for name in model.peft_config:
+        folder = checkpoint if name == "default" else os.path.join(checkpoint, name)
+        if os.path.isdir(folder):
+            _, state = read_adapter(folder)
+            load_adapter_weights(model.model, name, state, source=folder)
+
+
 def load_from_checkpoint(trainer, original, resume_from_checkpoint: str, model=None) -> None:
     target = _lorakit_model(trainer, model)
     if target is None:
         return original(trainer, resume_from_checkpoint, model)
-    for name in target.peft_config:  # 'default' in the folder itself, others in subfolders (save_pretrained)
-        folder = resume_from_checkpoint if name == "default" else os.path.join(resume_from_checkpoint, name)
-        if os.path.isdir(folder):
-            _, state = read_adapter(folder)
-            load_adapter_weights(target.model, name, state, source=folder)
+    _load_adapters(target, resume_from_checkpoint)
     return None
 
 
 def load_best_model(trainer, original) -> None:
-    if _lorakit_model(trainer) is None:
+    target = _lorakit_model(trainer)
+    if target is None:
         return original(trainer)
-    return load_from_checkpoint(trainer, lambda *a: None, trainer.state.best_model_checkpoint)
+    _load_adapters(target, trainer.state.best_model_checkpoint)
+    return None
