@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo dpo-demo quickstart test clean
+.PHONY: setup demo dpo-demo quickstart test docs docs-serve clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,11 @@ quickstart: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: setup
+	$(BIN)/mkdocs serve --strict
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) site

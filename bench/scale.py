@@ -221,8 +221,8 @@ def main():
                     help="the memory lorakit's runs may plan for (memory_limit_gb; default: what is available)")
     ap.add_argument("--json", default=os.path.join(HERE, "scale.json"))
     ap.add_argument("--png", default=os.path.join(HERE, "scale.png"))
-    ap.add_argument("--readme", default=os.path.join(HERE, "..", "README.md"),
-                    help="write the table between this file's scale markers ('' to skip)")
+    ap.add_argument("--page", default=os.path.join(HERE, "..", "docs", "benchmarks", "avx2-epyc.md"),
+                    help="write the table between this Markdown file's scale markers ('' to skip)")
     ap.add_argument("--worker", choices=RUNS, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -251,21 +251,21 @@ def main():
     final = with_predictions(list(results.values()))
     print(table(final))
     plot(final, args.png)
-    if args.readme:
-        write_readme_table(args.readme, table(final))
+    if args.page:
+        write_page_table(args.page, table(final))
 
 
-def write_readme_table(readme: str, text: str) -> None:
-    """Put the table between the README's `<!-- scale:start -->` / `<!-- scale:end -->` markers."""
-    with open(readme, encoding="utf-8") as f:
+def write_page_table(page: str, text: str) -> None:
+    """Put the table between the page's `<!-- scale:start -->` / `<!-- scale:end -->` markers."""
+    with open(page, encoding="utf-8") as f:
         content = f.read()
     start, end = "<!-- scale:start -->\n", "<!-- scale:end -->"
     if start not in content or end not in content:
-        raise SystemExit(f"{readme} has no {start.strip()} / {end} markers")
+        raise SystemExit(f"{page} has no {start.strip()} / {end} markers")
     head, rest = content.split(start, 1)
-    with open(readme + ".tmp", "w", encoding="utf-8") as f:
+    with open(page + ".tmp", "w", encoding="utf-8") as f:
         f.write(head + start + text + "\n" + end + rest.split(end, 1)[1])
-    os.replace(readme + ".tmp", readme)
+    os.replace(page + ".tmp", page)
 
 
 if __name__ == "__main__":

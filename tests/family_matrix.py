@@ -1,10 +1,11 @@
-"""The model-family matrix in the README, generated from the test results (not written by hand).
+"""The model-family matrix of the docs (docs/reference/model-families.md), generated from the test results (not
+written by hand).
 
-    python tests/family_matrix.py [--readme README.md]
+    python tests/family_matrix.py [--page docs/reference/model-families.md]
 
 Runs tests/test_model_families.py under pytest with a JUnit report, turns each test's outcome into a cell
 (✔ passed, ✘ failed, "refused" with the reason where lorakit or PEFT refuses the combination, — where the
-operation does not apply to the family) and rewrites the table between the README's family-matrix markers.
+operation does not apply to the family) and rewrites the table between the page's family-matrix markers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import xml.etree.ElementTree as ET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 START, END = "<!-- family-matrix:start -->", "<!-- family-matrix:end -->"
+DOCS_PAGE = os.path.join(os.path.dirname(HERE), "docs", "reference", "model-families.md")
 COLUMNS = {  # column title: (test function, extra parameter or None)
     "PEFT's default targets": ("test_family_beside_peft", "default"),
     "all-linear": ("test_family_beside_peft", "all-linear"),
@@ -83,7 +85,7 @@ def render(found, families: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"))
+    ap.add_argument("--page", default=DOCS_PAGE, help="the Markdown file holding the family-matrix markers")
     args = ap.parse_args()
     sys.path.insert(0, HERE)
     from test_model_families import FAMILIES
@@ -93,13 +95,13 @@ def main() -> None:
         status = run_tests(report)
         table = render(outcomes(report, list(FAMILIES)), list(FAMILIES))
     print(table)
-    with open(args.readme) as f:
+    with open(args.page) as f:
         text = f.read()
     if START not in text or END not in text:
-        raise SystemExit(f"{args.readme} has no {START} ... {END} block to fill")
+        raise SystemExit(f"{args.page} has no {START} ... {END} block to fill")
     head, rest = text.split(START, 1)
     text = head + START + "\n" + table + END + rest.split(END, 1)[1]
-    with open(args.readme, "w") as f:
+    with open(args.page, "w") as f:
         f.write(text)
     raise SystemExit(status)
 

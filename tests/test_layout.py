@@ -1,4 +1,5 @@
-"""The package's shape (README "Layout"): subpackages by subject, arrows one way, small files, old paths kept."""
+"""The package's shape (docs/explanations/layout.md): subpackages by subject, arrows one way, small files, old
+paths kept."""
 
 import importlib
 import subprocess

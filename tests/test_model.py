@@ -230,8 +230,9 @@ def test_saved_files_and_model_card_as_in_peft(tmp_path):
 
 
 def test_new_adapter_modules_start_in_training_mode_as_in_peft():
-    """PEFT's behaviour (kept, documented in the README): wrappers and new adapter modules start in training
-    mode whatever the base model's mode, so lora_dropout is live until model.eval(); base modules keep theirs."""
+    """PEFT's behaviour (kept, documented in docs/reference/peft-compatibility.md): wrappers and new adapter modules
+    start in training mode whatever the base model's mode, so lora_dropout is live until model.eval(); base modules
+    keep theirs."""
     import peft
 
     modes = {}

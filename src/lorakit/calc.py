@@ -159,7 +159,7 @@ def memory_estimate(arch: Arch, targets: list[str], r: int, tokens: int = 2048) 
 
 
 # The peak of one lorakit training run (predict_run), per component. Calibrated against bench/scale.py's measured
-# peak RSS (random-weight models of real shape, 0.36B-8B; the table in the README gives the error per size).
+# peak RSS (random-weight models of real shape, 0.36B-8B; docs/benchmarks gives the error per size).
 RUNTIME_GB = 0.45            # python, torch, transformers, the tokenizer: RSS before the model loads
 # Values kept for backward per token and layer (x hidden, x kv_dim, x intermediate) on lorakit's path (fused norms
 # and SwiGLU, LoRA on every linear layer): norm inputs, the normed input shared by q/k/v and by gate/up, q, k, v,

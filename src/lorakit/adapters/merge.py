@@ -24,6 +24,7 @@ class AdapterMerging:
                 layer.merge(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights again (a no-op where none is merged)."""
         for layer in self._layers():
             if hasattr(layer, "unmerge"):
                 layer.unmerge()

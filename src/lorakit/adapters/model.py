@@ -56,6 +56,7 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, AdapterSwitches, nn
         return self.base_model.model
 
     def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model, with the LoRA layers in it (PEFT's get_base_model)."""
         return self.model
 
     def forward(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
@@ -138,6 +139,7 @@ class LoraModel(AdapterFiles, AdapterMerging, AdapterReport, AdapterSwitches, nn
 
     @property
     def vera_B(self) -> LiveMapping:
+        """The VeRA adapters' shared projection B by adapter name (PEFT's attribute)."""
         return live_mapping(lambda: self._vera_projections("B"), "no VeRA adapter is loaded (vera_B)")
 
     def _vera_projections(self, which: str) -> dict:

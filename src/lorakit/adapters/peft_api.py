@@ -23,6 +23,7 @@ class PeftConfig(abc.ABC):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **_):
+        """The config saved in a directory, as the class its `peft_type` names (LoraConfig, VeraConfig, AdaLoraConfig)."""
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         return read_config(directory)
 

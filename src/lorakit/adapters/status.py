@@ -134,6 +134,7 @@ class AdapterReport:
         return get_model_status(self)
 
     def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: trainable params, all params and the trainable percentage."""
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")

@@ -17,6 +17,7 @@ class _NamedForward(LoraModel):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, adapter_names=None, **kwargs):
+        """The model's forward with PEFT's task arguments named (so transformers' Trainer keeps those dataset columns)."""
         named = dict(attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                      return_dict=return_dict)
@@ -35,6 +36,7 @@ class PeftModelForSeq2SeqLM(_NamedForward):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, adapter_names=None, **kwargs):
+        """The seq2seq forward with PEFT's arguments named, decoder inputs included."""
         decoder = dict(decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
                        decoder_inputs_embeds=decoder_inputs_embeds)
         return super().forward(input_ids, attention_mask, inputs_embeds, labels, output_attentions,
@@ -56,6 +58,7 @@ class _WithTaskHead(_NamedForward):
         super().__init__(model, config, adapter_name, **kwargs)
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, **kwargs) -> None:
+        """Add an adapter; the task head joins its modules_to_save, as for the first one."""
         if self.peft_config:  # the first adapter's config was extended in __init__
             peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *self.HEAD_NAMES]
         super().add_adapter(adapter_name, peft_config, **kwargs)
@@ -81,6 +84,7 @@ class PeftModelForQuestionAnswering(_WithTaskHead):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, start_positions=None,
                 end_positions=None, output_attentions=None, output_hidden_states=None, return_dict=None,
                 adapter_names=None, **kwargs):
+        """The question-answering forward with PEFT's arguments named (start and end positions for the loss)."""
         spans = dict(start_positions=start_positions, end_positions=end_positions)
         return super().forward(input_ids, attention_mask, inputs_embeds, None, output_attentions,
                                output_hidden_states, return_dict, adapter_names,

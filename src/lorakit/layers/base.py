@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from .form import Adapter, AdapterFieldView, AdapterForm
+from .form import Adapter, AdapterForm
 from .peft_layer_api import PeftLayerAPI, merge_candidates
 
 
@@ -50,6 +50,7 @@ class LoraLayer(PeftLayerAPI, nn.Module):
         raise NotImplementedError
 
     def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A, B) tensors of adapter `name` (the parameters the optimizer updates)."""
         raise NotImplementedError
 
     def reset_pair(self, name: str, gaussian: bool = False) -> None:
@@ -70,6 +71,7 @@ class LoraLayer(PeftLayerAPI, nn.Module):
         return self.lowrank(self.lora_dropout[name](x.to(A.dtype)), name, A, B) * s
 
     def add_update(self, result: torch.Tensor, x: torch.Tensor, name: str, A, B, s: float) -> torch.Tensor:
+        """`result` (the base output) plus adapter `name`'s update s · B A dropout(x)."""
         return result + self.lowrank_update(x, name, A, B, s)
 
     def delta(self, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -79,20 +81,8 @@ class LoraLayer(PeftLayerAPI, nn.Module):
     # --- adapter lifecycle ------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
+        """The names of the adapters this layer holds, in the order they were added."""
         return list(self.adapters)
-
-    @property
-    def r(self) -> AdapterFieldView:
-        """{adapter: rank}, live (PEFT's dict)."""
-        return AdapterFieldView(self.adapters, "r")
-
-    @property
-    def lora_alpha(self) -> AdapterFieldView:
-        return AdapterFieldView(self.adapters, "lora_alpha")
-
-    @property
-    def scaling(self) -> AdapterFieldView:
-        return AdapterFieldView(self.adapters, "scaling")
 
     peft_class = ""  # the class PEFT names this layer (repr: "lora.Linear(...)"); default: the base's class name
     TUNER_PREFIX = {"VERA": "vera", "ADALORA": "adalora"}  # by form label; LoRA and DoRA layers are "lora."
@@ -106,6 +96,7 @@ class LoraLayer(PeftLayerAPI, nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The base layer's weight (what code that reads `module.weight` expects)."""
         # Code that reads `module.weight` (dtype/device probes, tied-weight checks) sees the base weight.
         return self.base_weight()
 
@@ -115,10 +106,12 @@ class LoraLayer(PeftLayerAPI, nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The base layer's bias, or None."""
         return getattr(self.base_layer, "bias", None)
 
     @property
     def merged(self) -> bool:
+        """True while any adapter is merged into the base weight."""
         return bool(self.merged_adapters)
 
     def add_adapter(self, name: str, form: AdapterForm, r: int, lora_alpha: float, lora_dropout: float = 0.0) -> None:
@@ -183,9 +176,11 @@ class LoraLayer(PeftLayerAPI, nn.Module):
         return self.stored_orientation(self.base_weight())
 
     def stored_orientation(self, oriented: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped tensor in the base's storage layout (transposed for fan_in_fan_out layers)."""
         return oriented.T if self.fan_in_fan_out else oriented
 
     def oriented_delta(self, name: str) -> torch.Tensor:
+        """Adapter `name`'s ΔW in fp32, in the base weight's storage layout."""
         return self.stored_orientation(self.delta_weight(name, dtype=torch.float32))
 
     def norm_delta(self, name: str) -> torch.Tensor:
@@ -211,6 +206,7 @@ class LoraLayer(PeftLayerAPI, nn.Module):
         return tuple(v for t in self.adapters[name].form.tensors(self, name) for v in (id(t), t._version))
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` and free its parameters (ValueError while it is merged)."""
         if name in self.merged_adapters:
             raise ValueError(f"Cannot delete adapter(s) {[name]} while they are merged. Please unmerge them first.")
         for _, container, _ in self._adapter_items(name, extra=("lora_dropout", *self.other_param_names)):
@@ -249,6 +245,7 @@ class LoraLayer(PeftLayerAPI, nn.Module):
         return result if update is None else (result + update).to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output plus the active adapters' updates (per row in a mixed-adapter batch)."""
         if self.row_adapters is not None:
             return self._mixed_forward(x, self.mixed_update, *args, **kwargs)
         names = self._unmerged_active()

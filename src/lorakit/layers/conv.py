@@ -23,6 +23,7 @@ class LoraConv(LoraLayer):
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
 
     def make_pair(self, name, r, bias=False):
+        """A as a convolution of the base's kernel, B as a 1x1 (grouped like the base) convolution."""
         base = self.base_layer
         conv = type(base)
         ones = (1,) * len(base.kernel_size)
@@ -34,18 +35,22 @@ class LoraConv(LoraLayer):
 
     @staticmethod
     def check_rank(target: str, base: nn.Module, r: int) -> None:
+        """Grouped convolutions need a rank divisible by the groups (ValueError, as in PEFT)."""
         if r % base.groups:
             raise ValueError(f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r}. "
                              "Currently, support is limited to conv layers where the rank is divisible by groups. "
                              f"Either choose a different rank or do not target this specific layer ({target!r}).")
 
     def pair(self, name):
+        """The (A, B) weights of adapter `name`."""
         return self.matrix("lora_A", name), self.matrix("lora_B", name)
 
     def lowrank(self, h, name, A, B):
+        """B(A(h)) as two convolutions."""
         return self.lora_B[name]._conv_forward(self.lora_A[name]._conv_forward(h, A, None), B, None)
 
     def delta(self, A, B, s):
+        """ΔW = s · B A as a convolution weight (refused for grouped convolutions)."""
         if self.base_layer.groups > 1:
             raise ValueError(f"merging (and ΔW) is not supported for a grouped convolution (groups="
                              f"{self.base_layer.groups}), as in PEFT; keep the adapter unmerged")
@@ -62,9 +67,11 @@ class LoraConv(LoraLayer):
         return (B.float().reshape(-1, r) @ A.float().reshape(r, -1)).reshape(self.base_layer.weight.shape) * s
 
     def base_apply(self, h, weight):
+        """The base convolution with `weight` in place of its own (bias left out)."""
         return self.base_layer._conv_forward(h, weight, None)
 
     def channel_dims(self, x):
+        """How many trailing dimensions follow the channel dimension of `x` (the spatial ones)."""
         return x.dim() - 2
 
     mixed_update = staticmethod(mixed_grouped_update)

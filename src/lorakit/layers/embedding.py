@@ -25,18 +25,22 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_B = self.container("lora_embedding_B")
 
     def make_pair(self, name, r, bias=False):
+        """lora_embedding_A (r x vocabulary) and lora_embedding_B (dim x r), PEFT's names."""
         self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, self.in_features))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r))
 
     def pair(self, name):
+        """The (A, B) parameters of adapter `name`."""
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def reset_pair(self, name, gaussian=False):
+        """PEFT's initialisation for embeddings: A zero, B normal."""
         A, B = self.pair(name)  # PEFT: A zero, B normal
         nn.init.zeros_(A)
         nn.init.normal_(B)
 
     def lowrank(self, ids, name, A, B):
+        """B A[:, ids]: A's columns looked up as an embedding, then B."""
         base = self.base_layer
         after_A = F.embedding(ids, A.T, padding_idx=base.padding_idx, max_norm=base.max_norm,
                               norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
@@ -49,6 +53,7 @@ class LoraEmbedding(LoraLayer):
         return update if embed_scale is None else update * torch.as_tensor(embed_scale).to(update.dtype)
 
     def delta(self, A, B, s):
+        """ΔW = s · (B A)ᵀ, shaped like the embedding table."""
         return LF.embedding_delta(A, B, s)
 
     mixed_update = staticmethod(mixed_grouped_update)

@@ -55,16 +55,20 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
 
     def make_pair(self, name, r, bias=False):
+        """lora_A (r x in) and lora_B (out x r, with a bias for lora_bias) as nn.Linear modules."""
         self.container("lora_A", nn.ModuleDict)[name] = nn.Linear(self.in_features, r, bias=False)
         self.container("lora_B", nn.ModuleDict)[name] = nn.Linear(r, self.out_features, bias=bias)
 
     def pair(self, name):
+        """The (A, B) weights of adapter `name`."""
         return self.matrix("lora_A", name), self.matrix("lora_B", name)
 
     def lowrank(self, h, name, A, B):
+        """B A h as two linear maps."""
         return F.linear(F.linear(h, A), B)
 
     def add_update(self, result, x, name, A, B, s):
+        """`result` + s · B A dropout(x): PEFT's op order under autocast (same roundings), else one addmm."""
         device = x.device.type
         if torch.is_autocast_enabled(device):
             # Autocast (Trainer/TRL with bf16=True) rounds each op's output: PEFT's order of ops, so the same
@@ -83,12 +87,15 @@ class LoraLinear(LoraLayer):
         return flat.view(result.shape)
 
     def delta(self, A, B, s):
+        """ΔW = s · B A (transposed for fan_in_fan_out layers such as GPT-2's Conv1D)."""
         return LF.linear_delta(A, B, s, self.fan_in_fan_out)
 
     def base_apply(self, h, weight):
+        """The base linear map with `weight` in place of its own (bias left out)."""
         return F.linear(h, weight)
 
     def channel_dims(self, x):
+        """Linear layers have their features last: no trailing dimensions."""
         return 0
 
     mixed_update = staticmethod(mixed_linear_update)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 
-from .form import LiveMapping, live_mapping
+from .form import AdapterFieldView, LiveMapping, live_mapping
 
 
 def merge_candidates(merged: list[str], names: list[str]) -> list[str]:
@@ -20,7 +20,23 @@ def merge_candidates(merged: list[str], names: list[str]) -> list[str]:
 
 
 class PeftLayerAPI:
-    """Needs the layer's `adapter_names`, `adapter_parameters(name)`, `set_active_adapters` and `disable_adapters`."""
+    """PEFT's per-layer surface (r, lora_alpha, scaling as live dicts; VeRA projections; adapter switches). Needs the
+    layer's `adapters`, `adapter_names`, `adapter_parameters(name)`, `set_active_adapters` and `disable_adapters`."""
+
+    @property
+    def r(self) -> AdapterFieldView:
+        """{adapter: rank}, live (PEFT's dict)."""
+        return AdapterFieldView(self.adapters, "r")
+
+    @property
+    def lora_alpha(self) -> AdapterFieldView:
+        """{adapter: alpha}, live (PEFT's dict)."""
+        return AdapterFieldView(self.adapters, "lora_alpha")
+
+    @property
+    def scaling(self) -> AdapterFieldView:
+        """{adapter: s}, live (PEFT's dict): alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return AdapterFieldView(self.adapters, "scaling")
 
     @property
     def vera_A(self) -> LiveMapping:
@@ -29,6 +45,7 @@ class PeftLayerAPI:
 
     @property
     def vera_B(self) -> LiveMapping:
+        """VeRA adapters' shared projection B by adapter name (PEFT's layer attribute; only on VeRA layers)."""
         return live_mapping(lambda: self.vera_projections("B"), f"{type(self).__name__} holds no VeRA adapter")
 
     def vera_projections(self, which: str) -> dict:

@@ -173,6 +173,7 @@ def _record_public_name(model, name_or_path):
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """The tokenizer of a model name, directory or .gguf file (local files only; pad token = EOS where unset)."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path), local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -263,3 +263,11 @@ def right_pad(rows: list[list[int]], fill: int) -> torch.Tensor:
     for i, row in enumerate(rows):
         out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
     return out
+
+
+def check_one_batch(rows: int, rows_per_batch: int, packed: bool) -> None:
+    """Refuse a training set smaller than one batch (all processes together), saying what to change."""
+    if rows < rows_per_batch:
+        after = " after packing (try --packing false)" if packed else ""
+        raise ValueError(f"{rows} training rows{after} is fewer than one batch of {rows_per_batch} rows "
+                         f"(lower --batch_size or add data)")

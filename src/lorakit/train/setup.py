@@ -252,8 +252,7 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
     train_rows, val_rows, classes = load_rows(cfg, tokenizer, log)  # a bad row stops the run before any file
     os.makedirs(cfg.output_dir, exist_ok=True)
     rows_per_micro = cfg.batch_size * env.world_size
-    if len(train_rows) < rows_per_micro:
-        raise ValueError(f"{len(train_rows)} training rows is fewer than one batch of {rows_per_micro} rows")
+    D.check_one_batch(len(train_rows), rows_per_micro, cfg.packing)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * (len(train_rows) // rows_per_micro) / cfg.grad_accum))
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32

@@ -51,6 +51,7 @@ class AdaLoraConfig(LoraConfig):
                    "total_step": ((int, type(None)), "an integer > 0 (the number of optimizer steps)")}
 
     def validate(self) -> None:
+        """Check AdaLoRA's settings (ranks, schedule, total_step, betas); ValueError naming the bad value."""
         patterns, self.rank_pattern = self.rank_pattern, {}
         try:
             super().validate()
@@ -96,6 +97,7 @@ class AdaLoraConfig(LoraConfig):
         self.rank_pattern = {k: list(v) for k, v in rank_pattern.items()} if rank_pattern else None
 
     def rank_for(self, module_name: str) -> int:
+        """The rank module `module_name` starts with: init_r, or the kept count of its rank_pattern mask."""
         masks = [m for k, m in (self.rank_pattern or {}).items() if pattern_module(k) == module_name]
         return self.init_r if not masks else int(sum(masks[0]))
 
@@ -107,6 +109,7 @@ class AdaLoraConfig(LoraConfig):
         return out
 
     def adapter_form(self, target_shapes: list[tuple[int, int]]) -> AdaLoraForm:
+        """The form that creates and applies AdaLoRA's (A, E, B) triplets on each target."""
         return AdaLoraForm(self)
 
     @classmethod
@@ -121,16 +124,20 @@ class AdaLoraConfig(LoraConfig):
     single_trainable = True
 
     def resize_by_rank_pattern(self, model, rank_pattern, adapter_name):
+        """Shrink each target to the singular values `rank_pattern` keeps (PEFT's resize_modules_by_rank_pattern)."""
         resize_by_rank_pattern(model, rank_pattern, adapter_name)
 
     @property
     def regularization_weight(self) -> float:
+        """Weight of the orthogonality regulariser in the training loss (orth_reg_weight)."""
         return self.orth_reg_weight
 
     def regularization(self, model, adapter_name: str) -> torch.Tensor:
+        """The orthogonality regulariser ||AᵀA - I||² + ||BBᵀ - I||² summed over the adapter's layers."""
         return orthogonal_regularization(model, adapter_name)
 
     def step_callback(self, model, adapter_name: str):
+        """RankAllocator's update_and_allocate: importance and budget masking after each optimizer step."""
         return RankAllocator(model, adapter_name).update_and_allocate
 
 

@@ -90,6 +90,7 @@ class LoraConfig:
     }
 
     def check_field_types(self) -> None:
+        """Raise ValueError naming a field whose value has the wrong type (checked before any model is touched)."""
         for name, (types, wanted) in self.FIELD_TYPES.items():
             value = getattr(self, name, None)
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
@@ -188,6 +189,7 @@ class LoraConfig:
     single_trainable = False  # at most one adapter of this form may be trainable in a model (PEFT's AdaLoRA)
 
     def resize_by_rank_pattern(self, model, rank_pattern: dict, adapter_name: str) -> None:
+        """Only AdaLoRA adapters resize by rank pattern: TypeError for other forms, as in PEFT."""
         raise TypeError(f"resize_modules_by_rank_pattern applies to AdaLoRA adapters, not {self.PEFT_TYPE}")
 
     regularization_weight = 0.0  # weight of `regularization` in the training loss
@@ -211,12 +213,14 @@ class LoraConfig:
         return [f.name for f in dataclasses.fields(self) if f.name != "extra_fields"]
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as adapter_config.json holds it (JSON types only; unknown fields read from a file kept)."""
         out = {name: getattr(self, name) for name in self._saved_fields()}
         out = {**self.extra_fields, **out}
         return json.loads(json.dumps(out))  # deep copy, JSON types only
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        """A config from adapter_config.json's contents; fields lorakit does not use are kept and warned about."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra_fields"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
@@ -237,10 +241,12 @@ class LoraConfig:
         return cls.from_dict(data)
 
     def rank_for(self, module_name: str) -> int:
+        """The rank of module `module_name`: its rank_pattern entry, else r."""
         key = _pattern_key(self.rank_pattern, module_name)
         return self.rank_pattern[key] if key else self.r
 
     def alpha_for(self, module_name: str) -> float:
+        """The alpha of module `module_name`: its alpha_pattern entry, else lora_alpha."""
         key = _pattern_key(self.alpha_pattern, module_name)
         return self.alpha_pattern[key] if key else self.lora_alpha
 

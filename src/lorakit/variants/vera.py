@@ -133,6 +133,7 @@ class VeraConfig(LoraConfig):
         super().__post_init__()
 
     def validate(self) -> None:
+        """Check VeRA's settings: one shared rank, no alpha, DoRA, rsLoRA or patterns; d_initial > 0."""
         super().validate()
         if self.use_dora or self.use_rslora or self.rank_pattern or self.alpha_pattern or self.svd_init:
             raise ValueError("VeRA has one shared rank and no alpha: use_dora, use_rslora, rank_pattern, "
@@ -141,11 +142,13 @@ class VeraConfig(LoraConfig):
             raise ValueError(f"d_initial must be a number > 0, got {self.d_initial!r}")
 
     def adapter_form(self, target_shapes: list[tuple[int, int]]) -> VeraForm:
+        """The form holding this adapter's shared random projections, sized for the largest target."""
         projections = VeraProjections.generate(self.r, max(i for i, _ in target_shapes),
                                                max(o for _, o in target_shapes), self.projection_prng_key)
         return VeraForm(projections, self.d_initial, self.init_weights, self.save_projection)
 
     def layer_kwargs(self, module_name: str) -> dict[str, Any]:
+        """What each VeRA layer is built with: the shared rank, scale 1 and vera_dropout."""
         return dict(r=self.r, lora_alpha=1.0, lora_dropout=self.vera_dropout)
 
     def _saved_fields(self) -> list[str]:
