@@ -9,7 +9,8 @@ A Python or shell block says what it is with an HTML comment on the line above i
   <!-- test: skip (reason) -->     not run, for the reason given
 A page may start its run with `<!-- test-setup: demo-adapter -->`: a short training run writes `runs/demo/adapter`
 (on the tiny model, or the embedded one for integration pages) before its first block.
-Python blocks of one page share one namespace, as in a tutorial read top to bottom. In `console` blocks only the
+Python blocks of one page share one namespace, as in a tutorial read top to bottom. A shell block's commands run
+one by one (`run_shell`): no shell state (`cd`, variables) carries from one command line to the next. In `console` blocks only the
 lines after `$ ` (and their `\\` continuations) are commands; the rest is output shown on the page.
 
     python tests/docs_blocks.py PAGE.md --workdir DIR [--tiny-model DIR]    # what tests/test_docs.py runs
@@ -105,8 +106,8 @@ def _wait_for_server(command: str, process: subprocess.Popen, timeout_s: float =
 def _setup_demo_adapter(tiny_model: str | None) -> None:
     model = tiny_model or "smollm2-135m"
     steps = "3" if tiny_model else "2"
-    run_shell(f"lorakit train --model={model} --max_steps={steps} --output_dir=runs/demo --quiet --force "
-              "--prompts=null")
+    run_shell(f"lorakit train --model={shlex.quote(model)} --max_steps={steps} --output_dir=runs/demo --quiet "
+              "--force --prompts=null")
 
 
 SHELL_SYNTAX = re.compile(r"[|;&<>$`*?(){}\[\]~]")
