@@ -8,6 +8,7 @@ without them the tests skip, saying so."""
 
 import json
 import os
+import re
 
 import httpx
 import pytest
@@ -107,12 +108,27 @@ def test_compare_streams_two_different_answers(browser, server, shots):
     choose(browser, "compare-right", "yes")
     type_into(browser, "compare-max-tokens", "8")
     type_into(browser, "compare-input", "Tell me something.")
+    before = _decode_steps(server)
     by_id(browser, "compare-send").click()
     _wait(browser, lambda d: len(css(d, ".answer[data-done]")) == 2)
+    steps, shared = (a - b for a, b in zip(_decode_steps(server), before))
     left, right = by_id(browser, "compare-left-answer").text, by_id(browser, "compare-right-answer").text
     assert "yes" in right and left != right
+    tokens = [httpx.post(f"{server}/v1/chat/completions", json={
+        "model": m, "messages": [{"role": "user", "content": "Tell me something."}], "max_tokens": 8,
+        "temperature": 0}).json()["usage"]["completion_tokens"] for m in (base, "yes")]
+    assert min(tokens) >= 3 and shared >= min(tokens) - 2, (steps, shared, tokens)  # both sides in one batch
     assert by_id(browser, "compare-left-name").text == base and by_id(browser, "compare-right-name").text == "yes"
     shots(browser, "compare")
+
+
+def _decode_steps(server) -> tuple[float, float]:
+    """(decoding steps, steps that decoded two rows or more) so far, from the server's /metrics."""
+    text = httpx.get(f"{server}/metrics").text
+
+    def sample(name):
+        return float(re.search(rf"^lorakit:decode_batch_rows{re.escape(name)} (\S+)$", text, re.M).group(1))
+    return sample("_count"), sample("_count") - sample('_bucket{le="1"}')
 
 
 def test_adapters_view_loads_refuses_and_unloads_as_the_api_does(browser, server, adapters, shots):

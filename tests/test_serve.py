@@ -2,11 +2,13 @@
 
 import collections
 import concurrent.futures
+import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -22,8 +24,10 @@ def _start_server(model_dir, *args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", f"--model={model_dir}", f"--port={port}",
-                             *args], env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would block the server on its next warning
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "lorakit", "serve", f"--model={model_dir}",
+                             f"--port={port}", *args], env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=log, text=True)
+    proc.log = log
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -32,7 +36,12 @@ def _start_server(model_dir, *args):
         except httpx.TransportError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(proc.stderr.read())
+    raise RuntimeError(server_log(proc))
+
+
+def server_log(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +57,11 @@ def server(serve_model_dir, adapters):
     dora = lorakit.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                   lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     dora.save_pretrained(os.path.join(os.path.dirname(no), "dora"))  # under the adapter root
+    os.makedirs(os.path.join(os.path.dirname(no), "prefix"), exist_ok=True)  # a PEFT form lorakit does not train
+    with open(os.path.join(os.path.dirname(no), "prefix", "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}, f)
     yield base, os.path.basename(tiny_model_dir)
+    print(server_log(proc)[-6000:])  # shown by pytest when a test using this server failed
     proc.terminate()
     proc.wait(10)
 
@@ -64,7 +77,7 @@ def long_server(serve_model_dir, adapters):
 
 
 def _client(base):
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def _chat(client, model, stream=False, **kw):
@@ -91,8 +104,13 @@ def test_models_chat_stream_and_runtime_adapters(server):
     base_answer = _chat(client, base_name).choices[0].message.content
     assert not base_answer.strip().startswith(("yes yes", "no no"))
     assert httpx.delete(f"{base}/v1/adapters/no").status_code == 200
-    with pytest.raises(openai.NotFoundError):
-        _chat(client, "no")
+    assert "no" not in {m.id for m in client.models.list()}
+    with pytest.raises(openai.NotFoundError):  # not loaded, and no directory of that name under the root
+        _chat(client, "nope")
+    # a request naming a directory under --adapter-root loads it on first use (vLLM's lazy resolution)
+    assert _chat(client, "no").choices[0].message.content == no
+    assert "no" in {m.id for m in client.models.list()}
+    assert httpx.delete(f"{base}/v1/adapters/no").status_code == 200
 
 
 def test_stop_seed_top_p_and_usage_are_honoured_and_the_rest_refused_by_name(server):
@@ -136,8 +154,9 @@ def test_error_cases_are_openai_style_and_server_keeps_serving(server):
     escape = httpx.post(f"{base}/v1/adapters", json={"name": "evil", "path": "../../etc"})
     assert escape.status_code == 403 and escape.json()["error"]["code"] == "path_outside_root"
     assert httpx.post(f"{base}/v1/adapters", json={"name": "x", "path": "missing"}).status_code == 404
-    dora = httpx.post(f"{base}/v1/adapters", json={"name": "d", "path": "dora"})  # cannot join mixed batches
-    assert dora.status_code == 400 and dora.json()["error"]["code"] == "unsupported_adapter"
+    prefix = httpx.post(f"{base}/v1/adapters", json={"name": "p", "path": "prefix"})  # not a LoRA form
+    assert prefix.status_code == 400 and prefix.json()["error"]["code"] == "bad_adapter", prefix.text
+    assert "PREFIX_TUNING" in prefix.json()["error"]["message"]
     assert httpx.delete(f"{base}/v1/adapters/nope").status_code == 404
     capped = _chat(client, "yes", max_tokens=1000)  # clipped to --max-tokens-cap, not an error
     assert capped.usage.completion_tokens <= 16
@@ -391,7 +410,7 @@ def test_busy_port_is_refused_in_one_line_before_loading_and_docs_need_no_intern
     would load assets from a CDN) is off, the OpenAPI schema stays."""
     base, _ = server
     port = base.rsplit(":", 1)[1]
-    proc = subprocess.run([sys.executable, "-m", "lorakit", "serve", "--model=does-not-matter", f"--port={port}"],
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "lorakit", "serve", "--model=does-not-matter", f"--port={port}"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "http://" not in proc.stdout and "Traceback" not in proc.stderr

@@ -119,11 +119,28 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name, transformers directory or .gguf file")
     p.add_argument("--adapter", action="append", default=[], type=name_and_dir, metavar="NAME=DIR",
                    help="adapter to load (repeatable)")
-    p.add_argument("--adapter-root", default=None, help="POST /v1/adapters may load only from under this directory")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--lora-modules", nargs="+", default=[], type=name_and_dir, metavar="NAME=DIR",
+                   help="vLLM's spelling of --adapter: adapters to register at start")
+    p.add_argument("--adapter-root", default=None,
+                   help="the load endpoints read only under this directory; a request naming an adapter not loaded "
+                        "yet loads DIR/NAME from here")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0: every interface")
     p.add_argument("--port", type=port_number, default=8000)
-    p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests decoded together")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill up")
+    p.add_argument("--max-batch-size", type=positive_int, default=16, help="rows decoded together (continuous)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="an idle server waits this long for companions of its first request")
+    p.add_argument("--prefill-chunk", type=positive_int, default=128,
+                   help="prompt tokens prefilled per step, between decoding steps")
+    p.add_argument("--kv-cache-gb", type=float, default=2.0,
+                   help="memory for keys/values (batch + prefix cache); requests beyond it wait")
+    p.add_argument("--prefix-cache-gb", type=float, default=0.5, help="of --kv-cache-gb, for shared prompt prefixes")
+    p.add_argument("--max-loras", type=positive_int, default=8, help="distinct adapters in one batch")
+    p.add_argument("--max-cpu-loras", type=positive_int, default=64,
+                   help="adapters kept in memory (least recently used unloaded, reloaded on demand)")
+    p.add_argument("--api-key", default=None,
+                   help="Bearer key for every endpoint but /health (default: $LORAKIT_API_KEY)")
+    p.add_argument("--admin-api-key", default=None,
+                   help="Bearer key for loading/unloading adapters (default: the --api-key)")
     p.add_argument("--max-tokens-cap", type=positive_int, default=512, help="upper bound on max_tokens")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=2048)
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20)

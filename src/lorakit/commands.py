@@ -150,7 +150,11 @@ def cmd_serve(args) -> int:
 
     if args.dtype == "auto":
         print(compute_dtype_note(resolve_device_type(args.device)), file=sys.stderr)
-    serve(ServeConfig(model=args.model, adapters=dict(args.adapter), adapter_root=args.adapter_root,
+    serve(ServeConfig(model=args.model, adapters=dict(args.adapter + args.lora_modules),
+                      adapter_root=args.adapter_root, prefill_chunk=args.prefill_chunk, kv_cache_gb=args.kv_cache_gb,
+                      prefix_cache_gb=args.prefix_cache_gb, max_loras=args.max_loras,
+                      max_cpu_loras=args.max_cpu_loras, api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"),
+                      admin_api_key=args.admin_api_key or os.environ.get("LORAKIT_ADMIN_API_KEY"),
                       max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                       max_tokens_cap=args.max_tokens_cap, max_prompt_tokens=args.max_prompt_tokens,
                       max_body_bytes=args.max_body_bytes, dtype=args.dtype, device=args.device,

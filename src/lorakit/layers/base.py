@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .form import Adapter, AdapterForm
+from .mixed_batch import mixed_rows_output
 from .peft_layer_api import PeftLayerAPI, merge_candidates
 
 
@@ -241,8 +242,9 @@ class LoraLayer(PeftLayerAPI, nn.Module):
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
                              "first.")
         result = self.base_layer(x, *args, **kwargs)
-        update = None if self.disable_adapters else update_fn(self, x, self.row_adapters)
-        return result if update is None else (result + update).to(result.dtype)
+        if self.disable_adapters:
+            return result
+        return mixed_rows_output(self, x, self.row_adapters, result, update_fn(self, x, self.row_adapters))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's output plus the active adapters' updates (per row in a mixed-adapter batch)."""

@@ -9,11 +9,56 @@ faster alone, 15 % slower inside generate on this CPU, so it was dropped.)
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
 
 BASE = None  # a row that uses no adapter
+_ANY_FORM = threading.local()  # set by the serving engine: rows of every form may share a batch (see below)
+
+
+@contextmanager
+def any_form_rows():
+    """Within the block (this thread), rows whose adapter PEFT cannot mix (DoRA, LoRA with a bias on B) share
+    a batch with the others: each such adapter's rows get its own exact update (`mixed_rows_output`).
+    PEFT refuses them, so the model API refuses them too outside this block."""
+    before = getattr(_ANY_FORM, "on", False)
+    _ANY_FORM.on = True
+    try:
+        yield
+    finally:
+        _ANY_FORM.on = before
+
+
+_FIXED = threading.local()  # set by the serving engine: adapter weights change only with its generation counter
+
+
+@contextmanager
+def fixed_adapters(generation: int):
+    """Within the block (this thread), the caller promises that adapter weights change only when `generation`
+    does (a server loading / unloading adapters), so the mixed-batch caches are keyed by it instead of each
+    tensor's version counter (checked per layer per step otherwise)."""
+    before = getattr(_FIXED, "generation", None)
+    _FIXED.generation = generation
+    try:
+        yield
+    finally:
+        _FIXED.generation = before
+
+
+def row_plan(layer, row_adapters) -> tuple[tuple, list, list]:
+    """(the mixable adapters these rows use (sorted), the rows with every other entry as BASE, the unmixable
+    adapters these rows use); memoised per layer for the current rows and adapter set."""
+    key = (tuple(row_adapters), tuple(layer.adapters), tuple(a.form.mixable for a in layer.adapters.values()))
+    memo = layer.__dict__.get("_row_plan")
+    if memo is None or memo[0] != key:
+        used = {n for n in row_adapters if n is not BASE and n in layer.adapters}
+        mixable = tuple(sorted(n for n in used if layer.adapters[n].form.mixable))
+        routed = [n if n in mixable else BASE for n in row_adapters]
+        memo = (key, (mixable, routed, sorted(used.difference(mixable))))
+        layer.__dict__["_row_plan"] = memo
+    return memo[1]
 
 
 def length_mismatch(row_adapters: list, x: torch.Tensor) -> ValueError:
@@ -26,7 +71,7 @@ def length_mismatch(row_adapters: list, x: torch.Tensor) -> ValueError:
 def check_mixable(layer, names) -> None:
     """Refuse forms whose rows cannot share a batch (DoRA: a weight norm per adapter)."""
     unmixable = {n: layer.adapters[n].form.label for n in names if not layer.adapters[n].form.mixable}
-    if unmixable:
+    if unmixable and not getattr(_ANY_FORM, "on", False):
         kinds = sorted(set(unmixable.values()))
         raise ValueError(f"Cannot pass `adapter_names` when {' or '.join(kinds)} is enabled. Mixed-adapter batches do "
                          f"not support {', '.join(kinds)} adapters ({sorted(unmixable)}); merge or serve them alone")
@@ -38,7 +83,9 @@ def stacked_factors(layer, names: tuple[str, ...]):
     # Tensor._version counts in-place writes (optimizer steps, loads), so a stale stack is never used.
     adapters = [layer.adapters[n] for n in names]
     check_mixable(layer, names)
-    key = tuple((n, layer.factor_versions(n), a.scaling) for n, a in zip(names, adapters))
+    generation = getattr(_FIXED, "generation", None)
+    key = (names, generation) if generation is not None else \
+        tuple((n, layer.factor_versions(n), a.scaling) for n, a in zip(names, adapters))
     cache = layer.__dict__.setdefault("_stack_cache", {})
     if key not in cache:
         cache.clear()
@@ -76,7 +123,7 @@ def mixed_linear_update(layer, x: torch.Tensor, row_adapters: list[str | None]) 
     flattened = x.dim() == 2 and x.shape[0] != len(row_adapters) and x.shape[0] % len(row_adapters) == 0
     if x.shape[0] != len(row_adapters) and not flattened:
         raise length_mismatch(row_adapters, x)
-    names = tuple(sorted({n for n in row_adapters if n is not BASE and n in layer.adapters}))
+    names, row_adapters, _ = row_plan(layer, row_adapters)
     if not names:
         return None
     # The update runs in the adapters' fp32 even on a bf16 base: CPU bf16 bmm converts its operands on
@@ -93,8 +140,7 @@ def mixed_grouped_update(layer, x: torch.Tensor, row_adapters: list[str | None])
     update is the layer's own single-adapter update, base rows get zeros."""
     if x.shape[0] != len(row_adapters):
         raise length_mismatch(row_adapters, x)
-    names = sorted({n for n in row_adapters if n is not BASE and n in layer.adapters})
-    check_mixable(layer, names)
+    names, _, _ = row_plan(layer, row_adapters)
     out = None
     for name in names:
         rows = torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=x.device)
@@ -108,10 +154,58 @@ def mixed_grouped_update(layer, x: torch.Tensor, row_adapters: list[str | None])
 @contextmanager
 def row_adapters(layers, names: list[str | None]):
     """Route each batch row to its adapter in every LoRA layer for the duration of the block."""
+    names = list(names)  # one list for every layer
     for layer in layers:
-        layer.row_adapters = list(names)
+        layer.row_adapters = names
     try:
         yield
     finally:
         for layer in layers:
             layer.row_adapters = None
+
+
+def mixed_rows_output(layer, x: torch.Tensor, row_adapters: list[str | None], result: torch.Tensor,
+                      update: torch.Tensor | None) -> torch.Tensor:
+    """base `result` + the mixable rows' `update`, and the rows of unmixable adapters given each adapter's own
+    output for them (in `any_form_rows` only). A DoRA linear layer in eval mode uses its magnitude / weight-norm
+    factor cached per adapter version: a fixed per-channel scale, so no weight is formed per step."""
+    _, _, names = row_plan(layer, row_adapters)
+    result = result if update is None else (result + update).to(result.dtype)
+    if not names:
+        return result
+    check_mixable(layer, names)
+    batch = len(row_adapters)
+    rows_x = x if x.shape[0] == batch else x.reshape(batch, -1, *x.shape[1:])  # (tokens, d) flattened rows
+    rows_result = result if result.shape[0] == batch else result.reshape(batch, -1, *result.shape[1:])
+    out = rows_result.clone()
+    for name in names:
+        rows = torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=x.device)
+        if layer.geometry == "linear" and layer.adapters[name].form.label == "DoRA" and not layer.training:
+            out[rows] = dora_linear_rows(layer, name, rows_x[rows], rows_result[rows]).to(out.dtype)
+        else:
+            out[rows] = layer.adapters[name].form.update(layer, name, rows_x[rows], rows_result[rows]).to(out.dtype)
+    return out.view(result.shape)
+
+
+def dora_linear_rows(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """DoRA at inference: result + (m/n - 1)·(W x) + (m/n)·s·B A x, with m/n cached (layer, adapter version)."""
+    from ..variants.dora import dora_update, magnitude_scale, weight_norm  # variants import layers: a cycle at the top
+
+    magnitude = layer.lora_magnitude_vector[name]
+    generation = getattr(_FIXED, "generation", None)
+    key = (name, generation) if generation is not None else \
+        (name, layer.factor_versions(name), id(magnitude), magnitude._version)
+    cached = layer.__dict__.get("_dora_scale_cache", {}).get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            weight = layer.oriented_weight().to(torch.float32)
+            scale = magnitude_scale(magnitude, weight_norm(weight, layer.norm_delta(name)), 0).float()
+        cached = (key, scale)
+        layer.__dict__.setdefault("_dora_scale_cache", {})[name] = cached
+    A, B, s = layer.effective_factors(name)
+    base_out = result.to(torch.float32)
+    bias = getattr(layer.base_layer, "bias", None)
+    if bias is not None:
+        base_out = base_out - bias.float()
+    lora_out = layer.lowrank(x.to(A.dtype), name, A, B).float()
+    return result + dora_update(base_out, lora_out, cached[1], s)

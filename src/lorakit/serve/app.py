@@ -1,12 +1,12 @@
 """OpenAI-compatible HTTP server: one base model, many adapters, mixed-adapter batches.
 
 `model` in a request selects an adapter by name (or the base model by its name); the engine
-(engine.py) decodes requests that arrive together in one batch. Endpoints: GET /health,
+(engine.py, scheduler.py) decodes every running request in one batch, step by step. Endpoints: GET /health,
 GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
-server-sent events), POST /v1/adapters (load from under --adapter-root only), DELETE
-/v1/adapters/{name}. Errors are OpenAI-style JSON: {"error": {"message", "type", "code"}}; the engine's
-own refusals (errors.py) become 400 / 403 / 404 / 409 here. The browser playground at / and its read-only
-routes are in playground.py.
+server-sent events); the adapter routes and GET /metrics are in admin_routes.py, the browser playground at / and
+its read-only routes in playground.py. With an API key every endpoint but /health needs
+`Authorization: Bearer <key>` (auth.py). Errors are OpenAI-style JSON: {"error": {"message", "type", "code"}};
+the engine's own refusals (errors.py) become 400 / 403 / 404 / 409 here.
 (No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.)
 """
 
@@ -19,63 +19,45 @@ import uuid
 try:
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # an optional dependency: say how to get it
     raise ImportError(f"lorakit serve needs fastapi and uvicorn ({e.name} is missing): "
                       "pip install 'lorakit[serve]'") from e
 
 from ..chat import render_prompt
+from .admin_routes import add_adapter_routes
+from .auth import add_auth
 from .engine import Engine, Job, ServeConfig
-from .errors import Conflict, EngineError, InvalidRequest, NotAllowed, NotFound
+from .errors import EngineError
+from .http_util import APIError, error_response, read_json
 from .playground import add_playground_routes
 from .request import Params, request_params
 from .sampling import cut_at_stop
 
 __all__ = ["APIError", "create_app", "serve"]
 
-HTTP_STATUS = {InvalidRequest: (400, "invalid_request_error"), NotAllowed: (403, "permission_error"),
-               NotFound: (404, "invalid_request_error"), Conflict: (409, "invalid_request_error")}
-
-
-class APIError(Exception):
-    """An HTTP error answer: status, message, OpenAI-style code and type."""
-
-    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.kind = status, message, code, kind
-
-    @classmethod
-    def from_engine(cls, e: EngineError) -> "APIError":
-        status, kind = HTTP_STATUS[type(e)]
-        return cls(status, e.message, e.code, kind)
-
-
 def create_app(engine: Engine) -> FastAPI:
     # No /docs or /redoc: FastAPI's pages load their assets from an internet CDN (blank offline); the API is
-    # OpenAI's, documented in the README. /openapi.json stays.
+    # OpenAI's, documented in docs/reference/http-api.md. /openapi.json stays.
     app = FastAPI(title="lorakit", version="0.1.0", docs_url=None, redoc_url=None)
+    add_auth(app, engine.config.api_key, engine.config.admin_api_key)
     _add_error_handlers(app)
     _add_completion_routes(app, engine)
-    _add_adapter_routes(app, engine)
+    add_adapter_routes(app, engine)
     if engine.config.playground:
         add_playground_routes(app, engine, engine.config.runs_dir)
     return app
 
 
-def _error(e: APIError) -> JSONResponse:
-    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}},
-                        status_code=e.status)
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
-        return _error(e)
+        return error_response(e)
 
     @app.exception_handler(EngineError)
     async def _engine_error(_, e: EngineError):
-        return _error(APIError.from_engine(e))
+        return error_response(APIError.from_engine(e))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):  # unknown routes, wrong methods
@@ -83,30 +65,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = (f"no route {request.method} {request.url.path}; see GET /v1/models, POST /v1/completions, "
                    "POST /v1/chat/completions, POST /v1/adapters, DELETE /v1/adapters/{name}"
                    if e.status_code in (404, 405) else str(e.detail))
-        return _error(APIError(e.status_code, message, codes.get(e.status_code, "http_error")))
+        return error_response(APIError(e.status_code, message, codes.get(e.status_code, "http_error")))
 
     @app.exception_handler(Exception)
     async def _unexpected(_, e: Exception):  # a bug: still an OpenAI-style answer, and the server keeps going
-        return _error(APIError(500, f"internal error ({type(e).__name__}: {e})", "internal_error", "server_error"))
-
-
-async def _read_json(engine: Engine, request: Request) -> dict:
-    limit = engine.config.max_body_bytes
-    too_large = APIError(413, f"request body exceeds {limit} bytes", "body_too_large")
-    if int(request.headers.get("content-length") or 0) > limit:  # refuse before reading it
-        raise too_large
-    raw = await request.body()
-    if len(raw) > limit:  # no or false Content-Length
-        raise too_large
-    try:
-        body = json.loads(raw or b"{}")
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"request body is not valid JSON: {e.msg}", "invalid_json") from None
-    except UnicodeDecodeError:
-        raise APIError(400, "request body is not UTF-8 text", "invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object", "invalid_json")
-    return body
+        return error_response(APIError(500, f"internal error ({type(e).__name__}: {e})", "internal_error",
+                                       "server_error"))
 
 
 def _prompt_text(engine: Engine, body: dict, chat: bool) -> str:
@@ -125,7 +89,7 @@ def _prompt_text(engine: Engine, body: dict, chat: bool) -> str:
 
 
 async def _complete(engine: Engine, request: Request, chat: bool):
-    body = await _read_json(engine, request)
+    body = await read_json(engine, request)
     params = request_params(engine, body)
     ids = engine.tokenizer(_prompt_text(engine, body, chat), add_special_tokens=not chat)["input_ids"]
     job = engine.submit(ids, params.adapter, params.max_tokens, params.sampling, params.ignore_eos)
@@ -177,23 +141,6 @@ def _add_completion_routes(app: FastAPI, engine: Engine) -> None:
         return await _complete(engine, request, chat=True)
 
 
-def _add_adapter_routes(app: FastAPI, engine: Engine) -> None:
-    @app.post("/v1/adapters")
-    async def load_adapter(request: Request):
-        body = await _read_json(engine, request)
-        name, path = body.get("name"), body.get("path")
-        if not isinstance(name, str) or not isinstance(path, str):
-            raise APIError(400, "give 'name' and 'path' (relative to the adapter root) as strings", "invalid_adapter")
-        await asyncio.get_running_loop().run_in_executor(None, engine.load_adapter, name, path)
-        return {"id": name, "object": "model", "owned_by": "lorakit"}
-
-    @app.delete("/v1/adapters/{name}")
-    async def delete_adapter(name: str):
-        """Later requests naming it get 404 at once; requests already accepted finish with it, then it is freed."""
-        removed = await asyncio.get_running_loop().run_in_executor(None, engine.delete_adapter, name)
-        return {"id": name, "object": "model", "deleted": True, "pending_requests": not removed}
-
-
 async def _next_item(job: Job, request) -> object:
     """The job's next output; a client that disconnected cancels the job (checked twice a second)."""
     getter = asyncio.ensure_future(job.out.get())
@@ -234,6 +181,8 @@ async def _stream_chunks(engine: Engine, job: Job, rid: str, model_name: str, cr
         yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
     while True:
         item = await job.out.get()
+        while not isinstance(item, Exception) and not item[1] and not job.out.empty():
+            item = job.out.get_nowait()  # tokens that queued up while the client was slow: one event
         if isinstance(item, Exception):
             yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
             break
@@ -267,6 +216,10 @@ def check_port_free(host: str, port: int) -> None:
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     check_port_free(host, port)
+    if not config.api_key:
+        local = host in ("127.0.0.1", "localhost", "::1")
+        print(f"lorakit serve: no --api-key (or LORAKIT_API_KEY): every endpoint is open to whoever reaches "
+              f"{host}:{port}{'' if not local else ' (this machine only)'}", flush=True)
     engine = Engine(config)
     print(f"lorakit serve: {engine.base_name} + adapters {engine.adapter_names()} on http://{host}:{port}", flush=True)
     if config.playground:

@@ -22,7 +22,8 @@ import yaml
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 
-from .engine import ADAPTER_NAME, Engine
+from .adapter_pool import ADAPTER_NAME
+from .engine import Engine
 from .errors import InvalidRequest, NotAllowed, NotFound
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playground")
