@@ -5,6 +5,10 @@ folded into B) and cached per layer and tuple of adapter names, rebuilt when an 
 Each row gathers its own (A, B) pair and the batch's update is two batched matmuls (bmm), no loop
 over adapters. (One GEMM against all adapters' A's side by side, masked per row, was measured too:
 faster alone, 15 % slower inside generate on this CPU, so it was dropped.)
+
+The serving engine (serve/scheduler.py) runs inside `fixed_adapters`: its rows join and leave every few steps,
+so it uses `masked_linear_update` instead (per adapter of the batch, all rows, others masked; no copy of any
+factor: gathered per-row copies cost one adapter's memory per row, measured).
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ def fixed_adapters(generation: int):
         yield
     finally:
         _FIXED.generation = before
+
+
+def drop_caches(layer) -> None:
+    """Forget the layer's mixed-batch caches (they hold factor tensors: an unloaded adapter's memory is freed)."""
+    for key in ("_row_plan", "_masked_plan", "_stack_cache", "_gather_cache", "_dora_scale_cache"):
+        layer.__dict__.pop(key, None)
 
 
 def row_plan(layer, row_adapters) -> tuple[tuple, list, list]:
@@ -126,12 +136,38 @@ def mixed_linear_update(layer, x: torch.Tensor, row_adapters: list[str | None]) 
     names, row_adapters, _ = row_plan(layer, row_adapters)
     if not names:
         return None
+    generation = getattr(_FIXED, "generation", None)
+    if generation is not None:
+        return masked_linear_update(layer, x, names, row_adapters, generation)
     # The update runs in the adapters' fp32 even on a bf16 base: CPU bf16 bmm converts its operands on
     # every call (measured 3x slower than fp32 bmm at decode shapes); x is cast up, the sum cast back.
     A_rows_t, B_rows_t = gathered_factors(layer, names, row_adapters)
     rows = x.reshape(len(row_adapters), -1, x.shape[-1]).to(A_rows_t.dtype)  # (batch, tokens, d_in)
     after_A = torch.bmm(rows, A_rows_t)                                 # (batch, tokens, r_max)
     update = torch.bmm(after_A, B_rows_t)                               # (batch, tokens, d_out)
+    return update.view(*x.shape[:-1], update.shape[-1])
+
+
+def masked_linear_update(layer, x: torch.Tensor, names: tuple, row_adapters: list, generation: int) -> torch.Tensor:
+    """The serving engine's form of `mixed_linear_update`: per adapter in the batch, s·B A x over all rows with
+    the other rows masked to zero; no stacked or gathered copy of any factor (rows join and leave the batch
+    every few steps, and per-row copies of the factors cost as much memory as one adapter per row)."""
+    key = (tuple(row_adapters), generation)
+    memo = layer.__dict__.get("_masked_plan")
+    if memo is None or memo[0] != key:
+        plan = []
+        for name in names:
+            A, B, s = layer.effective_factors(name)
+            mask = torch.tensor([[float(n == name)] for n in row_adapters], dtype=A.dtype, device=A.device)
+            plan.append((A.T, B.T, (mask * s)[:, :, None]))  # (batch, 1, 1): the row's scale, or 0
+        memo = (key, plan)
+        layer.__dict__["_masked_plan"] = memo
+    rows = x.reshape(len(row_adapters), -1, x.shape[-1])
+    rows = rows.to(memo[1][0][0].dtype)  # fp32 adapters on a bf16 base: computed in fp32 (see above)
+    update = None
+    for A_t, B_t, scale in memo[1]:
+        part = torch.matmul(torch.matmul(rows, A_t) * scale, B_t)
+        update = part if update is None else update.add_(part)
     return update.view(*x.shape[:-1], update.shape[-1])
 
 

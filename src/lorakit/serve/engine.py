@@ -19,6 +19,7 @@ import torch
 
 from ..hardware import check_device_setting, check_dtype_setting, resolve_device_type, resolve_dtype
 from ..adapters.inject import adapter_layers
+from ..layers.mixed_batch import drop_caches
 from ..models.loading import load_model, load_tokenizer
 from ..utils import check_positive_int
 from .adapter_pool import ADAPTER_NAME, AdapterPool
@@ -144,6 +145,8 @@ class Engine:
         mixed-batch caches are keyed by are renewed."""
         self.generation += 1
         self.layers = [m for _, m in adapter_layers(self.model)]
+        for layer in self.layers:
+            drop_caches(layer)
 
     @property
     def details(self) -> dict[str, dict]:
