@@ -27,7 +27,7 @@ quickstart: setup
 	$(BIN)/python examples/quickstart.py
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests  # 2 workers, 1 thread each (2 cores)
 
 docs: setup
 	$(BIN)/mkdocs build --strict --site-dir site

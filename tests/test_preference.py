@@ -202,7 +202,7 @@ def test_a_bad_preference_row_is_one_line_naming_file_and_line_and_nothing_is_wr
 def test_preference_settings_are_checked_when_the_config_is_made(tmp_path):
     from lorakit.train.config import TrainConfig
 
-    for bad, message in [(dict(method="ppo"), r"method must be one of \['sft', 'dpo', 'orpo'\], got 'ppo'"),
+    for bad, message in [(dict(method="ppo"), r"method must be one of \['sft', 'dpo', 'orpo', 'grpo'\], got 'ppo'"),
                          (dict(method="dpo", loss_type="kto"), "loss_type must be one of"),
                          (dict(method="dpo", beta=0), "need beta > 0"),
                          (dict(method="dpo", label_smoothing=0.5), "label_smoothing < 0.5"),

@@ -23,9 +23,10 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def save(output_dir: str, model, optimizer, scheduler, step: int, history: list, env) -> str:
+def save(output_dir: str, model, optimizer, scheduler, step: int, history: list, env, extra: dict | None = None) -> str:
     """Write `output_dir/checkpoint.pt` (temp file + rename: a crash never leaves half a checkpoint).
-    Every rank calls this: each rank's RNG state (its dropout stream) is kept, rank 0 writes."""
+    Every rank calls this: each rank's RNG state (its dropout stream) is kept, rank 0 writes. `extra`: the method's
+    own state (GRPO's rollouts in use)."""
     path = os.path.join(output_dir, CHECKPOINT_NAME)
     rng = dist_utils.gather_objects(rng_state(), env)
     if env.rank != 0:
@@ -38,14 +39,15 @@ def save(output_dir: str, model, optimizer, scheduler, step: int, history: list,
         "rng": rng[0],
         "rng_per_rank": rng,
         "history": history,
+        "extra": extra or {},
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return path
 
 
-def load(output_dir: str, model, optimizer, scheduler, rank: int = 0) -> tuple[int, list]:
-    """Restore everything `save` wrote (this rank's RNG state); returns (step, history)."""
+def load(output_dir: str, model, optimizer, scheduler, rank: int = 0) -> tuple[int, list, dict]:
+    """Restore everything `save` wrote (this rank's RNG state); returns (step, history, extra)."""
     path = os.path.join(output_dir, CHECKPOINT_NAME)
     if not os.path.isfile(path):
         finished = os.path.isfile(os.path.join(output_dir, "adapter", "adapter_config.json"))
@@ -78,7 +80,7 @@ def load(output_dir: str, model, optimizer, scheduler, rank: int = 0) -> tuple[i
     np.random.set_state(rng["numpy"])
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"], state["history"]
+    return state["step"], state["history"], state.get("extra", {})
 
 
 def remove(output_dir: str) -> None:

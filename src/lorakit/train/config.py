@@ -15,6 +15,7 @@ from ..kernels.saved_activations import resolve_saved_activations
 from ..utils import atomic_path, check_positive_int
 from ..variants.lora_config import LoraConfig
 from ..variants.registry import CONFIG_TYPES, config_class
+from .method_settings import check_method_settings
 
 PACKAGE_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")  # lorakit/data
 DEMO_DATA = os.path.join(PACKAGE_DATA, "demo_train.jsonl")
@@ -26,9 +27,9 @@ DEMO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
 # task -> the adapter config's task_type
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "min_lr_ratio", "clip_grad_norm", "val_fraction", "beta",
-                "label_smoothing", "orpo_lambda", "sft_weight")  # + optional ones
-METHODS = ("sft", "dpo", "orpo")
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+                "label_smoothing", "orpo_lambda", "sft_weight", "temperature", "top_p", "epsilon")  # + optional ones
+# beta / loss_type left null: the method's default (DPO's for dpo/orpo/sft, TRL GRPOTrainer's for grpo)
+METHOD_DEFAULTS = {"dpo": {"beta": 0.1, "loss_type": "sigmoid"}, "grpo": {"beta": 0.0, "loss_type": "dapo"}}
 # What each declared field type accepts, and how an error says it (checked before anything loads).
 FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "int": ((int,), "an integer"),
@@ -40,6 +41,7 @@ FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "bool | str": ((bool, str), "true, false or a name"),
     "bool | int": ((bool, int), "true, false or an integer"),
     "int | None": ((int, type(None)), "an integer or null"),
+    "list | None": ((list, type(None)), "a list or null"),
 }
 
 
@@ -104,13 +106,29 @@ class TrainConfig:
                                           # (lorakit calc's model of this run) exceeds what is available
     memory_limit_gb: float | None = None  # the memory that check allows (default: the machine's available)
     method: str = "sft"                   # sft (supervised) | dpo | orpo (preference pairs; see preference_loss.py)
-    beta: float = 0.1                     # dpo: how far the adapter may move from the reference (TRL's beta)
-    loss_type: str = "sigmoid"            # dpo: sigmoid (DPO) | ipo | hinge | robust
+                                          # | grpo (online RL from prompts and reward functions; see grpo.py)
+    beta: float | None = None             # dpo: how far the adapter may move from the reference (TRL's beta,
+                                          # default 0.1); grpo: weight of the KL to the adapter-off model (default 0)
+    loss_type: str | None = None          # dpo: sigmoid (default) | ipo | hinge | robust;
+                                          # grpo: dapo (default, as TRL) | grpo | dr_grpo | bnpo
     label_smoothing: float = 0.0          # dpo: cDPO's (sigmoid) / rDPO's (robust) label-flip probability, < 0.5
     sft_weight: float = 0.0               # dpo: + this x the chosen responses' NLL (RPO; TRL's loss_type [.., sft])
     orpo_lambda: float = 0.1              # orpo: weight of the odds-ratio term (TRL's beta for ORPO)
     precompute_ref_logps: bool = False    # dpo: reference log-probs once over the data before training, instead of
                                           # one adapter-off forward per step
+    rewards: list | None = None           # grpo: reward functions, each a built-in name (format_match,
+                                          # exact_answer, length_target), module.path:function, or a mapping
+                                          # {name: ..., weight: ..., <option>: ...} (see rewards.py)
+    num_generations: int = 8              # grpo: completions sampled per prompt (one group); batch_size x
+                                          # grad_accum completions per step, so that many / this many prompts
+    max_completion_length: int = 128      # grpo: tokens sampled per completion at most
+    temperature: float = 1.0              # grpo: sampling temperature of rollouts (log-probs are scored at it too)
+    top_p: float = 1.0                    # grpo: nucleus sampling of rollouts
+    epsilon: float = 0.2                  # grpo: ratio clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = None     # grpo: upper clip (DAPO's clip-higher); null = epsilon
+    scale_rewards: str = "group"          # grpo: advantages divided by the group's reward std | batch | none
+    use_bias_correction_kl: bool = True   # grpo: KL term x the ratio (unbiased for reused rollouts), as TRL
+    num_iterations: int = 1               # grpo: optimizer steps per rollout batch (π_old = the sampling policy)
     init_adapter: str | None = None       # start from this adapter directory (lorakit train's or PEFT's), e.g. an
                                           # SFT adapter before DPO; DPO's reference is then that starting adapter
     task: str = "causal_lm"               # causal_lm (chat / text data), seq_cls ({"text", "label"} rows) or
@@ -130,6 +148,9 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_types()
+        for name, value in METHOD_DEFAULTS.get(self.method, METHOD_DEFAULTS["dpo"]).items():
+            if getattr(self, name) is None:  # the method's default where none was given
+                setattr(self, name, value)
         if self.prompts == "auto":  # the demo's prompts belong to the demo
             on_demo = os.path.abspath(self.data) == os.path.abspath(DEMO_DATA)
             self.prompts = DEMO_PROMPTS if on_demo else None
@@ -139,7 +160,8 @@ class TrainConfig:
                 setattr(self, name, float(value))
             except (TypeError, ValueError):
                 raise ValueError(f"{name} must be a number, got {value!r}") from None
-        for name in ("max_length", "batch_size", "grad_accum", "eval_every", "save_every", "max_new_tokens"):
+        for name in ("max_length", "batch_size", "grad_accum", "eval_every", "save_every", "max_new_tokens",
+                     "max_completion_length", "num_iterations"):
             check_positive_int(name, getattr(self, name))
         if self.max_steps < 0 or self.epochs <= 0:
             raise ValueError(f"need max_steps >= 0 and epochs > 0, got max_steps={self.max_steps}, "
@@ -170,7 +192,7 @@ class TrainConfig:
         for name in ("bf16", "group_projections", "gradient_checkpointing", "attention_fp32"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise ValueError(f"{name} must be true, false or 'auto', got {getattr(self, name)!r}")
-        self._check_method()
+        check_method_settings(self)
         adapter = self.lora_config()  # validates the adapter settings now, not after the model loads
         if self.resume and not adapter.resumable:
             raise ValueError(f"--resume is not supported for {adapter.PEFT_TYPE} runs (its training state is not "
@@ -178,19 +200,6 @@ class TrainConfig:
         if self.quantize and adapter.svd_init:
             raise ValueError(f"init_lora_weights={adapter.init_lora_weights!r} rewrites the base weight, which "
                              f"quantize={self.quantize!r} stores in 4 bits; use init_lora_weights=true with QLoRA")
-
-    def _check_method(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {list(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
-        if not (self.beta > 0 and self.orpo_lambda > 0 and 0 <= self.label_smoothing < 0.5 and self.sft_weight >= 0):
-            raise ValueError(f"need beta > 0, orpo_lambda > 0, 0 <= label_smoothing < 0.5 and sft_weight >= 0, got "
-                             f"beta={self.beta}, orpo_lambda={self.orpo_lambda}, label_smoothing={self.label_smoothing}, "
-                             f"sft_weight={self.sft_weight}")
-        if self.method != "sft" and (self.task != "causal_lm" or self.packing or self.train_on_prompt):
-            raise ValueError(f"method: {self.method} trains a causal LM on preference pairs: it needs task: causal_lm, "
-                             "packing: false and train_on_prompt: false")
 
     def lora_config(self, total_steps: int | None = None) -> LoraConfig:
         """The adapter config; `lora.peft_type` picks LORA (default), VERA or ADALORA. AdaLoRA's

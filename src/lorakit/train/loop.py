@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 import time
 from contextlib import nullcontext
 
@@ -27,7 +25,8 @@ from .config import TrainConfig
 from .plot import plot_losses
 from .preference_data import collate_pairs
 from .projection_groups import grouped_projections
-from .setup import Run, prepare_run
+from .setup import Run, prepare_run, prompts_per_step
+from .stop_request import StopRequest
 
 
 def loss_module_of(engine) -> torch.nn.Module:
@@ -105,6 +104,15 @@ def optimizer_step(run: Run, step: int) -> tuple[float, float, int, dict]:
                 objective = objective + regularization / len(batches)
             objective.backward()
         loss_sum += loss.item()
+    grad_norm = apply_update(run, step)
+    metrics = {name: dist_utils.all_reduce_sum(value, env) / n_targets for name, value in
+               sorted(take_metrics(run.engine).items())}  # sorted: every process reduces in the same order
+    return dist_utils.all_reduce_sum(loss_sum, env) / n_targets, grad_norm, tokens, metrics
+
+
+def apply_update(run: Run, step: int) -> float:
+    """The end of every optimizer step, whatever the method: clip, update, the form's per-step work, free
+    gradients; returns the gradient norm before clipping."""
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.clip_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
@@ -113,13 +121,41 @@ def optimizer_step(run: Run, step: int) -> tuple[float, float, int, dict]:
     run.optimizer.zero_grad(set_to_none=True)
     if run.cfg.trim_memory and (step + 1) % int(run.cfg.trim_memory) == 0:
         release_freed_memory(run.keep_memory_gb)
-    metrics = {name: dist_utils.all_reduce_sum(value, env) / n_targets for name, value in
-               sorted(take_metrics(run.engine).items())}  # sorted: every process reduces in the same order
-    return dist_utils.all_reduce_sum(loss_sum, env) / n_targets, float(grad_norm), tokens, metrics
+    return float(grad_norm)
+
+
+def grpo_step(run: Run, step: int) -> tuple[float, float, int, dict]:
+    """A GRPO optimizer step: new rollouts every num_iterations steps (the prompts of generation k in a seeded
+    shuffle, as the SFT rows are), then forward/backward over their micro-batches. Same returns as optimizer_step;
+    the metrics are TRL's (means over the step's completions or completion tokens)."""
+    cfg, grpo = run.cfg, run.grpo
+    if step % cfg.num_iterations == 0 or grpo.rollouts is None:
+        generation = step // cfg.num_iterations
+        rows = batch_order(len(run.train_rows), generation, prompts_per_step(cfg), cfg.seed)
+        grpo.generate([run.train_rows[i] for i in rows], step)
+    step_tokens = grpo.completion_tokens()
+    loss_sum, sums = 0.0, {}
+    for items in grpo.rollouts:
+        with run.keep_activations(), attention_backends(run.env.device):
+            loss, batch_sums = grpo.micro_batch_loss(items, step_tokens)
+        regularization = run.model.weighted_regularization()
+        if regularization is not None:
+            loss = loss + regularization / len(grpo.rollouts)
+        loss.backward()
+        loss_sum += loss.item()
+        for name, value in batch_sums.items():
+            sums[name] = sums.get(name, 0.0) + value
+    grad_norm = apply_update(run, step)
+    tokens = sums.pop("tokens")
+    metrics = {**grpo.rollout_metrics, **{name: value / max(tokens, 1.0) for name, value in sorted(sums.items())}}
+    return loss_sum, grad_norm, grpo.step_tokens(), metrics
 
 
 def eval_record(run: Run) -> dict:
-    """eval_loss over the held-out rows, with the loss module's metrics as eval_<name> (TRL's names)."""
+    """eval_loss over the held-out rows, with the loss module's metrics as eval_<name> (TRL's names); for grpo the
+    held-out prompts' rewards (greedy completions)."""
+    if run.grpo is not None:
+        return run.grpo.evaluate(run.val_rows)[0]
     loss = evaluate(run.engine, run.val_rows, run.cfg.batch_size, run.tokenizer.pad_token_id, run.env.device,
                     collate_for(run.cfg))
     count = len(run.val_rows)  # preference metrics are sums over pairs, one pair per held-out row
@@ -155,7 +191,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
             try:
                 while step < run.total_steps:
                     at_step_boundary = False
-                    train_loss, grad_norm, tokens, metrics = optimizer_step(run, step)
+                    train_loss, grad_norm, tokens, metrics = (grpo_step if run.grpo else optimizer_step)(run, step)
                     step, tokens_seen, at_step_boundary = step + 1, tokens_seen + tokens, True
                     elapsed = time.perf_counter() - started
                     record = {"step": step, "train_loss": train_loss, "lr": run.scheduler.get_last_lr()[0],
@@ -168,7 +204,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
                     progress.set_postfix(loss=f"{train_loss:.3f}", **postfix(record))
                     progress.update(1)
                     if run.checkpoints and step % cfg.save_every == 0 and step < run.total_steps:
-                        ckpt.save(cfg.output_dir, run.model, run.optimizer, run.scheduler, step, history, env)
+                        save_checkpoint(run, step)
                     if on_step is not None:
                         on_step(step, record)
                     if dist_utils.all_reduce_sum(float(stop.requested), env) > 0 and step < run.total_steps:
@@ -188,6 +224,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
 def postfix(record: dict) -> dict[str, str]:
     """The progress bar's figures besides the loss: reward accuracy for preference runs, tokens/s."""
     shown = {"acc": f"{record['rewards/accuracies']:.2f}"} if "rewards/accuracies" in record else {}
+    if "reward" in record:
+        shown["reward"] = f"{record['reward']:.2f}"
     return {**shown, "tok_s": f"{record['tokens_per_s']:.0f}"}
 
 
@@ -201,29 +239,9 @@ def group_projections_enabled(cfg: TrainConfig, env) -> bool:
     return bool(cfg.bf16) if cfg.group_projections == "auto" else bool(cfg.group_projections)
 
 
-class StopRequest:
-    """Ctrl-C during training: the first finishes the current optimizer step and stops there with a checkpoint
-    (the state then is exactly a step boundary's, so --resume continues bit for bit, dropout included); a
-    second stops at once without one. Outside the main thread (no signal handler possible) Ctrl-C stops at
-    once, as before."""
-
-    def __init__(self, log=print):
-        self.requested, self.log, self.previous = False, log, None
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.log("\nstopping after this step (Ctrl-C again to stop now, without a checkpoint)", flush=True)
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+def save_checkpoint(run: Run, step: int) -> None:
+    extra = {"grpo": run.grpo.state()} if run.grpo is not None else None
+    ckpt.save(run.cfg.output_dir, run.model, run.optimizer, run.scheduler, step, run.history, run.env, extra)
 
 
 def _save_on_interrupt(run: Run, step: int, at_step_boundary: bool) -> None:
@@ -233,7 +251,7 @@ def _save_on_interrupt(run: Run, step: int, at_step_boundary: bool) -> None:
         run.log(f"\ninterrupted during step {step + 1}: no checkpoint written (the last one, if any, is kept); "
                 "continue with --resume from it")
     else:
-        ckpt.save(run.cfg.output_dir, run.model, run.optimizer, run.scheduler, step, run.history, run.env)
+        save_checkpoint(run, step)
         run.log(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
 
 

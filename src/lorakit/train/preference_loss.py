@@ -76,6 +76,21 @@ def orpo_losses(chosen_avg_logps, rejected_avg_logps, nll: torch.Tensor, orpo_la
             ratio.detach(), log_odds.detach())
 
 
+def decoder_hidden(base: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """The decoder's last hidden states (rows, T, d) of a batch: padding-free where the model runs it, mask-free for
+    right padding (it changes no real token's output: the causal kernel), with the mask otherwise."""
+    decoder = base.get_decoder()
+    if not is_right_padded(attention_mask):
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    if runs_padding_free(base, input_ids):
+        packed = unpad_batch(input_ids, input_ids, attention_mask)  # rows end to end, no work on padding
+        out = decoder(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                      use_cache=False).last_hidden_state[0]
+        return out.new_zeros(*input_ids.shape, out.shape[-1]).index_put(attention_mask.bool().nonzero(as_tuple=True),
+                                                                        out)
+    return decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
 def token_logps(model: nn.Module, input_ids, attention_mask, selections: list[torch.Tensor], fused: bool):
     """For each mask in `selections` ((rows, T-1) masks over target positions 1..T-1), the per-row sums of
     log p(token | earlier tokens) over its positions; one forward for all. Fused path (a plain frozen head): the
@@ -87,18 +102,7 @@ def token_logps(model: nn.Module, input_ids, attention_mask, selections: list[to
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
         per_token = torch.gather(logits.float().log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
         return [(per_token * mask).sum(dim=1) for mask in selections]
-    decoder = base.get_decoder()
-    if not is_right_padded(attention_mask):
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    elif runs_padding_free(base, input_ids):
-        packed = unpad_batch(input_ids, input_ids, attention_mask)  # rows end to end, no work on padding
-        out = decoder(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                      use_cache=False).last_hidden_state[0]
-        hidden = out.new_zeros(*input_ids.shape, out.shape[-1]).index_put(attention_mask.bool().nonzero(as_tuple=True),
-                                                                          out)
-    else:  # right padding changes no real token's output: run mask-free (the causal kernel)
-        hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-    hidden, weight = hidden[:, :-1], base.get_output_embeddings().weight
+    hidden, weight = decoder_hidden(base, input_ids, attention_mask)[:, :-1], base.get_output_embeddings().weight
     return [torch.stack([-linear_cross_entropy_sum(hidden[i][mask[i]], weight, targets[i][mask[i]])
                          for i in range(input_ids.shape[0])]) for mask in selections]
 

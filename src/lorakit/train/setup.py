@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 from contextlib import nullcontext
@@ -29,7 +28,6 @@ from ..kernels.saved_activations import compressed_activations, resolve_saved_ac
 from ..models.loading import load_model, load_tokenizer, resolve_model_dir
 from ..quant.nf4 import layer_cache_bytes, quantize_model_nf4
 from ..utils import atomic_path
-from ..variants import create_loraplus_optimizer
 from ..variants.lora_config import LoraConfig
 from . import checkpoint as ckpt
 from . import data as D
@@ -37,17 +35,12 @@ from . import distributed as dist_utils
 from .config import TrainConfig
 from .fast_paths import enable_fast_paths
 from .loss import LOSSES
+from .optimizer import build_optimizer, lr_lambda  # noqa: F401 (lr_lambda: tests, bench)
 from .memory_check import check_fits, choose_checkpointing, choose_saved_activations, run_shape
-from .preference_data import load_preference_examples
+from .grpo import GRPO
+from .rewards import load_rewards
+from .rows import load_rows
 from .preference_loss import PreferenceLoss, precompute_reference
-
-
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -70,6 +63,7 @@ class Run:
     keep_activations: Callable[[], Any]     # context for the forward: saved activations in their storage dtype
     after_step: Callable[[Any, int], Any] | None  # the form's per-step callback (AdaLoRA's rank allocator)
     checkpoints: bool                       # mid-run checkpoints (not under multi-process FSDP)
+    grpo: GRPO | None = None                # method: grpo: rewards, rollouts and the update (grpo.py)
     nf4_cache_bytes: int = 0                # dense NF4 weights kept for backward (checkpointed QLoRA runs)
     keep_memory_gb: float | None = None     # freed heap is kept for reuse below this (memory_check.check_fits)
     prompts: list[str] = field(default_factory=list)
@@ -88,6 +82,9 @@ class Run:
 
 def check_run(cfg: TrainConfig, env: dist_utils.Env) -> None:
     """Refuse what depends on the launch (TrainConfig refused the rest when it was made), before anything loads."""
+    if cfg.method == "grpo" and env.world_size > 1:
+        raise ValueError("method: grpo runs in one process for now (each rank would sample its own groups); "
+                         "launch it without torchrun")
     if cfg.resume and env.world_size > 1 and cfg.distributed == "fsdp":
         raise ValueError("--resume is not supported with distributed=fsdp; use ddp for resumable runs")
     finished = os.path.join(cfg.output_dir, "adapter", "adapter_config.json")
@@ -143,34 +140,6 @@ def check_memory(cfg: TrainConfig, model_dir: str) -> tuple[str | None, float | 
         return None, None
 
 
-def load_rows(cfg: TrainConfig, tokenizer, log) -> tuple[list, list, list | None]:
-    """(train rows, held-out rows, class names for seq_cls else None), tokenized; packed when `cfg.packing`."""
-    classes = None
-    if cfg.method != "sft":
-        examples, stats = load_preference_examples(cfg.data, tokenizer, cfg.max_length)
-        load_eval = lambda path: load_preference_examples(path, tokenizer, cfg.max_length)[0]  # noqa: E731
-    elif cfg.task == "seq_cls":
-        examples, stats, classes = D.load_classification_examples(cfg.data, tokenizer, cfg.max_length)
-        load_eval = lambda path: D.load_classification_examples(path, tokenizer, cfg.max_length, classes)[0]  # noqa: E731
-    elif cfg.task == "seq2seq":
-        examples, stats = D.load_seq2seq_examples(cfg.data, tokenizer, cfg.max_length)
-        load_eval = lambda path: D.load_seq2seq_examples(path, tokenizer, cfg.max_length)[0]  # noqa: E731
-    else:
-        examples, stats = D.load_examples(cfg.data, tokenizer, cfg.max_length, cfg.train_on_prompt)
-        load_eval = lambda path: D.load_examples(path, tokenizer, cfg.max_length)[0]  # noqa: E731
-    if cfg.eval_data:
-        train_rows, val_rows = examples, load_eval(cfg.eval_data)
-    else:
-        train_rows, val_rows = D.split(examples, cfg.val_fraction, cfg.seed)
-    if cfg.packing:
-        train_rows = D.pack(train_rows, cfg.max_length)
-    what = "preference pairs" if cfg.method != "sft" else "rows"
-    log(f"data: {stats.rows} {what} from {cfg.data} ({stats.truncated} truncated to {cfg.max_length} tokens, "
-        f"{stats.dropped_empty} dropped with no response tokens); {len(train_rows)} train / {len(val_rows)} val"
-        + (f"; {len(classes)} classes" if classes is not None else ""))
-    return train_rows, val_rows, classes
-
-
 def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=None, num_labels: int | None = None,
                lora_dropout: float = 0.0, log=print) -> torch.nn.Module:
     """The frozen base on the run's device: loaded (or the one handed in), quantized, fused, checkpointed."""
@@ -202,21 +171,6 @@ def checkpoint_layers(base: torch.nn.Module, count: int | None) -> None:
         layer.gradient_checkpointing = False
 
 
-def build_optimizer(cfg: TrainConfig, model: LoraModel, device: torch.device, total_steps: int):
-    """(optimizer, scheduler, trainable parameters): AdamW (LoRA+ groups when asked), warmup + cosine."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.loraplus_lr_ratio:
-        optimizer = create_loraplus_optimizer(model, cfg.lr, cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay)
-    else:
-        # torch's fused AdamW (CPU and CUDA): one kernel updates every adapter tensor instead of ~10 per tensor
-        # (plain tensors only: FSDP's sharded DTensors keep the default implementation)
-        fused = device.type in ("cpu", "cuda") and all(type(p.data) is torch.Tensor for p in params)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
-    return optimizer, scheduler, params
-
-
 def adapt(cfg: TrainConfig, base, adapter_config: LoraConfig, log) -> tuple[LoraModel, LoraConfig]:
     """The base with its trainable adapter: a new one as `cfg.lora` says, or `cfg.init_adapter`'s saved one (with
     its own settings), and the adapter config in force."""
@@ -228,8 +182,16 @@ def adapt(cfg: TrainConfig, base, adapter_config: LoraConfig, log) -> tuple[Lora
     return peft_model, adapter_config
 
 
+def prompts_per_step(cfg: TrainConfig) -> int:
+    """GRPO: the prompts of one optimizer step (each sampled num_generations times)."""
+    return cfg.batch_size * cfg.grad_accum // cfg.num_generations
+
+
 def build_loss(cfg: TrainConfig, peft_model) -> torch.nn.Module:
-    """The module the loop calls: the task's loss, or the preference loss of `cfg.method`."""
+    """The module the loop calls: the task's loss, or the preference loss of `cfg.method` (grpo: the model; its
+    update is the GRPO object's)."""
+    if cfg.method == "grpo":
+        return peft_model
     if cfg.method == "sft":
         return LOSSES[cfg.task](peft_model, fused=cfg.fused_kernels)
     return PreferenceLoss(peft_model, cfg.method, beta=cfg.beta, loss_type=cfg.loss_type,
@@ -237,23 +199,36 @@ def build_loss(cfg: TrainConfig, peft_model) -> torch.nn.Module:
                           fused=cfg.fused_kernels)
 
 
+def resume(run: Run) -> None:
+    """The checkpoint's step, history, trainable weights, optimizer, schedule, RNG and method state."""
+    run.step, run.history, extra = ckpt.load(run.cfg.output_dir, run.model, run.optimizer, run.scheduler,
+                                             run.env.rank)
+    if run.grpo is not None:
+        run.grpo.load_state(extra.get("grpo"))
+    run.log(f"resumed from step {run.step}")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=None) -> Run:
     check_run(cfg, env)
     cfg, notes, keep_gb = resolve_run_settings(cfg, env, model)  # before anything is written
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     is_main = env.rank == 0
     log = print if is_main else (lambda *a, **k: None)
     for line in notes:
         log(line)
-
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     train_rows, val_rows, classes = load_rows(cfg, tokenizer, log)  # a bad row stops the run before any file
     os.makedirs(cfg.output_dir, exist_ok=True)
-    rows_per_micro = cfg.batch_size * env.world_size
+    rows_per_micro, accum = (prompts_per_step(cfg), 1) if cfg.method == "grpo" else \
+        (cfg.batch_size * env.world_size, cfg.grad_accum)
     D.check_one_batch(len(train_rows), rows_per_micro, cfg.packing)
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * (len(train_rows) // rows_per_micro) / cfg.grad_accum))
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * (len(train_rows) // rows_per_micro) / accum))
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     stored_as = resolve_saved_activations(cfg.saved_activations, dtype)
@@ -285,14 +260,15 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
               checkpoints=not (env.world_size > 1 and cfg.distributed == "fsdp"), prompts=prompts, before=before,
               nf4_cache_bytes=layer_cache_bytes(base, getattr(base.config, "num_hidden_layers", 1) or 1)
               if cfg.quantize and cfg.gradient_checkpointing else 0,
-              keep_memory_gb=keep_gb)
+              keep_memory_gb=keep_gb,
+              grpo=GRPO(cfg, peft_model, tokenizer, load_rewards(cfg.rewards), env.device)
+              if cfg.method == "grpo" else None)
     if adapter_config.svd_init and is_main and not cfg.resume:
         peft_model.save_pretrained(run.initial_dir)
     if env.world_size > 1:  # each process its own dropout stream (the adapters were initialised alike above)
         torch.manual_seed(cfg.seed + 1 + env.rank)
     if cfg.resume:
-        run.step, run.history = ckpt.load(cfg.output_dir, peft_model, optimizer, scheduler, env.rank)
-        log(f"resumed from step {run.step}")
+        resume(run)
     if is_main:
         cfg.save_yaml(os.path.join(cfg.output_dir, "config.yaml"))
     return run
