@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo dpo-demo quickstart test docs docs-serve clean
+.PHONY: setup demo dpo-demo grpo-demo quickstart test docs docs-serve clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: setup
 
 dpo-demo: setup
 	$(BIN)/lorakit train configs/dpo_demo.yaml --force
+
+grpo-demo: setup
+	$(BIN)/lorakit train configs/grpo_demo.yaml --force
 
 quickstart: setup
 	$(BIN)/python examples/quickstart.py

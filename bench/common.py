@@ -80,3 +80,32 @@ def matmul_peak_gflops(dtype, device: str = "cpu") -> float:
         sync()
         best = max(best, 2 * size**3 * n / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server started next)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_health(base: str, proc, timeout_s: float = 300, log=None) -> None:
+    """Poll `base`/health until it answers 200; a server that exits or never answers raises with its log's tail."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    tail = ""
+    if log is not None:
+        log.seek(0)
+        tail = log.read()[-4000:]
+    raise RuntimeError(f"{base} did not become healthy within {timeout_s:.0f} s\n{tail}")

@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import time
 import httpx
 import peft
 import torch
-from common import LORA, machine_name, randomize_lora_B
+from common import LORA, free_port, machine_name, randomize_lora_B, wait_for_health
 
 import lorakit
 from lorakit.hardware import fast_bf16
@@ -60,9 +59,7 @@ def prompt(words: int, seed: int) -> str:
 
 class Server:
     def __init__(self, root: str, dtype: str, *extra: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lorakit", "serve", "--model=smollm2-135m", f"--port={self.port}",
@@ -70,16 +67,7 @@ class Server:
              *(f"--adapter={n}={os.path.join(root, n)}" for n in ADAPTERS), *extra],
             stdout=self.log, stderr=self.log, text=True)
         self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.base + "/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.proc.kill()
-        self.log.seek(0)
-        raise RuntimeError(self.log.read()[-4000:])
+        wait_for_health(self.base, self.proc, 300, self.log)
 
     def close(self):
         self.proc.terminate()
@@ -209,21 +197,14 @@ def vllm_rows(root: str, requests: list, rate: float) -> dict | None:
         import vllm  # noqa: F401  (a figure when present, never a dependency)
     except ImportError:
         return None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(["vllm", "serve", resolve_model_dir("smollm2-135m"), "--port", str(port),
                              "--served-model-name", "smollm2-135m", "--enable-lora", "--max-lora-rank", "16",
                              "--lora-modules", *(f"{n}={os.path.join(root, n)}" for n in ADAPTERS)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(1)
+        wait_for_health(base, proc, 600)
         return {"burst": burst(base, requests), "poisson": poisson(base, rate, 24)}
     finally:
         proc.terminate()

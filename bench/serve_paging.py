@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import time
 
 import httpx
 import torch
-from common import LORA, machine_name, randomize_lora_B
+from common import LORA, free_port, machine_name, randomize_lora_B, wait_for_health
 
 import lorakit
 from lorakit.models.loading import load_model
@@ -63,20 +62,13 @@ async def ask_all(base: str, models: list[str]) -> list[str]:
 
 
 def run_server(root: str, models: list[str], *flags: str) -> tuple[list[str], int, float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model=smollm2-135m", f"--port={port}",
                              "--dtype=fp32", f"--adapter-root={root}", "--no-playground", *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_for_health(base, proc, 120)
         start = time.perf_counter()
         answers = asyncio.run(ask_all(base, models))
         wall = time.perf_counter() - start

@@ -48,6 +48,8 @@ def cmd_train(args, overrides: list[str]) -> int:
     if not result["is_main"]:
         return 0
     history = result["history"]
+    if cfg.method == "grpo":
+        print_reward_table(history)
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     print(f"\ntrained {result['steps']} steps in {result['seconds']:.0f} s; final train loss "
           f"{history[-1]['train_loss']:.3f}" + (f"; held-out loss {evals[0]:.3f} (before) -> {evals[-1]:.3f}"
@@ -56,6 +58,20 @@ def cmd_train(args, overrides: list[str]) -> int:
     for prompt, before, after in zip(result.get("prompts", []), result["before"], result.get("after", [])):
         print(f"\n> {prompt}\n  before: {before}\n  after:  {after}")
     return 0
+
+
+def print_reward_table(history: list[dict]) -> None:
+    """GRPO: the held-out rewards (greedy completions) of the first and last evaluation, per function and total."""
+    evals = [r for r in history if "eval_reward" in r]
+    if len(evals) < 2:
+        return
+    first, last = evals[0], evals[-1]
+    names = ["eval_reward"] + sorted(k for k in first if k.startswith("eval_rewards/"))
+    width = max(24, *(len(n) for n in names))
+    print(f"\n{'held-out reward (greedy)':<{width}}  {'step ' + str(first['step']):>9}  {'step ' + str(last['step']):>9}")
+    for name in names:
+        label = "total" if name == "eval_reward" else name[len("eval_rewards/"):-len("/mean")]
+        print(f"{label:<{width}}  {first[name]:>9.3f}  {last[name]:>9.3f}")
 
 
 def cmd_generate(args) -> int:

@@ -10,7 +10,7 @@ import os
 import random
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-INSTRUCTION = "Reply with the result inside <answer></answer> tags."
+INSTRUCTION = "Give the result inside <answer></answer> tags, for example <answer>7</answer>."
 
 
 def rows(seed: int = 0) -> list[dict]:

@@ -19,36 +19,32 @@ from contextlib import contextmanager
 import torch
 
 BASE = None  # a row that uses no adapter
-_ANY_FORM = threading.local()  # set by the serving engine: rows of every form may share a batch (see below)
+_ENGINE = threading.local()  # set by the serving engine, per thread: `any_form` and `generation` (see below)
 
 
 @contextmanager
+def _engine_setting(name: str, value):
+    """`_ENGINE.<name> = value` within the block (this thread), the previous value restored after."""
+    before = getattr(_ENGINE, name, None)
+    setattr(_ENGINE, name, value)
+    try:
+        yield
+    finally:
+        setattr(_ENGINE, name, before)
+
+
 def any_form_rows():
     """Within the block (this thread), rows whose adapter PEFT cannot mix (DoRA, LoRA with a bias on B) share
     a batch with the others: each such adapter's rows get its own exact update (`mixed_rows_output`).
     PEFT refuses them, so the model API refuses them too outside this block."""
-    before = getattr(_ANY_FORM, "on", False)
-    _ANY_FORM.on = True
-    try:
-        yield
-    finally:
-        _ANY_FORM.on = before
+    return _engine_setting("any_form", True)
 
 
-_FIXED = threading.local()  # set by the serving engine: adapter weights change only with its generation counter
-
-
-@contextmanager
 def fixed_adapters(generation: int):
     """Within the block (this thread), the caller promises that adapter weights change only when `generation`
     does (a server loading / unloading adapters), so the mixed-batch caches are keyed by it instead of each
     tensor's version counter (checked per layer per step otherwise)."""
-    before = getattr(_FIXED, "generation", None)
-    _FIXED.generation = generation
-    try:
-        yield
-    finally:
-        _FIXED.generation = before
+    return _engine_setting("generation", generation)
 
 
 def drop_caches(layer) -> None:
@@ -81,7 +77,7 @@ def length_mismatch(row_adapters: list, x: torch.Tensor) -> ValueError:
 def check_mixable(layer, names) -> None:
     """Refuse forms whose rows cannot share a batch (DoRA: a weight norm per adapter)."""
     unmixable = {n: layer.adapters[n].form.label for n in names if not layer.adapters[n].form.mixable}
-    if unmixable and not getattr(_ANY_FORM, "on", False):
+    if unmixable and not getattr(_ENGINE, "any_form", None):
         kinds = sorted(set(unmixable.values()))
         raise ValueError(f"Cannot pass `adapter_names` when {' or '.join(kinds)} is enabled. Mixed-adapter batches do "
                          f"not support {', '.join(kinds)} adapters ({sorted(unmixable)}); merge or serve them alone")
@@ -93,7 +89,7 @@ def stacked_factors(layer, names: tuple[str, ...]):
     # Tensor._version counts in-place writes (optimizer steps, loads), so a stale stack is never used.
     adapters = [layer.adapters[n] for n in names]
     check_mixable(layer, names)
-    generation = getattr(_FIXED, "generation", None)
+    generation = getattr(_ENGINE, "generation", None)
     key = (names, generation) if generation is not None else \
         tuple((n, layer.factor_versions(n), a.scaling) for n, a in zip(names, adapters))
     cache = layer.__dict__.setdefault("_stack_cache", {})
@@ -136,7 +132,7 @@ def mixed_linear_update(layer, x: torch.Tensor, row_adapters: list[str | None]) 
     names, row_adapters, _ = row_plan(layer, row_adapters)
     if not names:
         return None
-    generation = getattr(_FIXED, "generation", None)
+    generation = getattr(_ENGINE, "generation", None)
     if generation is not None:
         return masked_linear_update(layer, x, names, row_adapters, generation)
     # The update runs in the adapters' fp32 even on a bf16 base: CPU bf16 bmm converts its operands on
@@ -228,7 +224,7 @@ def dora_linear_rows(layer, name: str, x: torch.Tensor, result: torch.Tensor) ->
     from ..variants.dora import dora_update, magnitude_scale, weight_norm  # variants import layers: a cycle at the top
 
     magnitude = layer.lora_magnitude_vector[name]
-    generation = getattr(_FIXED, "generation", None)
+    generation = getattr(_ENGINE, "generation", None)
     key = (name, generation) if generation is not None else \
         (name, layer.factor_versions(name), id(magnitude), magnitude._version)
     cached = layer.__dict__.get("_dora_scale_cache", {}).get(name)

@@ -110,9 +110,10 @@ def cut_at_eos(ids: list[int], stop: list[int]) -> list[int]:
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompt_rows: list[list[int]], max_new_tokens: int, temperature: float,
-                       top_p: float, device) -> list[list[int]]:
+                       top_p: float, device, **generate_options) -> list[list[int]]:
     """One completion per prompt row (greedy at temperature 0), generated GENERATION_BATCH rows at a time with
-    left padding, in eval mode (no dropout), on the adapted model as it is."""
+    left padding, in eval mode (no dropout), on the adapted model as it is (`generate_options`: more of
+    `generate`'s, e.g. min_new_tokens for benchmarks)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop, out = eos_ids(model, tokenizer), []
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
@@ -124,7 +125,7 @@ def sample_completions(model, tokenizer, prompt_rows: list[list[int]], max_new_t
             ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
             generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                       pad_token_id=pad_id, eos_token_id=stop, **sampling)
+                                       pad_token_id=pad_id, eos_token_id=stop, **sampling, **generate_options)
             out += [cut_at_eos(row[width:].tolist(), stop) for row in generated]
     return out
 

@@ -129,10 +129,12 @@ def grpo_step(run: Run, step: int) -> tuple[float, float, int, dict]:
     shuffle, as the SFT rows are), then forward/backward over their micro-batches. Same returns as optimizer_step;
     the metrics are TRL's (means over the step's completions or completion tokens)."""
     cfg, grpo = run.cfg, run.grpo
+    started, rollout_s = time.perf_counter(), 0.0
     if step % cfg.num_iterations == 0 or grpo.rollouts is None:
         generation = step // cfg.num_iterations
         rows = batch_order(len(run.train_rows), generation, prompts_per_step(cfg), cfg.seed)
         grpo.generate([run.train_rows[i] for i in rows], step)
+        rollout_s = time.perf_counter() - started
     step_tokens = grpo.completion_tokens()
     loss_sum, sums = 0.0, {}
     for items in grpo.rollouts:
@@ -147,7 +149,8 @@ def grpo_step(run: Run, step: int) -> tuple[float, float, int, dict]:
             sums[name] = sums.get(name, 0.0) + value
     grad_norm = apply_update(run, step)
     tokens = sums.pop("tokens")
-    metrics = {**grpo.rollout_metrics, **{name: value / max(tokens, 1.0) for name, value in sorted(sums.items())}}
+    metrics = {**grpo.rollout_metrics, **{name: value / max(tokens, 1.0) for name, value in sorted(sums.items())},
+               "rollout_s": rollout_s, "update_s": time.perf_counter() - started - rollout_s}
     return loss_sum, grad_norm, grpo.step_tokens(), metrics
 
 

@@ -37,7 +37,14 @@ def _plot_metric(ax, history: list[dict], train_key: str, eval_key: str, ylabel:
 
 
 def plot_losses(history: list[dict], path: str) -> None:
-    """loss.png: train and eval loss; for a preference run (dpo/orpo) also the reward margin and accuracy."""
+    """loss.png: train and eval loss; for a preference run (dpo/orpo) also the reward margin and accuracy; for a
+    grpo run the reward (sampled rollouts, and greedy on the held-out prompts) beside the loss."""
+    if any("reward_std" in r for r in history):
+        fig, axes = _pyplot().subplots(1, 2, figsize=(12, 4), squeeze=False)
+        _plot_metric(axes[0][0], history, "reward", "eval_reward", "reward (sum over reward functions)")
+        _plot_metric(axes[0][1], history, "train_loss", "eval_loss", "GRPO loss")
+        _save_png(fig, path)
+        return
     preference = any("rewards/margins" in r for r in history)
     fig, axes = _pyplot().subplots(1, 3 if preference else 1, figsize=(15 if preference else 7, 4), squeeze=False)
     _plot_metric(axes[0][0], history, "train_loss", "eval_loss",

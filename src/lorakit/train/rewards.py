@@ -16,10 +16,13 @@ number), `exact_answer` (1.0 when the text inside the answer tags, else the last
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import numbers
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -92,13 +95,26 @@ class Reward:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _cwd_on_path():
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+
+
 def import_function(path: str) -> Callable:
     """`module.path:attribute` -> the callable; a RewardError saying what is missing otherwise."""
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
         raise RewardError(f"reward {path!r}: a user reward is 'module.path:function' (built-ins: {sorted(BUILTINS)})")
     try:
-        module = importlib.import_module(module_name)
+        with _cwd_on_path():  # `lorakit train` is a console script: a module in the current directory is found too
+            module = importlib.import_module(module_name)
     except ImportError as e:
         raise RewardError(f"reward {path!r}: cannot import module {module_name!r} ({e})") from None
     fn = getattr(module, attribute, None)
