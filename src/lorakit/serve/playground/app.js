@@ -270,8 +270,13 @@ async function showRun(name) {
   $("run-load").hidden = !run.has_adapter;
   drawChart($("loss-chart"), run.metrics, "train_loss", "eval_loss");
   const preference = run.metrics.some((r) => "rewards/margins" in r);
-  $("reward-figure").hidden = !preference;
+  const grpo = run.metrics.some((r) => "reward_std" in r);  // method grpo: the reward itself
+  $("reward-figure").hidden = !(preference || grpo);
+  $("reward-chart").setAttribute("aria-label", grpo ? "Reward against step" : "Reward margin against step");
+  $("reward-caption").textContent = grpo ? "Reward: sampled rollouts (line) and held-out prompts, greedy (dots)"
+    : "Reward margin: train (line) and held-out (dots)";
   if (preference) drawChart($("reward-chart"), run.metrics, "rewards/margins", "eval_rewards/margins");
+  else if (grpo) drawChart($("reward-chart"), run.metrics, "reward", "eval_reward");
   $("run-config").textContent = JSON.stringify(run.config, null, 2);
   for (const b of document.querySelectorAll("#runs-list button")) {
     b.setAttribute("aria-current", String(b.dataset.run === name));
