@@ -34,6 +34,13 @@ def runs_dir(tmp_path_factory, serve_model_dir, tiny_tokenizer):
     runs = tmp_path_factory.mktemp("runs")
     train(tiny_train_config(runs / "pref-run", method="dpo", data=DEMO_PAIRS, max_steps=6, eval_every=3),
           AutoModelForCausalLM.from_pretrained(serve_model_dir), tiny_tokenizer)
+    prompts = runs / "prompts.jsonl"  # and one GRPO run: its reward is charted instead of a margin
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?"}) + "\n" for i in range(8)))
+    train(tiny_train_config(runs / "grpo-run", method="grpo", data=str(prompts), eval_data=str(prompts),
+                            rewards=[{"name": "length_target", "target": 3}], num_generations=4, batch_size=8,
+                            max_completion_length=6, max_steps=4, eval_every=2, temperature=1.5),
+          AutoModelForCausalLM.from_pretrained(serve_model_dir), tiny_tokenizer)
+    (runs / "prompts.jsonl").unlink()
     return runs
 
 
@@ -170,6 +177,19 @@ def test_runs_view_draws_one_point_per_step_and_loads_the_run_adapter(browser, r
     by_id(browser, "run-load").click()
     _wait(browser, lambda d: "pref-run" in options(d, "chat-model") and by_id(d, "view-chat").is_displayed())
     assert by_id(browser, "chat-model").get_attribute("value") == "pref-run"
+
+
+def test_runs_view_charts_a_grpo_runs_reward(browser, runs_dir):
+    records = [json.loads(line) for line in (runs_dir / "grpo-run" / "metrics.jsonl").read_text().splitlines()]
+    open_tab(browser, "runs")
+    _wait(browser, lambda d: css(d, '#runs-list button[data-run="grpo-run"]'))[0].click()
+    _wait(browser, lambda d: "grpo" in by_id(d, "run-status").text and by_id(d, "reward-figure").is_displayed())
+    chart = by_id(browser, "reward-chart")
+    assert chart.get_attribute("aria-label") == "Reward against step"
+    points = css(browser, "#reward-chart polyline")[0].get_attribute("points").split()
+    assert len(points) == len([r for r in records if "reward" in r]) == 4
+    assert len(css(browser, "#reward-chart circle")) == len([r for r in records if "eval_reward" in r]) == 3
+    assert by_id(browser, "reward-caption").text.startswith("Reward: sampled rollouts")
 
 
 def test_narrow_window_has_no_sideways_scrolling(browser):
