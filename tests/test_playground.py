@@ -181,15 +181,29 @@ def test_runs_view_draws_one_point_per_step_and_loads_the_run_adapter(browser, r
 
 def test_runs_view_charts_a_grpo_runs_reward(browser, runs_dir):
     records = [json.loads(line) for line in (runs_dir / "grpo-run" / "metrics.jsonl").read_text().splitlines()]
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def shown(driver):  # the page re-renders the list and chart as it refreshes: read them in one script
+        try:
+            for button in css(driver, '#runs-list button[data-run="grpo-run"]'):
+                if button.get_attribute("aria-current") != "true":
+                    button.click()
+        except StaleElementReferenceException:
+            return None
+        return driver.execute_script("""
+            const fig = document.getElementById('reward-figure'), line = document.querySelector('#reward-chart polyline');
+            if (fig.hidden || !line || !document.getElementById('run-status').textContent.includes('grpo')) return null;
+            return {label: document.getElementById('reward-chart').getAttribute('aria-label'),
+                    points: line.getAttribute('points').trim().split(/\\s+/).length,
+                    dots: document.querySelectorAll('#reward-chart circle').length,
+                    caption: document.getElementById('reward-caption').textContent};""")
+
     open_tab(browser, "runs")
-    _wait(browser, lambda d: css(d, '#runs-list button[data-run="grpo-run"]'))[0].click()
-    _wait(browser, lambda d: "grpo" in by_id(d, "run-status").text and by_id(d, "reward-figure").is_displayed())
-    chart = by_id(browser, "reward-chart")
-    assert chart.get_attribute("aria-label") == "Reward against step"
-    points = css(browser, "#reward-chart polyline")[0].get_attribute("points").split()
-    assert len(points) == len([r for r in records if "reward" in r]) == 4
-    assert len(css(browser, "#reward-chart circle")) == len([r for r in records if "eval_reward" in r]) == 3
-    assert by_id(browser, "reward-caption").text.startswith("Reward: sampled rollouts")
+    chart = _wait(browser, shown)
+    assert chart["label"] == "Reward against step"
+    assert chart["points"] == len([r for r in records if "reward" in r]) == 4
+    assert chart["dots"] == len([r for r in records if "eval_reward" in r]) == 3
+    assert chart["caption"].startswith("Reward: sampled rollouts")
 
 
 def test_narrow_window_has_no_sideways_scrolling(browser):
