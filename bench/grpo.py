@@ -21,6 +21,7 @@ import time
 import torch
 from common import copy_lora_weights, machine_name, paired_models, randomize_lora_B
 
+from lorakit.generation import left_padded, pad_token_id
 from lorakit.hardware import resolve_bf16
 from lorakit.models.loading import load_model, load_tokenizer
 from lorakit.train.config import load_train_config
@@ -48,10 +49,8 @@ def rollout_rates(rounds: int, dtype: torch.dtype, new_tokens: int = 32) -> dict
     ours, theirs = ours.to(dtype).eval(), theirs.to(dtype).eval()
     examples, _ = load_prompt_examples(os.path.join(ROOT, "src/lorakit/data/grpo_arithmetic.jsonl"), tokenizer, 128)
     rows = [e.prompt_ids for e in examples[:4] for _ in range(8)]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    pad = pad_token_id(tokenizer)
+    ids, mask = left_padded(rows, pad, "cpu")
 
     def peft_generate():
         with torch.no_grad():

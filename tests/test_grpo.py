@@ -101,7 +101,7 @@ def test_grpo_loss_and_gradients_equal_trl(tmp_path, tiny_tokenizer, loss_type, 
     per_func = score(grpo.rewards, repeated, texts, completions, {})
     advantages, _ = G.group_advantages(G.total_rewards(per_func, grpo.weights), GENERATIONS, "group")
     torch.testing.assert_close(advantages.float(), inputs["advantages"], rtol=1e-5, atol=1e-6)
-    grpo.rollouts = [[Completion(i // GENERATIONS, prompt_ids[i // GENERATIONS], c, float(a))
+    grpo.rollouts = [[Completion(prompt_ids[i // GENERATIONS], c, float(a))
                       for i, (c, a) in enumerate(zip(completions, advantages.tolist()))]]
     grpo._reference_and_old_logps()
     loss, sums = grpo.micro_batch_loss(grpo.rollouts[0], grpo.completion_tokens())

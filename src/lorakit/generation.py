@@ -41,6 +41,20 @@ def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int, 
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id, its end-of-sequence id where it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows left-padded to the longest: every row's next token is in the last
+    column, so one `generate` serves them all."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 @torch.no_grad()
 def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
     """Greedy answers to each prompt, each as a single user turn, generated `batch_size` prompts at a time
@@ -48,16 +62,14 @@ def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     if not prompts:
         return []
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     answers = []
     with eval_mode(model):
         for i in range(0, len(prompts), batch_size):
             rows = [tokenizer(render_prompt([{"role": "user", "content": p}], tokenizer), add_special_tokens=False
                               ).input_ids for p in prompts[i:i + batch_size]]
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            ids, mask = left_padded(rows, pad_id, device)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  temperature=None, top_p=None, top_k=None, pad_token_id=pad_id)
-            answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+            answers += [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
     return answers

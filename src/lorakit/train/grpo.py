@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from ..chat import check_messages, render_prompt
+from ..generation import left_padded, pad_token_id
 from ..hardware import attention_backends
 from ..utils import eval_mode
 from . import grpo_loss as G
 from .data import DataError, DataStats, read_rows, right_pad
 from .loss import fused_head_supported
 from .preference_loss import decoder_hidden
-from .rewards import Reward, completion_text, score
+from .rewards import Reward, score
 
 GENERATION_BATCH = 64  # rows generated at once
 
@@ -42,7 +43,6 @@ class PromptExample:
 class Completion:
     """One sampled completion of a step, with what its update needs."""
 
-    prompt_index: int
     prompt_ids: list[int]
     completion_ids: list[int]
     advantage: float = 0.0
@@ -114,19 +114,16 @@ def sample_completions(model, tokenizer, prompt_rows: list[list[int]], max_new_t
     """One completion per prompt row (greedy at temperature 0), generated GENERATION_BATCH rows at a time with
     left padding, in eval mode (no dropout), on the adapted model as it is (`generate_options`: more of
     `generate`'s, e.g. min_new_tokens for benchmarks)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stop, out = eos_ids(model, tokenizer), []
+    pad_id, stop, out = pad_token_id(tokenizer), eos_ids(model, tokenizer), []
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     with eval_mode(model), attention_backends(device):
         for i in range(0, len(prompt_rows), GENERATION_BATCH):
             rows = prompt_rows[i:i + GENERATION_BATCH]
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            ids, mask = left_padded(rows, pad_id, device)
             generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                        pad_token_id=pad_id, eos_token_id=stop, **sampling, **generate_options)
-            out += [cut_at_eos(row[width:].tolist(), stop) for row in generated]
+            out += [cut_at_eos(row[ids.shape[1]:].tolist(), stop) for row in generated]
     return out
 
 
@@ -193,7 +190,7 @@ class GRPO:
 
     def __init__(self, cfg, peft_model, tokenizer, rewards: list[Reward], device):
         self.cfg, self.model, self.tokenizer, self.rewards, self.device = cfg, peft_model, tokenizer, rewards, device
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
         self.weights = torch.tensor([r.weight for r in rewards], dtype=torch.float64)
         self.rollouts: list[list[Completion]] | None = None  # the micro-batches of the rollouts in use
         self.rollout_metrics: dict[str, float] = {}
@@ -209,8 +206,7 @@ class GRPO:
         per_func = score(self.rewards, prompt_objs, decode_completions(self.tokenizer, prompt_objs, ids), ids, columns)
         rewards = G.total_rewards(per_func, self.weights)
         advantages, zero_std = G.group_advantages(rewards, g, cfg.scale_rewards)
-        items = [Completion(i // g, e.prompt_ids, c, float(a)) for i, (e, c, a) in
-                 enumerate(zip(repeated, ids, advantages.tolist()))]
+        items = [Completion(e.prompt_ids, c, float(a)) for e, c, a in zip(repeated, ids, advantages.tolist())]
         # shuffled into micro-batches (TRL shuffles the generation batch before splitting it), seeded by the step
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed + step)).tolist()
         items = [items[i] for i in order]
@@ -270,10 +266,11 @@ class GRPO:
         return loss, sums
 
     def step_tokens(self) -> int:
-        """Tokens the step's forward passes run over (prompt + completion), and its completion tokens."""
+        """Tokens the step's forward passes run over (prompt + completion)."""
         return sum(len(c.prompt_ids) + len(c.completion_ids) for items in self.rollouts for c in items)
 
     def completion_tokens(self) -> float:
+        """Completion tokens of the step (dapo's normaliser)."""
         return float(sum(len(c.completion_ids) for items in self.rollouts for c in items))
 
     def state(self) -> dict:
@@ -284,14 +281,13 @@ class GRPO:
             self.rollouts, self.rollout_metrics = state["rollouts"], state["rollout_metrics"]
 
     # --- evaluation -------------------------------------------------------------------------------------------
-    def evaluate(self, examples: list[PromptExample]) -> tuple[dict[str, float], list[str]]:
-        """Greedy completions of held-out prompts, scored: ({eval_reward, eval_rewards/<fn>/mean}, texts)."""
+    def evaluate(self, examples: list[PromptExample]) -> dict[str, float]:
+        """Greedy completions of held-out prompts, scored: eval_reward and eval_rewards/<fn>/mean."""
         ids = sample_completions(self.model, self.tokenizer, [e.prompt_ids for e in examples],
                                  self.cfg.max_completion_length, 0.0, 1.0, self.device)
         prompts, columns = reward_inputs(examples)
-        completions = decode_completions(self.tokenizer, prompts, ids)
-        per_func = score(self.rewards, prompts, completions, ids, columns)
+        per_func = score(self.rewards, prompts, decode_completions(self.tokenizer, prompts, ids), ids, columns)
         record = {"eval_reward": float(torch.nanmean(G.total_rewards(per_func, self.weights)))}
         for k, reward in enumerate(self.rewards):
             record[f"eval_rewards/{reward.name}/mean"] = float(torch.nanmean(per_func[:, k]))
-        return record, [completion_text(c).strip() for c in completions]
+        return record

@@ -30,7 +30,7 @@ def nan_std(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Unbiased std ignoring NaNs (NaN where fewer than two values)."""
     keep = dict(dim=dim, keepdim=True) if dim is not None else {}
     mean = torch.nanmean(x, **keep)
-    count = (~torch.isnan(x)).sum(**keep) if dim is not None else (~torch.isnan(x)).sum()
+    count = (~torch.isnan(x)).sum(**keep)
     variance = torch.nanmean((x - mean) ** 2, **keep) * count / (count - 1)
     variance = torch.where(count > 1, variance, torch.full_like(variance, float("nan")))
     out = variance.sqrt()

@@ -158,7 +158,7 @@ def eval_record(run: Run) -> dict:
     """eval_loss over the held-out rows, with the loss module's metrics as eval_<name> (TRL's names); for grpo the
     held-out prompts' rewards (greedy completions)."""
     if run.grpo is not None:
-        return run.grpo.evaluate(run.val_rows)[0]
+        return run.grpo.evaluate(run.val_rows)
     loss = evaluate(run.engine, run.val_rows, run.cfg.batch_size, run.tokenizer.pad_token_id, run.env.device,
                     collate_for(run.cfg))
     count = len(run.val_rows)  # preference metrics are sums over pairs, one pair per held-out row

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from .grpo_loss import LOSS_TYPES as GRPO_LOSS_TYPES
+from .grpo_loss import SCALE_REWARDS
+
 METHODS = ("sft", "dpo", "orpo", "grpo")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
-SCALE_REWARDS = ("group", "batch", "none")
 
 
 def check_method_settings(cfg) -> None:
