@@ -468,3 +468,53 @@ def test_auto_checkpointing_recomputes_only_the_layers_the_memory_budget_needs(t
     ours, theirs = _adapter(partial), _adapter(plain)
     for name, value in theirs.items():
         assert_close_fp32(ours[name], value, name)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_logged_losses_equal_peft_with_transformers_trainer_on_the_same_batches(tmp_path, tiny_tokenizer, grad_accum):
+    """The train_loss lorakit logs is the quantity PEFT + transformers' Trainer logs for the same batch: the mean
+    next-token loss over every labelled token of the optimizer step (all its micro-batches), prompt tokens masked.
+    Both start from the same PEFT adapter file (B = 0), see the same rows in the same order, with the same AdamW,
+    warmup-free cosine to 10 % and clipping, in fp32. A mean of per-row or per-micro-batch means would differ by
+    percents on these rows (their lengths vary 3x); what remains is fp32 rounding, compounded over 6 steps."""
+    import peft
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from lorakit.train import data as D
+    from lorakit.train.config import DEMO_DATA
+    from lorakit.train.loop import batch_order
+
+    steps, batch, max_length, seed = 6, 4, 192, 0
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    start = peft.get_peft_model(tiny_llama_for(tiny_tokenizer), peft.LoraConfig(**lora))
+    with torch.no_grad():  # A and B both non-zero, so step 1 already trains through the adapter
+        for name, p in start.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
+    start.save_pretrained(tmp_path / "start")
+
+    ours = train(_cfg(tmp_path / "ours", max_steps=steps, batch_size=batch, grad_accum=grad_accum, lr=5e-3,
+                      warmup_steps=0, max_length=max_length, val_fraction=0.0, seed=seed, lora=lora,
+                      init_adapter=str(tmp_path / "start")), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
+    logged = [r["train_loss"] for r in ours["history"]]
+
+    examples, _ = D.load_examples(DEMO_DATA, tiny_tokenizer, max_length)
+    order = [i for m in range(steps * grad_accum) for i in batch_order(len(examples), m, batch, seed)]
+    rows = [{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in order]
+    lengths = [sum(label != D.IGNORE for label in row["labels"]) for row in rows]
+    assert max(lengths) > 2 * min(lengths)  # a mean of per-row means would differ here
+    theirs = peft.PeftModel.from_pretrained(tiny_llama_for(tiny_tokenizer), str(tmp_path / "start"), is_trainable=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "theirs"), max_steps=steps, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=grad_accum, learning_rate=5e-3, lr_scheduler_type=
+                             "cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0,
+                             weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no",
+                             use_cpu=True, seed=seed, train_sampling_strategy="sequential",
+                             remove_unused_columns=False)
+    collator = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=D.IGNORE)
+    trainer = Trainer(model=theirs, args=args, train_dataset=rows, data_collator=collator)
+    trainer.train()
+    reference = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(reference) == len(logged) == steps
+    assert reference[-1] < reference[0]  # it trained
+    for step, (got, expected) in enumerate(zip(logged, reference), 1):
+        assert abs(got - expected) <= 1e-3 * abs(expected), (step, got, expected)
