@@ -18,7 +18,9 @@ def test_a_timing_table_picks_the_dtype(rates, bf16, monkeypatch):
     assert hardware.resolve_bf16("auto") is bf16
     assert hardware.resolve_dtype("auto", "cpu") == (torch.bfloat16 if bf16 else torch.float32)
     assert hardware.resolve_bf16(False) is False and hardware.resolve_dtype("fp32", "cpu") == torch.float32
-    note = hardware.compute_dtype_note("cpu")
+    decision = hardware.dtype_decision("cpu")
+    assert decision["compute_dtype"] == ("bf16" if bf16 else "fp32") and decision["gflops"] == rates
+    note = hardware.compute_dtype_note(decision)
     assert note.startswith(f"auto dtype: {'bf16' if bf16 else 'fp32'}") and f"{rates['fp32']:g} GFLOP/s" in note
 
 
@@ -100,11 +102,14 @@ def test_auto_dtype_of_a_multi_process_run_is_measured_by_rank_0_and_taken_by_ev
 
     measured = []
     monkeypatch.setattr(hardware, "cpu_matmul_rates", lambda: measured.append(rank) or {"fp32": 90.0, "bf16": 300.0})
-    rank_0 = ("auto dtype: fp32 (rank 0's measurement)", False)  # what rank 0 decided on its own measurement
+    rank_0 = {"compute_dtype": "fp32", "device": "cpu", "gflops": {"fp32": 300.0, "bf16": 90.0}, "cpu": "rank 0's",
+              "threads": 2, "bf16_margin": hardware.BF16_MARGIN}  # what rank 0 decided on its own measurement
     monkeypatch.setattr(setup.dist_utils, "gather_objects",
                         lambda value, env: [value if env.rank == 0 else rank_0, None if env.rank == 0 else value])
-    cfg, notes, _ = setup.resolve_run_settings(TrainConfig(memory_check=False), Env(rank=rank, world_size=2))
+    cfg, notes, _, settings = setup.resolve_run_settings(TrainConfig(memory_check=False), Env(rank=rank, world_size=2))
     if rank == 0:  # its own measurement: bf16 at 3.3x fp32
         assert cfg.bf16 is True and measured and notes[0].startswith("auto dtype: bf16")
+        assert settings["dtype_decision"]["gflops"] == {"fp32": 90.0, "bf16": 300.0}
     else:
-        assert cfg.bf16 is False and measured == [] and notes[0] == rank_0[0]
+        assert cfg.bf16 is False and measured == [] and notes[0] == hardware.compute_dtype_note(rank_0)
+        assert settings["dtype_decision"] == rank_0 and settings["compute_dtype"] == "fp32"

@@ -172,13 +172,13 @@ def test_a_timing_table_picks_the_attention_dtype(rates, fp32, monkeypatch):
     monkeypatch.setattr(A, "cpu_attention_rates", lambda: rates)
     monkeypatch.setattr(setup, "attention_in_fp32", lambda: A.attention_in_fp32(rates))
     monkeypatch.setattr(setup, "attention_dtype_note", lambda fp32: A.attention_dtype_note(fp32, rates))
-    cfg, notes, _ = setup.resolve_run_settings(TrainConfig(memory_check=False, bf16=True), Env())
+    cfg, notes, _, _ = setup.resolve_run_settings(TrainConfig(memory_check=False, bf16=True), Env())
     assert cfg.attention_fp32 is fp32
     assert [n for n in notes if n.startswith("attention: ")] == [
         f"attention: {'fp32 (bf16 inputs cast)' if fp32 else 'bf16'} for padding-free rows (measured on this CPU: "
         f"bf16 {rates['bf16']:g}, cast to fp32 {rates['fp32']:g} GFLOP/s)"]
     for settings in (dict(bf16=False), dict(bf16=True, padding_free=False), dict(bf16=True, attention_fp32=False)):
-        cfg, notes, _ = setup.resolve_run_settings(TrainConfig(memory_check=False, **settings), Env())
+        cfg, notes, _, _ = setup.resolve_run_settings(TrainConfig(memory_check=False, **settings), Env())
         assert cfg.attention_fp32 is False and not [n for n in notes if n.startswith("attention: ")]
     with pytest.raises(ValueError, match="attention_fp32 must be true, false or 'auto', got 'fp16'"):
         TrainConfig(attention_fp32="fp16")

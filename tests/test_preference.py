@@ -157,7 +157,7 @@ def test_dpo_run_raises_held_out_reward_accuracy_and_logs_trl_metric_names(tmp_p
 
     result = train(tiny_train_config(tmp_path, method="dpo", data=DEMO_PAIRS, max_steps=20, eval_every=10, lr=1e-2,
                                      val_fraction=0.1), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][1:]  # settings
     first, last = records[0], records[-1]
     assert first["step"] == 0 and first["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapter = reference
     assert first["eval_rewards/margins"] == 0 and first["eval_rewards/accuracies"] == 0

@@ -11,6 +11,7 @@ from conftest import assert_close_fp32, tiny_llama_for
 from conftest import tiny_train_config as _cfg
 
 import lorakit
+from lorakit import hardware
 from lorakit.train import train
 from lorakit.train.setup import lr_lambda
 
@@ -33,8 +34,40 @@ def test_training_lowers_eval_loss_and_writes_outputs(tmp_path, tiny_tokenizer):
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "loss.png", "metrics.jsonl",
                  "config.yaml"):
         assert (tmp_path / name).exists(), name
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    header, *lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    settings = json.loads(header)["settings"]
+    assert settings["dtype_setting"] == "fp32" and settings["compute_dtype"] == "fp32" and "dtype_decision" not in settings
     assert [json.loads(l)["step"] for l in lines] == list(range(0, 21))
+    peaks = [json.loads(l)["peak_memory_gb"] for l in lines[1:]]
+    # a high-water mark (the kernel syncs per-thread RSS counters lazily: ~0.1 MB of wobble)
+    assert all(later >= earlier - 0.01 for earlier, later in zip(peaks, peaks[1:]))
+    assert peaks[-1] <= result["peak_memory_gb"] + 0.01
+    assert result["peak_memory_gb"] >= 0.9 * hardware.resident_gb()
+
+
+def test_the_measured_dtype_decision_is_the_first_line_of_metrics_and_survives_resume(tmp_path, tiny_tokenizer,
+                                                                                     monkeypatch):
+    """bf16: auto writes what it chose and the rates it measured first in metrics.jsonl; a resumed run rewrites
+    the file with its own decision first, then every step once (the charts read only records with a step)."""
+    rates = {"fp32": 100.0, "bf16": 350.0}
+    monkeypatch.setattr(hardware, "cpu_matmul_rates", lambda: dict(rates))
+
+    def stop_at_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    train(_cfg(tmp_path, bf16="auto", max_steps=6), tiny_llama_for(tiny_tokenizer), tiny_tokenizer, on_step=stop_at_3)
+    first = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    decision = first[0]["settings"]["dtype_decision"]
+    assert first[0]["settings"]["dtype_setting"] == "auto" and first[0]["settings"]["compute_dtype"] == "bf16"
+    assert decision["compute_dtype"] == "bf16" and decision["gflops"] == rates and decision["cpu"] == hardware.cpu_model()
+    assert [r["step"] for r in first[1:]] == [0, 1, 2, 3]
+    rates.update(bf16=50.0)  # the resumed process decides (and says) for itself
+    train(_cfg(tmp_path, bf16="auto", max_steps=6, resume=True), tiny_llama_for(tiny_tokenizer), tiny_tokenizer)
+    resumed = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert resumed[0]["settings"]["compute_dtype"] == "fp32" and resumed[0]["settings"]["dtype_decision"]["gflops"] == rates
+    assert [r["step"] for r in resumed[1:]] == [0, 1, 2, 3, 4, 5, 6]
+    assert resumed[1:5] == first[1:5]
 
 
 def test_prompts_are_answered_by_the_base_before_and_the_adapter_after(tmp_path, tiny_tokenizer):
@@ -107,7 +140,8 @@ def test_ctrl_c_mid_step_then_resume_equals_an_uninterrupted_run_with_dropout(tm
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records[1:]]  # after the settings line
     assert steps == list(range(0, 11))  # no step written twice
 
 
@@ -185,7 +219,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
                             stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "out" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):  # settings, step 0, step 1
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -450,7 +484,7 @@ def test_auto_checkpointing_recomputes_only_the_layers_the_memory_budget_needs(t
     assert plans["roomy"] == (False, None, None)
     assert plans["tight"][:2] == (True, 1) and "1 of 2 layers recompute" in plans["tight"][2]
     assert plans["too small"][:2] == (True, 1) and "does not fit even so" in plans["too small"][2]
-    cfg, notes, _ = resolve_run_settings(dataclasses.replace(base_cfg, memory_limit_gb=(peaks[0] + peaks[1]) / 2
+    cfg, notes, _, _ = resolve_run_settings(dataclasses.replace(base_cfg, memory_limit_gb=(peaks[0] + peaks[1]) / 2
                                                              / PLAN_HEADROOM), Env())
     assert (cfg.gradient_checkpointing, cfg.checkpoint_layers) == (True, 1) and "1 of 2 layers" in notes[0]
     # freed heap is kept for reuse up to the predicted peak + the calculator's 20 %, within the planned share

@@ -19,14 +19,14 @@ def _load(model_name: str, adapter: str | None, quantize: str | None = None, dty
     """Model (+ adapter, fp32 adapters on the base's device) and tokenizer; `dtype` / `device` as the CLI's
     --dtype / --device (auto: bf16 where the device has fast bf16; the GPU when torch sees one)."""
     from .adapters.model import PeftModel
-    from .hardware import compute_dtype_note, resolve_device_type, resolve_dtype
+    from .hardware import compute_dtype_note, dtype_decision, resolve_device_type, resolve_dtype
     from .models.loading import load_model, load_tokenizer
 
     if adapter and not os.path.isdir(adapter):
         raise FileNotFoundError(f"adapter directory {adapter} does not exist")
     device_type = resolve_device_type(device)
     if dtype == "auto":
-        print(compute_dtype_note(device_type), file=sys.stderr)
+        print(compute_dtype_note(dtype_decision(device_type)), file=sys.stderr)
     tokenizer = load_tokenizer(model_name)
     model = load_model(model_name, quantize=quantize, dtype=resolve_dtype(dtype, device_type), device=device_type)
     if adapter:
@@ -54,10 +54,22 @@ def cmd_train(args, overrides: list[str]) -> int:
     print(f"\ntrained {result['steps']} steps in {result['seconds']:.0f} s; final train loss "
           f"{history[-1]['train_loss']:.3f}" + (f"; held-out loss {evals[0]:.3f} (before) -> {evals[-1]:.3f}"
                                                 if evals else ""))
+    print(memory_report(result["peak_memory_gb"], result["settings"].get("predicted_peak_gb"),
+                        "GPU" if result["device"] == "cuda" else "RSS"))
     print(f"adapter: {result['adapter_dir']}   plot: {os.path.join(cfg.output_dir, 'loss.png')}")
     for prompt, before, after in zip(result.get("prompts", []), result["before"], result.get("after", [])):
         print(f"\n> {prompt}\n  before: {before}\n  after:  {after}")
     return 0
+
+
+def memory_report(peak_gb: float, predicted: dict | None, kind: str = "RSS") -> str:
+    """The run's measured peak beside its arithmetic floor: the calculator's components (frozen weights, adapters
+    with gradients and AdamW states, activations of one step, the runtime) where the run was sized."""
+    line = f"peak memory: {peak_gb:.2f} GB ({'peak resident' if kind == 'RSS' else 'peak allocated GPU'} memory)"
+    if predicted:
+        parts = ", ".join(f"{name} {value:.2f}" for name, value in predicted.items() if name != "total")
+        line += f"; predicted {predicted['total']:.2f} GB ({parts})"
+    return line
 
 
 def print_reward_table(history: list[dict]) -> None:
@@ -162,10 +174,10 @@ def cmd_serve(args) -> int:
         from .serve import ServeConfig, serve
     except ImportError:  # pragma: no cover
         raise ValueError("lorakit serve needs fastapi and uvicorn: pip install 'lorakit[serve]'") from None
-    from .hardware import compute_dtype_note, resolve_device_type
+    from .hardware import compute_dtype_note, dtype_decision, resolve_device_type
 
     if args.dtype == "auto":
-        print(compute_dtype_note(resolve_device_type(args.device)), file=sys.stderr)
+        print(compute_dtype_note(dtype_decision(resolve_device_type(args.device))), file=sys.stderr)
     serve(ServeConfig(model=args.model, adapters=dict(args.adapter + args.lora_modules),
                       adapter_root=args.adapter_root, prefill_chunk=args.prefill_chunk, kv_cache_gb=args.kv_cache_gb,
                       prefix_cache_gb=args.prefix_cache_gb, max_loras=args.max_loras,

@@ -131,13 +131,25 @@ def fast_bf16(device: torch.device | str = "cpu", rates: dict[str, float] | None
     return rates["bf16"] > BF16_MARGIN * rates["fp32"]
 
 
-def compute_dtype_note(device: torch.device | str = "cpu") -> str:
-    """What `auto` chose and why, for a run's first lines."""
-    if torch.device(device).type == "cuda":
-        return f"auto dtype: {'bf16' if fast_bf16(device) else 'fp32'} (CUDA)"
+def dtype_decision(device: torch.device | str = "cpu") -> dict:
+    """What `auto` chose and the figures it chose by: {"compute_dtype", "device", and on a CPU the measured
+    "gflops" per dtype, "cpu" (cpu_model), "threads", "bf16_margin"} (a run's metrics.jsonl keeps it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"compute_dtype": "bf16" if fast_bf16(device) else "fp32", "device": "cuda",
+                "gpu": torch.cuda.get_device_name(device)}
     rates = cpu_matmul_rates()
-    return (f"auto dtype: {'bf16' if fast_bf16(device, rates) else 'fp32'} (measured on this CPU: fp32 "
-            f"{rates['fp32']:g} GFLOP/s, bf16 {rates['bf16']:g} GFLOP/s)")
+    return {"compute_dtype": "bf16" if fast_bf16(device, rates) else "fp32", "device": device.type,
+            "gflops": dict(rates), "cpu": cpu_model(), "threads": torch.get_num_threads(), "bf16_margin": BF16_MARGIN}
+
+
+def compute_dtype_note(decision: dict) -> str:
+    """A dtype_decision as a run's first line."""
+    if "gflops" not in decision:
+        return f"auto dtype: {decision['compute_dtype']} ({decision['device'].upper()})"
+    rates = decision["gflops"]
+    return (f"auto dtype: {decision['compute_dtype']} (measured on this CPU: fp32 {rates['fp32']:g} GFLOP/s, "
+            f"bf16 {rates['bf16']:g} GFLOP/s; bf16 is chosen above {decision['bf16_margin']:g}x fp32)")
 
 
 def check_device_setting(setting: str) -> None:

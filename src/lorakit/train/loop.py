@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 
 from ..generation import answer_prompts
-from ..hardware import FreedMemoryCap, attention_backends, release_freed_memory
+from ..hardware import FreedMemoryCap, attention_backends, peak_resident_gb, release_freed_memory
 from ..quant.nf4 import nf4_weight_cache
 from ..utils import atomic_path, eval_mode, progress_bar
 from . import checkpoint as ckpt
@@ -178,12 +178,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
         run = prepare_run(cfg, env, model, tokenizer)
         cfg, step, history = run.cfg, run.step, run.history
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        # first line: what `auto` decided and measured (no "step": charts and step counts skip it); a resumed run
+        # rewrites the file (the metrics of steps after its checkpoint are redone) under its own decisions
+        _write_metrics(run, metrics_path, {"settings": run.settings}, mode="w")
+        for record in history:
+            _write_metrics(run, metrics_path, record)
         if step == 0 and run.val_rows:  # held-out loss of the untrained adapter (= the base model)
             history.append({"step": 0, **eval_record(run)})
-            _write_metrics(run, metrics_path, history[-1], mode="w")
-        if cfg.resume:  # the metrics of steps after the checkpoint (a killed run) are redone: rewrite the file
-            for i, record in enumerate(history):
-                _write_metrics(run, metrics_path, record, mode="w" if i == 0 else "a")
+            _write_metrics(run, metrics_path, history[-1])
         progress = progress_bar(run.total_steps, step, enabled=run.is_main and cfg.progress)
         started, tokens_seen, interrupted, at_step_boundary = time.perf_counter(), 0, False, True
         grouping = group_projections_enabled(cfg, env)
@@ -199,7 +201,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
                     elapsed = time.perf_counter() - started
                     record = {"step": step, "train_loss": train_loss, "lr": run.scheduler.get_last_lr()[0],
                               "grad_norm": grad_norm, "tokens_per_s": tokens_seen * env.world_size / elapsed,
-                              "elapsed_s": elapsed, **metrics}
+                              "elapsed_s": elapsed, "peak_memory_gb": peak_memory_gb(env.device), **metrics}
                     if run.val_rows and (step % cfg.eval_every == 0 or step == run.total_steps):
                         record.update(eval_record(run))
                     history.append(record)
@@ -222,6 +224,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, on_step=None) -> dict:
         return summary
     finally:
         dist_utils.teardown(env)
+
+
+def peak_memory_gb(device) -> float:
+    """The run's memory high-water mark so far: this process's peak resident memory on a CPU, the peak of
+    allocated GPU memory on CUDA (GB)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return peak_resident_gb()
 
 
 def postfix(record: dict) -> dict[str, str]:
@@ -271,7 +281,8 @@ def _finish(run: Run, step: int, interrupted: bool, seconds: float) -> dict:
     adapter_dir = os.path.join(run.cfg.output_dir, "adapter")
     summary = {"is_main": run.is_main, "steps": step, "total_steps": run.total_steps, "interrupted": interrupted,
                "history": run.history, "adapter_dir": adapter_dir, "seconds": seconds, "before": run.before,
-               "model": run.model}
+               "model": run.model, "settings": run.settings, "device": torch.device(run.env.device).type,
+               "peak_memory_gb": peak_memory_gb(run.env.device)}
     if not interrupted:
         if run.is_main:  # PiSSA/OLoRA are saved as a plain LoRA on the original base (portable)
             with atomic_path(adapter_dir, directory=True) as tmp:  # the whole adapter/ or the previous one

@@ -77,11 +77,12 @@ def would_fit(arch: calc.Arch, shape: calc.RunShape, available: float) -> list[s
     return options
 
 
-def check_fits(model_dir: str, shape: calc.RunShape, limit_gb: float | None) -> tuple[str, float]:
-    """A one-line summary of the predicted peak against the memory available (or `limit_gb`), and the resident
+def check_fits(model_dir: str, shape: calc.RunShape, limit_gb: float | None) -> tuple[str, float, dict]:
+    """A one-line summary of the predicted peak against the memory available (or `limit_gb`), the resident
     memory below which freed heap is kept for reuse (hardware.FreedMemoryCap): the predicted peak plus the
     calculator's error (+20 %), within PLAN_HEADROOM of the memory available. MemoryRefusal, naming what would fit
-    instead, when the prediction exceeds the memory available."""
+    instead, when the prediction exceeds the memory available. Third: the predicted components (GB, calc.predict_run).
+    """
     arch = calc.get_arch(model_dir)
     predicted = calc.predict_run(arch, shape)
     available = available_gb(limit_gb)
@@ -89,9 +90,9 @@ def check_fits(model_dir: str, shape: calc.RunShape, limit_gb: float | None) -> 
     summary = (f"memory: predicted peak {predicted['total']:.2f} GB ({parts})"
                + (f" of {available:.1f} GB available" if available is not None else ""))
     if available is None:
-        return summary, 1.2 * predicted["total"]
+        return summary, 1.2 * predicted["total"], predicted
     if predicted["total"] <= available:
-        return summary, min(1.2 * predicted["total"], PLAN_HEADROOM * available)
+        return summary, min(1.2 * predicted["total"], PLAN_HEADROOM * available), predicted
     options = would_fit(arch, shape, available)
     raise MemoryRefusal(
         f"this run cannot fit: its predicted peak is {predicted['total']:.1f} GB (frozen weights "

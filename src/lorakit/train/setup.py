@@ -22,7 +22,7 @@ from .. import calc
 from ..adapters.model import LoraModel
 from ..adapters.task_models import get_peft_model
 from ..generation import answer_prompts
-from ..hardware import compute_dtype_note, resolve_bf16
+from ..hardware import compute_dtype_note, dtype_decision, resolve_bf16
 from ..kernels.attention_dtype import attention_dtype_note, attention_in_fp32
 from ..kernels.saved_activations import compressed_activations, resolve_saved_activations
 from ..models.loading import load_model, load_tokenizer, resolve_model_dir
@@ -66,6 +66,7 @@ class Run:
     grpo: GRPO | None = None                # method: grpo: rewards, rollouts and the update (grpo.py)
     nf4_cache_bytes: int = 0                # dense NF4 weights kept for backward (checkpointed QLoRA runs)
     keep_memory_gb: float | None = None     # freed heap is kept for reuse below this (memory_check.check_fits)
+    settings: dict = field(default_factory=dict)  # what `auto` decided and measured (metrics.jsonl's first line)
     prompts: list[str] = field(default_factory=list)
     before: list[str] = field(default_factory=list)
     step: int = 0
@@ -94,15 +95,18 @@ def check_run(cfg: TrainConfig, env: dist_utils.Env) -> None:
 
 
 def resolve_run_settings(cfg: TrainConfig, env: dist_utils.Env,
-                         model=None) -> tuple[TrainConfig, list[str], float | None]:
+                         model=None) -> tuple[TrainConfig, list[str], float | None, dict]:
     """The `auto` settings decided before anything is loaded or written (compute dtype by measurement, saved
-    activations by memory) and the memory check; returns the decided config, the lines saying why, and the memory
-    to keep for reuse (None where the run was not sized)."""
+    activations by memory) and the memory check; returns the decided config, the lines saying why, the memory to
+    keep for reuse (None where the run was not sized) and the record of what was decided and measured (the first
+    line of metrics.jsonl)."""
+    settings = {"dtype_setting": cfg.bf16 if isinstance(cfg.bf16, str) else ("bf16" if cfg.bf16 else "fp32")}
     dtype_note = None
     if cfg.bf16 == "auto":  # measured by rank 0 only (ranks timing at once slow each other), taken by every rank
-        dtype_note, bf16 = decided_by_rank_0(
-            lambda: (compute_dtype_note(env.device), resolve_bf16("auto", env.device)), env)
-        cfg = dataclasses.replace(cfg, bf16=bf16)
+        decision = decided_by_rank_0(lambda: dtype_decision(env.device), env)
+        dtype_note = compute_dtype_note(decision)
+        settings["dtype_decision"] = decision
+        cfg = dataclasses.replace(cfg, bf16=decision["compute_dtype"] == "bf16")
     cfg = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, env.device))
     attention_note = None
     if cfg.attention_fp32 == "auto":  # bf16 CPU runs with padding-free rows: measured, like the dtype
@@ -115,8 +119,12 @@ def resolve_run_settings(cfg: TrainConfig, env: dist_utils.Env,
     cfg = dataclasses.replace(cfg, gradient_checkpointing=checkpointing, checkpoint_layers=layers)
     saved, saved_note = choose_saved_activations(cfg, model_dir)
     cfg = dataclasses.replace(cfg, saved_activations=saved)
-    memory_line, keep_gb = check_memory(cfg, model_dir) if model_dir else (None, None)
-    return cfg, [line for line in (dtype_note, attention_note, plan_note, memory_line, saved_note) if line], keep_gb
+    memory_line, keep_gb, predicted = check_memory(cfg, model_dir) if model_dir else (None, None, None)
+    notes = [line for line in (dtype_note, attention_note, plan_note, memory_line, saved_note) if line]
+    settings.update(compute_dtype="bf16" if cfg.bf16 else "fp32", attention_fp32=cfg.attention_fp32,
+                    gradient_checkpointing=cfg.gradient_checkpointing, checkpoint_layers=cfg.checkpoint_layers,
+                    saved_activations=cfg.saved_activations, predicted_peak_gb=predicted, notes=notes)
+    return cfg, notes, keep_gb, settings
 
 
 def decided_by_rank_0(decide, env: dist_utils.Env):
@@ -130,14 +138,14 @@ def attention_decision() -> tuple[str, bool]:
     return attention_dtype_note(fp32), fp32
 
 
-def check_memory(cfg: TrainConfig, model_dir: str) -> tuple[str | None, float | None]:
-    """The run's predicted peak memory against what is available and the memory to keep for reuse (see
-    memory_check.check_fits); (None, None) where the model's config cannot be sized (not a decoder config the
-    calculator knows)."""
+def check_memory(cfg: TrainConfig, model_dir: str) -> tuple[str | None, float | None, dict | None]:
+    """The run's predicted peak memory against what is available, the memory to keep for reuse and the predicted
+    components in GB (see memory_check.check_fits); all None where the model's config cannot be sized (not a
+    decoder config the calculator knows)."""
     try:
         return check_fits(model_dir, run_shape(cfg), cfg.memory_limit_gb)
     except calc.ArchUnknown:
-        return None, None
+        return None, None, None
 
 
 def build_base(cfg: TrainConfig, env: dist_utils.Env, dtype: torch.dtype, model=None, num_labels: int | None = None,
@@ -216,7 +224,7 @@ def seed_everything(seed: int) -> None:
 
 def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=None) -> Run:
     check_run(cfg, env)
-    cfg, notes, keep_gb = resolve_run_settings(cfg, env, model)  # before anything is written
+    cfg, notes, keep_gb, settings = resolve_run_settings(cfg, env, model)  # before anything is written
     seed_everything(cfg.seed)
     is_main = env.rank == 0
     log = print if is_main else (lambda *a, **k: None)
@@ -260,7 +268,7 @@ def prepare_run(cfg: TrainConfig, env: dist_utils.Env, model=None, tokenizer=Non
               checkpoints=not (env.world_size > 1 and cfg.distributed == "fsdp"), prompts=prompts, before=before,
               nf4_cache_bytes=layer_cache_bytes(base, getattr(base.config, "num_hidden_layers", 1) or 1)
               if cfg.quantize and cfg.gradient_checkpointing else 0,
-              keep_memory_gb=keep_gb,
+              keep_memory_gb=keep_gb, settings=settings,
               grpo=GRPO(cfg, peft_model, tokenizer, load_rewards(cfg.rewards), env.device)
               if cfg.method == "grpo" else None)
     if adapter_config.svd_init and is_main and not cfg.resume:
