@@ -133,14 +133,17 @@ def fast_bf16(device: torch.device | str = "cpu", rates: dict[str, float] | None
 
 def dtype_decision(device: torch.device | str = "cpu") -> dict:
     """What `auto` chose and the figures it chose by: {"compute_dtype", "device", and on a CPU the measured
-    "gflops" per dtype, "cpu" (cpu_model), "threads", "bf16_margin"} (a run's metrics.jsonl keeps it)."""
+    "gflops" per dtype, "cpu" (cpu_model), "threads", "bf16_margin" and "probe_s", the seconds the decision took
+    (measuring, or reading the cache)} (a run's metrics.jsonl keeps it)."""
     device = torch.device(device)
     if device.type == "cuda":
         return {"compute_dtype": "bf16" if fast_bf16(device) else "fp32", "device": "cuda",
                 "gpu": torch.cuda.get_device_name(device)}
+    start = time.perf_counter()
     rates = cpu_matmul_rates()
     return {"compute_dtype": "bf16" if fast_bf16(device, rates) else "fp32", "device": device.type,
-            "gflops": dict(rates), "cpu": cpu_model(), "threads": torch.get_num_threads(), "bf16_margin": BF16_MARGIN}
+            "gflops": dict(rates), "cpu": cpu_model(), "threads": torch.get_num_threads(), "bf16_margin": BF16_MARGIN,
+            "probe_s": round(time.perf_counter() - start, 3)}  # ~0 where the cache answered
 
 
 def compute_dtype_note(decision: dict) -> str:
