@@ -54,22 +54,14 @@ def cmd_train(args, overrides: list[str]) -> int:
     print(f"\ntrained {result['steps']} steps in {result['seconds']:.0f} s; final train loss "
           f"{history[-1]['train_loss']:.3f}" + (f"; held-out loss {evals[0]:.3f} (before) -> {evals[-1]:.3f}"
                                                 if evals else ""))
+    from .train.memory_check import memory_report
+
     print(memory_report(result["peak_memory_gb"], result["settings"].get("predicted_peak_gb"),
                         "GPU" if result["device"] == "cuda" else "RSS"))
     print(f"adapter: {result['adapter_dir']}   plot: {os.path.join(cfg.output_dir, 'loss.png')}")
     for prompt, before, after in zip(result.get("prompts", []), result["before"], result.get("after", [])):
         print(f"\n> {prompt}\n  before: {before}\n  after:  {after}")
     return 0
-
-
-def memory_report(peak_gb: float, predicted: dict | None, kind: str = "RSS") -> str:
-    """The run's measured peak beside its arithmetic floor: the calculator's components (frozen weights, adapters
-    with gradients and AdamW states, activations of one step, the runtime) where the run was sized."""
-    line = f"peak memory: {peak_gb:.2f} GB ({'peak resident' if kind == 'RSS' else 'peak allocated GPU'} memory)"
-    if predicted:
-        parts = ", ".join(f"{name} {value:.2f}" for name, value in predicted.items() if name != "total")
-        line += f"; predicted {predicted['total']:.2f} GB ({parts})"
-    return line
 
 
 def print_reward_table(history: list[dict]) -> None:

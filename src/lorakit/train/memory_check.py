@@ -154,3 +154,13 @@ def choose_saved_activations(cfg, model_dir: str | None) -> tuple[str, str | Non
     return "bf16", (f"saved activations: bf16 copies (backward reads bf16-rounded inputs): fp32 copies would need "
                     f"{exact:.1f} GB of the {available:.1f} GB available, bf16 {halved:.1f} GB "
                     "(saved_activations: fp32 to insist)")
+
+
+def memory_report(peak_gb: float, predicted: dict | None, kind: str = "RSS") -> str:
+    """The run's measured peak beside its arithmetic floor: the calculator's components (frozen weights, adapters
+    with gradients and AdamW states, activations of one step, the runtime) where the run was sized."""
+    line = f"peak memory: {peak_gb:.2f} GB ({'peak resident' if kind == 'RSS' else 'peak allocated GPU'} memory)"
+    if predicted:
+        parts = ", ".join(f"{name} {value:.2f}" for name, value in predicted.items() if name != "total")
+        line += f"; predicted {predicted['total']:.2f} GB ({parts})"
+    return line
