@@ -30,6 +30,7 @@ from train_vs_peft import BATCH, LR, MAX_LEN, WARMUP, write_bench_data
 from common import LORA
 
 from lorakit.hardware import cpu_model
+from lorakit.utils import cache_root
 
 THRESHOLD = 0.95
 SETTINGS = {"bf16": "--bf16=true", "fp32": "--bf16=false", "default": None}
@@ -75,13 +76,12 @@ def main():
                         "max_steps": args.steps, "lr": LR, "warmup_steps": WARMUP, "val_fraction": 0.0,
                         "save_every": 10**6, "lora": dict(LORA, lora_dropout=0.0)}, f)
     env = dict(os.environ, XDG_CACHE_HOME=os.path.join(work, "cache"), CUDA_VISIBLE_DEVICES="")
-    os.makedirs(env["XDG_CACHE_HOME"])
-    model_cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lorakit")
+    model_cache, run_cache = cache_root(), os.path.join(env["XDG_CACHE_HOME"], "lorakit")
+    os.makedirs(run_cache)
     if os.path.isdir(model_cache):  # the converted model is reused; only the calibration starts empty
         for name in os.listdir(model_cache):
             if name != "calibration.json":
-                os.makedirs(os.path.join(env["XDG_CACHE_HOME"], "lorakit"), exist_ok=True)
-                os.symlink(os.path.join(model_cache, name), os.path.join(env["XDG_CACHE_HOME"], "lorakit", name))
+                os.symlink(os.path.join(model_cache, name), os.path.join(run_cache, name))
     rounds = []
     print(f"{cpu_model()}; {args.steps} steps of {BATCH} rows ({args.workload}); tokens/s over steps 3..")
     print(f"{'round':>5}{'bf16':>9}{'fp32':>9}{'default':>9}{'chose':>7}{'of faster':>11}{'faster again':>15}"

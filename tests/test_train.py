@@ -286,7 +286,7 @@ def test_qlora_training_on_nf4_base_tracks_the_float_run(tmp_path, tiny_tokenize
 
 
 def test_two_process_fsdp_trains_and_writes_the_full_adapter(tmp_path, tiny_model_dir):
-    a, b = _single_and_two_process_adapters(tmp_path, tiny_model_dir, 29534, distributed="fsdp")
+    a, b = _single_and_two_process_adapters(tmp_path, tiny_model_dir, 29535, distributed="fsdp")
     for key in a:
         assert a[key].shape == b[key].shape and (a[key] - b[key]).abs().max() < 1e-4, key
 

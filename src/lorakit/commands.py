@@ -56,8 +56,7 @@ def cmd_train(args, overrides: list[str]) -> int:
                                                 if evals else ""))
     from .train.memory_check import memory_report
 
-    print(memory_report(result["peak_memory_gb"], result["settings"].get("predicted_peak_gb"),
-                        "GPU" if result["device"] == "cuda" else "RSS"))
+    print(memory_report(result["peak_memory_gb"], result["settings"].get("predicted_peak_gb"), result["device"]))
     print(f"adapter: {result['adapter_dir']}   plot: {os.path.join(cfg.output_dir, 'loss.png')}")
     for prompt, before, after in zip(result.get("prompts", []), result["before"], result.get("after", [])):
         print(f"\n> {prompt}\n  before: {before}\n  after:  {after}")

@@ -86,8 +86,7 @@ def check_fits(model_dir: str, shape: calc.RunShape, limit_gb: float | None) -> 
     arch = calc.get_arch(model_dir)
     predicted = calc.predict_run(arch, shape)
     available = available_gb(limit_gb)
-    parts = ", ".join(f"{name} {value:.2f}" for name, value in predicted.items() if name != "total")
-    summary = (f"memory: predicted peak {predicted['total']:.2f} GB ({parts})"
+    summary = (f"memory: predicted peak {predicted['total']:.2f} GB ({components(predicted)})"
                + (f" of {available:.1f} GB available" if available is not None else ""))
     if available is None:
         return summary, 1.2 * predicted["total"], predicted
@@ -156,11 +155,16 @@ def choose_saved_activations(cfg, model_dir: str | None) -> tuple[str, str | Non
                     "(saved_activations: fp32 to insist)")
 
 
-def memory_report(peak_gb: float, predicted: dict | None, kind: str = "RSS") -> str:
-    """The run's measured peak beside its arithmetic floor: the calculator's components (frozen weights, adapters
-    with gradients and AdamW states, activations of one step, the runtime) where the run was sized."""
-    line = f"peak memory: {peak_gb:.2f} GB ({'peak resident' if kind == 'RSS' else 'peak allocated GPU'} memory)"
+def components(predicted: dict) -> str:
+    """calc.predict_run's components (all but the total), as "weights 0.27, adapters 0.08, ..." (GB)."""
+    return ", ".join(f"{name} {value:.2f}" for name, value in predicted.items() if name != "total")
+
+
+def memory_report(peak_gb: float, predicted: dict | None, device: str = "cpu") -> str:
+    """The run's measured peak (resident memory; allocated GPU memory on cuda) beside its arithmetic floor: the
+    calculator's components (frozen weights, adapters with gradients and AdamW states, activations of one step, the
+    runtime) where the run was sized."""
+    line = f"peak memory: {peak_gb:.2f} GB ({'peak allocated GPU' if device == 'cuda' else 'peak resident'} memory)"
     if predicted:
-        parts = ", ".join(f"{name} {value:.2f}" for name, value in predicted.items() if name != "total")
-        line += f"; predicted {predicted['total']:.2f} GB ({parts})"
+        line += f"; predicted {predicted['total']:.2f} GB ({components(predicted)})"
     return line
