@@ -16,6 +16,7 @@ import uvicorn
 from lorakit.serve.app import create_app
 from lorakit.serve.auth import is_admin_route
 from lorakit.serve.engine import Engine, ServeConfig
+from lorakit.studio import add_train_routes
 
 KEY, ADMIN = "user-key-1", "admin-key-2"
 
@@ -24,8 +25,9 @@ KEY, ADMIN = "user-key-1", "admin-key-2"
 def keyed_server(serve_model_dir, adapters):
     root = os.path.dirname(adapters[0])
     engine = Engine(ServeConfig(model=serve_model_dir, adapters={"yes": adapters[0]}, adapter_root=root,
-                                dtype="fp32", runs_dir=root, api_key=KEY, admin_api_key=ADMIN))
-    app = create_app(engine)
+                                dtype="fp32", runs_dir=root, api_key=KEY, admin_api_key=ADMIN,
+                                allow_training=True))
+    app = create_app(engine, [add_train_routes])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -147,6 +147,10 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--runs", default=None, metavar="DIR",
                    help="training runs shown in the playground (default: runs/ when it exists)")
     p.add_argument("--no-playground", action="store_true", help="no browser page at / (the API only)")
+    p.add_argument("--allow-training", action="store_true", help="the Train view may upload data and start "
+                   "`lorakit train` runs under --runs (default runs/); without it the training routes answer 403")
+    p.add_argument("--data-root", default=None, metavar="DIR", help="data training may read (default RUNS/data)")
+    p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest data file upload (413 above it)")
     _add_runtime_args(p)
 
 

@@ -163,6 +163,7 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     try:
         from .serve import ServeConfig, serve
+        from .studio import add_train_routes
     except ImportError:  # pragma: no cover
         raise ValueError("lorakit serve needs fastapi and uvicorn: pip install 'lorakit[serve]'") from None
     from .hardware import compute_dtype_note, dtype_decision, resolve_device_type
@@ -174,12 +175,13 @@ def cmd_serve(args) -> int:
                       prefix_cache_gb=args.prefix_cache_gb, max_loras=args.max_loras,
                       max_cpu_loras=args.max_cpu_loras, api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"),
                       admin_api_key=args.admin_api_key or os.environ.get("LORAKIT_ADMIN_API_KEY"),
-                      max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                      max_tokens_cap=args.max_tokens_cap, max_prompt_tokens=args.max_prompt_tokens,
-                      max_body_bytes=args.max_body_bytes, dtype=args.dtype, device=args.device,
-                      playground=not args.no_playground,
-                      runs_dir=args.runs or ("runs" if os.path.isdir("runs") else None)),
-          host=args.host, port=args.port)
+                      max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, device=args.device,
+                      max_tokens_cap=args.max_tokens_cap, max_prompt_tokens=args.max_prompt_tokens, dtype=args.dtype,
+                      max_body_bytes=args.max_body_bytes, playground=not args.no_playground,
+                      runs_dir=args.runs or ("runs" if os.path.isdir("runs") or args.allow_training else None),
+                      allow_training=args.allow_training, data_root=args.data_root,
+                      max_upload_bytes=int(args.max_upload_mb * (1 << 20))),
+          host=args.host, port=args.port, extensions=[add_train_routes])
     return 0
 
 

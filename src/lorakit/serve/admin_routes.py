@@ -9,7 +9,8 @@ from fastapi.responses import PlainTextResponse
 from .http_util import APIError, read_json
 
 ADMIN_ROUTES = {("POST", "/v1/adapters"), ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter")}
-ADMIN_PREFIXES = (("DELETE", "/v1/adapters/"), ("POST", "/v1/runs/"))  # POST /v1/runs/{name}/adapter loads one
+ADMIN_PREFIXES = (("DELETE", "/v1/adapters/"), ("POST", "/v1/runs/"),  # POST /v1/runs/{name}/adapter loads one
+                  ("POST", "/v1/train"))  # uploads, previews, probes, starts / stops / resumes training runs
 
 
 def add_adapter_routes(app: FastAPI, engine) -> None:

@@ -12,6 +12,7 @@ the engine's own refusals (errors.py) become 400 / 403 / 404 / 409 here.
 
 import asyncio
 import json
+import os
 import socket
 import time
 import uuid
@@ -37,7 +38,9 @@ from .sampling import cut_at_stop
 
 __all__ = ["APIError", "create_app", "serve"]
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, extensions=()) -> FastAPI:
+    """The app; each of `extensions` is called as extension(app, engine) to add its routes (lorakit serve adds the
+    Train view's, studio/routes.py) and may return an object with shutdown(), called when the server stops."""
     # No /docs or /redoc: FastAPI's pages load their assets from an internet CDN (blank offline); the API is
     # OpenAI's, documented in docs/reference/http-api.md. /openapi.json stays.
     app = FastAPI(title="lorakit", version="0.1.0", docs_url=None, redoc_url=None)
@@ -47,6 +50,7 @@ def create_app(engine: Engine) -> FastAPI:
     add_adapter_routes(app, engine)
     if engine.config.playground:
         add_playground_routes(app, engine, engine.config.runs_dir)
+    app.state.closers = [c for c in (extension(app, engine) for extension in extensions) if c is not None]
     return app
 
 
@@ -214,7 +218,7 @@ def check_port_free(host: str, port: int) -> None:
                           "pick another --port") from None
 
 
-def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, extensions=()) -> None:
     check_port_free(host, port)
     if not config.api_key:
         local = host in ("127.0.0.1", "localhost", "::1")
@@ -225,4 +229,12 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> Non
     if config.playground:
         runs = f"; runs from {config.runs_dir}" if config.runs_dir else ""
         print(f"playground: open http://{host}:{port}/ in a browser{runs}", flush=True)
-    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+    if config.allow_training:
+        print(f"training: on (--allow-training); data from {config.data_root or os.path.join(config.runs_dir, 'data')}",
+              flush=True)
+    app = create_app(engine, extensions)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:  # e.g. a training run in progress checkpoints and stops (a restarted server offers to resume it)
+        for closer in app.state.closers:
+            closer.shutdown()

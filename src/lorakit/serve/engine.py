@@ -56,10 +56,15 @@ class ServeConfig:
     max_cpu_loras: int = 64        # adapters kept in memory, least recently used unloaded (--max-cpu-loras)
     api_key: str | None = None     # Bearer key for every endpoint but /health
     admin_api_key: str | None = None  # Bearer key for loading / unloading adapters (default: api_key)
+    allow_training: bool = False   # the playground's Train view: /v1/train routes start `lorakit train` (else 403)
+    data_root: str | None = None   # data files training may read (default: RUNS/data); uploads go to ROOT/uploads
+    max_upload_bytes: int = 64 << 20  # largest data file upload (413 above it)
 
     def __post_init__(self):
+        if self.allow_training and not self.runs_dir:
+            raise ValueError("allow_training needs a runs directory (runs_dir / --runs DIR) for the runs it starts")
         for name in ("max_batch_size", "max_tokens_cap", "max_prompt_tokens", "max_body_bytes", "prefill_chunk",
-                     "max_loras", "max_cpu_loras"):
+                     "max_loras", "max_cpu_loras", "max_upload_bytes"):
             check_positive_int(name, getattr(self, name))
         for name in ("max_wait_ms", "kv_cache_gb", "prefix_cache_gb"):
             value = getattr(self, name)
@@ -72,7 +77,9 @@ class ServeConfig:
         check_dtype_setting(self.dtype)
         check_device_setting(self.device)
         if self.runs_dir is not None and not os.path.isdir(self.runs_dir):
-            raise FileNotFoundError(f"runs directory {self.runs_dir} does not exist")
+            if not self.allow_training:  # a server that trains makes its runs directory
+                raise FileNotFoundError(f"runs directory {self.runs_dir} does not exist")
+            os.makedirs(self.runs_dir)
         for name, path in self.adapters.items():
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"adapter {name!r}: directory {path} does not exist")

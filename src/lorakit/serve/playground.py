@@ -1,6 +1,6 @@
 """The browser playground at `/` and the read-only routes it uses besides the OpenAI API.
 
-The page (playground/index.html, app.js, style.css: no framework, no build step, nothing fetched from the internet)
+The page (playground/index.html, app.js, train.js, style.css: no framework, no build step, nothing fetched from the internet)
 talks only to public routes: the OpenAI API for chat and compare, /v1/adapters for the adapter list, load and
 unload, and these:
   GET  /v1/adapters             loaded adapters with their form, rank, alpha, targets, parameters and bytes
@@ -27,7 +27,8 @@ from .engine import Engine
 from .errors import InvalidRequest, NotAllowed, NotFound
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playground")
-ASSET_TYPES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+ASSET_TYPES = {"index.html": "text/html", "app.js": "text/javascript", "train.js": "text/javascript",
+               "style.css": "text/css"}
 LIVE_SECONDS = 120  # a run whose metrics changed this recently, without a final adapter, is shown as training
 
 

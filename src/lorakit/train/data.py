@@ -1,6 +1,6 @@
 """Training data: file formats -> token ids + labels (-100 where no loss), batching and packing.
 
-Row formats (JSON list, JSONL, or a .txt file):
+Row formats (JSON list, JSONL, CSV with a header line, Parquet, or a .txt file):
   chat        {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
   ShareGPT    {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}
   alpaca      {"instruction": ..., "input": optional, "output": ...}
@@ -12,6 +12,8 @@ turns, completions) carry loss; `train_on_prompt=True` puts loss on every token.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import random
@@ -73,7 +75,11 @@ def read_rows(path: str) -> list[tuple[int, dict | str]]:
     """(line number, row) pairs. JSON arrays give each element's index + 1 as its 'line'."""
     if not os.path.isfile(path):
         raise DataError(f"data file {path} does not exist")
+    if path.endswith(".parquet"):
+        return parquet_rows(path)
     text = read_text(path)
+    if path.endswith(".csv"):
+        return csv_rows(path, text)
     if path.endswith(".txt"):
         blocks = [b.strip() for b in text.split("\n\n")]
         return [(i + 1, {"text": b}) for i, b in enumerate(blocks) if b]
@@ -94,6 +100,27 @@ def read_rows(path: str) -> list[tuple[int, dict | str]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
     return rows
+
+
+def csv_rows(path: str, text: str) -> list[tuple[int, dict]]:
+    """A CSV file with a header line: one row per record, its columns as string fields (line = the file's line)."""
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames:
+        raise DataError(f"{path}: empty CSV file (expected a header line naming the columns)")
+    return [(reader.line_num, dict(row)) for row in reader]
+
+
+def parquet_rows(path: str) -> list[tuple[int, dict]]:
+    """A Parquet file's records (row index + 1 as the 'line'); needs pyarrow."""
+    try:
+        import pyarrow.parquet as pq  # imports inside functions: only Parquet data needs pyarrow
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or give JSONL/CSV") from None
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow's errors for a file that is not Parquet vary by version
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    return list(enumerate(records, start=1))
 
 
 def row_to_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
@@ -127,12 +154,6 @@ def read_prompts(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise DataError(f"prompts file {path} does not exist")
     return [line.strip() for line in read_text(path).split("\n") if line.strip()]
-
-
-
-
-
-
 
 
 def encode(segments: list[tuple[str, bool]], tokenizer, max_length: int, train_on_prompt: bool):

@@ -74,6 +74,7 @@ function selectTab(tab) {
   }
   if (tab.id === "tab-runs") refreshRuns();
   if (tab.id === "tab-adapters") refreshAdapters();
+  if (tab.id === "tab-train") refreshTrain();  // train.js
 }
 
 function setUpTabs() {
