@@ -105,10 +105,12 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path, tiny_tokenizer):
         assert torch.equal(got[name], value), name
 
 
-def _interrupt_during_step(model, step_to_interrupt, times=1):
-    """on_step callback + forward hook: Ctrl-C (a real SIGINT) arrives `times` times inside the first forward
-    of optimizer step `step_to_interrupt`, i.e. mid-step, not at a step boundary."""
+def _interrupt_during_step(model, step_to_interrupt, times=1, signum=None):
+    """on_step callback + forward hook: Ctrl-C (a real SIGINT, or `signum`) arrives `times` times inside the first
+    forward of optimizer step `step_to_interrupt`, i.e. mid-step, not at a step boundary."""
     import signal
+
+    signum = signum or signal.SIGINT
 
     state = {"armed": False}
 
@@ -119,7 +121,7 @@ def _interrupt_during_step(model, step_to_interrupt, times=1):
         if state["armed"]:
             state["armed"] = False
             for _ in range(times):
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signum)
 
     model.model.embed_tokens.register_forward_pre_hook(hook)  # (a module the fused kernels do not swap)
     return on_step
@@ -151,6 +153,16 @@ def test_second_ctrl_c_stops_mid_step_without_writing_a_checkpoint(tmp_path, tin
     assert result["interrupted"] and result["steps"] == 3
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "adapter").exists()
     assert "no checkpoint written" in capsys.readouterr().out
+
+
+def test_sigusr1_asks_for_the_graceful_stop_however_often_it_comes(tmp_path, tiny_tokenizer):
+    import signal
+
+    model = tiny_llama_for(tiny_tokenizer)
+    result = train(_cfg(tmp_path, grad_accum=2), model, tiny_tokenizer,
+                   on_step=_interrupt_during_step(model, 4, 3, signal.SIGUSR1))
+    assert result["interrupted"] and result["steps"] == 4  # the step under way finished, then a checkpoint
+    assert (tmp_path / "checkpoint.pt").exists()
 
 
 def test_packing_and_gradient_checkpointing_train(tmp_path, tiny_tokenizer):
