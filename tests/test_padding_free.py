@@ -12,7 +12,7 @@ from conftest import randomize_adapters, tiny_train_config
 
 import lorakit
 from lorakit.kernels import varlen_attention as V
-from lorakit.train.loss import CausalLMLoss
+from lorakit.train.loss import TOKEN_MULTIPLE, CausalLMLoss
 
 
 def _llama(**kw):
@@ -62,7 +62,8 @@ def test_padding_free_batch_equals_the_padded_batch(family, monkeypatch):
         results.append(_loss_and_grads(model, batch))
         monkeypatch.setattr(F, "scaled_dot_product_attention", real_sdpa)
         if padding_free:
-            assert [c[2] for c in calls] == [7, 12, 3, 9] * 2  # per row, per layer
+            filler = [(-31) % TOKEN_MULTIPLE] if 31 % TOKEN_MULTIPLE else []  # rounds 31 tokens up (unpad_batch)
+            assert [c[2] for c in calls] == ([7, 12, 3, 9] + filler) * 2  # per row, per layer
     (loss_pad, grads_pad), (loss_free, grads_free) = results
     assert torch.allclose(loss_free, loss_pad, rtol=1e-6)
     for name, grad in grads_pad.items():
@@ -78,6 +79,19 @@ def test_unpad_batch_layout():
     assert [packed["labels"][0, i].item() for i in (0, 3, 8)] == [-100, -100, -100]  # each row's first token
     assert V._segments(packed["position_ids"]) == [3, 5, 2]
     assert V._segments(torch.arange(6)[None]) is None  # one row: no restart, the plain sdpa path
+
+
+def test_unpad_batch_rounds_up_with_a_filler_segment_that_carries_no_label():
+    batch = _batch([3, 5, 2])
+    plain = V.unpad_batch(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    packed = V.unpad_batch(batch["input_ids"], batch["labels"], batch["attention_mask"], multiple=16)
+    assert packed["input_ids"].shape == (1, 16)
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(packed[key][:, :10], plain[key])
+    assert packed["labels"][0, 10:].tolist() == [-100] * 6 and packed["position_ids"][0, 10:].tolist() == list(range(6))
+    assert V._segments(packed["position_ids"]) == [3, 5, 2, 6]
+    assert V.unpad_batch(batch["input_ids"], batch["labels"], batch["attention_mask"], multiple=5)["input_ids"].shape \
+        == (1, 10)  # already a multiple: no filler
 
 
 def test_per_row_attention_gradcheck_against_block_diagonal_masked_attention():

@@ -24,13 +24,27 @@ VARLEN = "lorakit_varlen"
 IGNORE = -100
 
 
-def unpad_batch(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-    """A right-padded batch as one padding-free row: {input_ids, labels, position_ids}, each (1, real tokens)."""
+def unpad_batch(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                multiple: int = 1) -> dict:
+    """A right-padded batch as one padding-free row: {input_ids, labels, position_ids}, each (1, real tokens).
+
+    `multiple` > 1 rounds the row's length up to a multiple of it with a filler segment (token 0, no labels,
+    positions from 0: attention keeps it to itself, so no real token's output or gradient changes). Every batch
+    of varying length is then one of a few lengths: the matmul library (oneDNN) plans and caches a kernel per
+    shape, and a new length per step grows that cache and fragments the heap. Measured (SmolLM2-135M, 8 rows of
+    ~49 tokens, bf16, AMD EPYC AVX-512-BF16, 30 steps): peak RSS 1.53 -> 1.30 GB with a multiple of 16, the same
+    step time within noise and the same losses."""
     keep = attention_mask.bool()
     labels = labels.clone()
     labels[:, 0] = IGNORE  # a row's first token is never a target (in the padded batch it is no one's next token)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    return {"input_ids": input_ids[keep][None], "labels": labels[keep][None], "position_ids": positions[keep][None]}
+    ids, labels, positions = input_ids[keep], labels[keep], positions[keep]
+    extra = (-ids.numel()) % multiple
+    if extra:
+        ids = torch.cat([ids, ids.new_zeros(extra)])
+        labels = torch.cat([labels, labels.new_full((extra,), IGNORE)])
+        positions = torch.cat([positions, torch.arange(extra, device=ids.device)])
+    return {"input_ids": ids[None], "labels": labels[None], "position_ids": positions[None]}
 
 
 _last_segments: list = [None, None, None]  # [position-id tensor (held, so its id cannot be reused), version, lengths]

@@ -21,6 +21,8 @@ from torch import nn
 
 from ..kernels import linear_cross_entropy_sum
 from ..kernels.varlen_attention import VARLEN, unpad_batch
+
+TOKEN_MULTIPLE = 16  # a padding-free batch's length is rounded up to this (fewer distinct matmul shapes)
 from .data import IGNORE
 
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -68,7 +70,8 @@ class CausalLMLoss(nn.Module):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if attention_mask is not None and position_ids is None and is_right_padded(attention_mask):
             if runs_padding_free(base, input_ids):
-                packed = unpad_batch(input_ids, labels, attention_mask)  # no work on padding positions
+                # no work on padding positions; lengths rounded to a few shapes (see unpad_batch)
+                packed = unpad_batch(input_ids, labels, attention_mask, multiple=TOKEN_MULTIPLE)
                 input_ids, labels, position_ids = packed["input_ids"], packed["labels"], packed["position_ids"]
             attention_mask = None
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
