@@ -120,3 +120,30 @@ def test_collate_pads_right_with_mask_and_ignored_labels():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7], [8, D.IGNORE, D.IGNORE]]
+
+
+def test_csv_and_parquet_rows_train_as_the_same_jsonl_rows(tmp_path, tiny_tokenizer):
+    import csv
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": "Name a colour.", "input": "", "output": "Blue, with a comma"},
+            {"instruction": "Say hi", "input": "to Ann", "output": 'She said "hi"\nthen left.'}]
+    jsonl, table, columns = tmp_path / "r.jsonl", tmp_path / "r.csv", tmp_path / "r.parquet"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), columns)
+    expected = D.load_examples(str(jsonl), tiny_tokenizer, 128)[0]
+    for path in (table, columns):
+        assert D.load_examples(str(path), tiny_tokenizer, 128)[0] == expected, path
+    assert [line for line, _ in D.read_rows(str(table))] == [2, 3]  # where each starts (a quoted newline inside)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(D.DataError, match="empty CSV"):
+        D.read_rows(str(tmp_path / "empty.csv"))
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(D.DataError, match="not a readable Parquet"):
+        D.read_rows(str(tmp_path / "bad.parquet"))

@@ -15,7 +15,6 @@ import time
 import httpx
 import pytest
 from browser import CHROMEDRIVER, CHROMIUM, HOW, console_errors, start_chrome
-from browser import wait as browser_wait
 from test_serve import _start_server
 
 from lorakit.train.config import DEMO_DATA
@@ -75,7 +74,11 @@ def browser(training_server):
 
 
 def _wait(driver, condition, seconds=WAIT):
-    return browser_wait(driver, condition, seconds)
+    """Until condition(driver) is truthy; an element the page re-rendered meanwhile (stale) just means: look again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, seconds, ignored_exceptions=[StaleElementReferenceException]).until(condition)
 
 
 # --- accessible names only ---------------------------------------------------------------------------------
@@ -131,9 +134,10 @@ def alert_text(driver) -> str:
 
 
 def train_points(driver) -> int:
-    chart = labelled(driver, "Live loss against step")
-    return int(chart.find_elements("css selector", "polyline")[0].get_attribute("data-points")
-               if chart.find_elements("css selector", "polyline") else 0)
+    """Train points on the chart labelled "Live loss against step" (read in one script: the page redraws it)."""
+    return int(driver.execute_script(
+        "const line = document.querySelector('svg[aria-label=\"Live loss against step\"] polyline');"
+        "return line ? line.dataset.points : 0;"))
 
 
 def progress(driver) -> str:
@@ -334,3 +338,19 @@ def test_a_restarted_server_shows_the_run_it_was_training_as_interrupted_and_res
 
 def _train_records_if_any(path):
     return _train_records(path) if os.path.isfile(path) else []
+
+
+def test_the_page_sets_only_what_it_offers_and_grpo_only_built_in_rewards(tmp_path, serve_model_dir):
+    from lorakit.studio.settings import train_config
+
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "What is 2 + 2?", "answer": "4"}\n')
+    cfg = train_config({"data": "rows.jsonl", "method": "grpo", "rewards": ["exact_answer"], "variant": "dora",
+                        "r": 4}, serve_model_dir, str(tmp_path), str(tmp_path / "runs" / "g"))
+    assert cfg.rewards == ["exact_answer"] and cfg.lora["use_dora"] and cfg.lora["r"] == 4
+    assert cfg.model == os.path.abspath(serve_model_dir) and cfg.output_dir == str(tmp_path / "runs" / "g")
+    for bad, says in (({"rewards": ["os:system"]}, "built-in reward names"), ({"model": "other"}, "unknown setting"),
+                      ({"output_dir": "/tmp"}, "unknown setting"), ({"variant": "lokr"}, "variant"),
+                      ({"bf16": "yes"}, "bf16")):
+        with pytest.raises(ValueError, match=says):
+            train_config({"data": "rows.jsonl", "method": "grpo", **bad}, serve_model_dir, str(tmp_path),
+                         str(tmp_path / "runs" / "g"))

@@ -12,6 +12,7 @@ import os
 import re
 
 from ..train.config import DEMO_LORA, TrainConfig
+from ..train.rewards import BUILTINS
 from ..serve.errors import InvalidRequest, NotFound
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -32,6 +33,8 @@ OFFERED = {  # setting: (allowed values or type, the page's default)
     "max_length": ("integer >= 1", 512),
     "eval_every": ("integer >= 1", 10),
     "seed": ("integer", 0),
+    "rewards": (f"a list of built-in reward names for GRPO ({', '.join(sorted(BUILTINS))}); the page names no "
+                "module of its own (a module path would run code)", ["exact_answer"]),
 }
 
 
@@ -94,12 +97,14 @@ def train_config(settings, model: str, data_root: str, output_dir: str) -> Train
     targets = given["target_modules"]
     _check("target_modules", targets, isinstance(targets, list) and targets and all(
         isinstance(t, str) and re.fullmatch(r"[A-Za-z0-9_.]+", t) for t in targets))
+    rewards = given["rewards"]
+    _check("rewards", rewards, isinstance(rewards, list) and rewards and all(r in BUILTINS for r in rewards))
     data = confined_path(data_root, given["data"])
     local_model = os.path.abspath(model) if os.path.exists(model) else model
     return TrainConfig(
         model=local_model, data=data, output_dir=os.path.abspath(output_dir), method=given["method"],
         max_steps=given["max_steps"], lr=given["lr"], bf16=given["bf16"], batch_size=given["batch_size"],
         max_length=given["max_length"], eval_every=given["eval_every"], seed=given["seed"],
-        quantize="nf4" if given["quantize"] else None,
+        quantize="nf4" if given["quantize"] else None, rewards=rewards if given["method"] == "grpo" else None,
         lora={**DEMO_LORA, "r": given["r"], "lora_alpha": given["lora_alpha"], "target_modules": targets,
               **VARIANTS[given["variant"]]})  # as load_train_config fills the lora section

@@ -12,8 +12,6 @@ turns, completions) carry loss; `train_on_prompt=True` puts loss on every token.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import random
@@ -22,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..chat import chat_messages, chat_segments
+from . import table_files
+from .table_files import DataError
 
 IGNORE = -100
 
@@ -54,10 +54,6 @@ class DataStats:
     dropped_empty: int = 0
 
 
-class DataError(ValueError):
-    """A malformed data file or row; the message names the file and line."""
-
-
 def read_text(path: str) -> str:
     """The file as UTF-8 text; a byte that is not UTF-8 is reported with its line and column."""
     with open(path, "rb") as f:
@@ -76,10 +72,10 @@ def read_rows(path: str) -> list[tuple[int, dict | str]]:
     if not os.path.isfile(path):
         raise DataError(f"data file {path} does not exist")
     if path.endswith(".parquet"):
-        return parquet_rows(path)
+        return table_files.parquet_rows(path)
     text = read_text(path)
     if path.endswith(".csv"):
-        return csv_rows(path, text)
+        return table_files.csv_rows(path, text)
     if path.endswith(".txt"):
         blocks = [b.strip() for b in text.split("\n\n")]
         return [(i + 1, {"text": b}) for i, b in enumerate(blocks) if b]
@@ -100,27 +96,6 @@ def read_rows(path: str) -> list[tuple[int, dict | str]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
     return rows
-
-
-def csv_rows(path: str, text: str) -> list[tuple[int, dict]]:
-    """A CSV file with a header line: one row per record, its columns as string fields (line = the file's line)."""
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
-        raise DataError(f"{path}: empty CSV file (expected a header line naming the columns)")
-    return [(reader.line_num, dict(row)) for row in reader]
-
-
-def parquet_rows(path: str) -> list[tuple[int, dict]]:
-    """A Parquet file's records (row index + 1 as the 'line'); needs pyarrow."""
-    try:
-        import pyarrow.parquet as pq  # imports inside functions: only Parquet data needs pyarrow
-    except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or give JSONL/CSV") from None
-    try:
-        records = pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow's errors for a file that is not Parquet vary by version
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    return list(enumerate(records, start=1))
 
 
 def row_to_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:

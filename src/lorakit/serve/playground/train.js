@@ -15,6 +15,7 @@ function trainSettings() {
     max_steps: Number($("train-steps").value), lr: Number($("train-lr").value),
     batch_size: Number($("train-batch").value), max_length: Number($("train-max-length").value),
     bf16: precision === "auto" ? "auto" : precision === "bf16",
+    rewards: $("train-rewards").value.split(",").map((t) => t.trim()).filter(Boolean),
   };
 }
 
