@@ -33,7 +33,7 @@ from ..hardware import attention_backends
 from ..kernels import linear_cross_entropy_sum
 from ..kernels.varlen_attention import unpad_batch
 from ..utils import eval_mode
-from .loss import fused_head_supported, is_right_padded, runs_padding_free
+from .loss import TOKEN_MULTIPLE, fused_head_supported, is_right_padded, runs_padding_free
 from .preference_data import collate_pairs
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -83,9 +83,10 @@ def decoder_hidden(base: nn.Module, input_ids, attention_mask) -> torch.Tensor:
     if not is_right_padded(attention_mask):
         return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     if runs_padding_free(base, input_ids):
-        packed = unpad_batch(input_ids, input_ids, attention_mask)  # rows end to end, no work on padding
+        # rows end to end, no work on padding; lengths rounded to a few shapes (the filler's outputs dropped)
+        packed = unpad_batch(input_ids, input_ids, attention_mask, multiple=TOKEN_MULTIPLE)
         out = decoder(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                      use_cache=False).last_hidden_state[0]
+                      use_cache=False).last_hidden_state[0, :int(attention_mask.sum())]
         return out.new_zeros(*input_ids.shape, out.shape[-1]).index_put(attention_mask.bool().nonzero(as_tuple=True),
                                                                         out)
     return decoder(input_ids=input_ids, use_cache=False).last_hidden_state
