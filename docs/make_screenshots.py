@@ -1,5 +1,6 @@
 """Regenerate the playground screenshots in docs/playground/ from the embedded SmolLM2-135M-Instruct model and the
-demo adapter (the Brightwater house style), with the demo's real training run in the runs view.
+demo adapter (the Brightwater house style), with the demo's real training run in the runs view, and the Train view
+during a short run started from the page on the demo data.
 
     python docs/make_screenshots.py            # trains the demo first when runs/demo/adapter is missing
     python docs/make_screenshots.py --train    # retrain the demo, then take the pictures
@@ -34,7 +35,8 @@ def _free_port() -> int:
 def _start_server(runs: str, adapter: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", f"--adapter=demo={adapter}", f"--runs={runs}",
-                             f"--adapter-root={runs}", f"--port={port}", f"--max-tokens-cap={MAX_TOKENS}"], cwd=ROOT)
+                             f"--adapter-root={runs}", f"--port={port}", f"--max-tokens-cap={MAX_TOKENS}",
+                             "--allow-training", f"--data-root={os.path.join(runs, 'screenshot-data')}"], cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         if proc.poll() is not None:
@@ -84,6 +86,7 @@ def take_screenshots(base: str, out: str) -> dict[str, str]:
         wait(driver, lambda d: css(d, '#runs-list button[data-run="demo"]'), WAIT_S)[0].click()
         wait(driver, lambda d: css(d, "#loss-chart polyline"), WAIT_S)
         shot("runs")
+        take_train_screenshot(driver, shot)
         errors = console_errors(driver)
     finally:
         driver.quit()
@@ -92,6 +95,26 @@ def take_screenshots(base: str, out: str) -> dict[str, str]:
     if left == right:
         raise SystemExit(f"base and demo adapter gave the same answer, the pictures would show no difference: {left!r}")
     return {"chat (demo)": chat, f"compare left ({base_model})": left, "compare right (demo)": right}
+
+
+def take_train_screenshot(driver, shot) -> None:
+    """The Train view: the demo data uploaded, previewed and estimated, then a 12-step run followed to its end."""
+    from lorakit.train.config import DEMO_DATA
+
+    open_tab(driver, "train")
+    by_id(driver, "train-upload").send_keys(DEMO_DATA)
+    wait(driver, lambda d: by_id(d, "train-data").get_attribute("value").endswith(os.path.basename(DEMO_DATA)), WAIT_S)
+    for field, value in (("train-name", f"browser-{int(time.time())}"), ("train-steps", "12"), ("train-batch", "4"),
+                         ("train-max-length", "256")):
+        type_into(driver, field, value)
+    wait(driver, lambda d: by_id(d, "estimate-parameters").text != "-", WAIT_S)
+    by_id(driver, "train-probe").click()  # 3 measured steps: seconds per step and peak memory
+    wait(driver, lambda d: "tokens/s" in by_id(d, "estimate-step").text, WAIT_S)
+    by_id(driver, "train-start").click()
+    wait(driver, lambda d: by_id(d, "train-progress").get_attribute("data-status") == "finished", 3 * WAIT_S)
+    driver.set_window_size(1200, 1900)  # the whole view: settings, preview, estimate, the run's curve and log
+    shot("train")
+    driver.set_window_size(1200, 900)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 
 from . import data as D
 from .config import TrainConfig
@@ -43,8 +44,11 @@ def preview(cfg: TrainConfig, tokenizer, rows: int = 3) -> dict:
     lines = []
     ordered = dataclasses.replace(cfg, val_fraction=0.0, packing=False, eval_data=None)  # file order, whole file
     examples = load_rows(ordered, tokenizer, lines.append)[0]
-    return {"rows": [example_pieces(e, tokenizer) for e in examples[:rows]], "total": len(examples),
-            "log": lines[-1] if lines else ""}
+    log = lines[-1] if lines else ""
+    if not cfg.eval_data:  # the split the run will make (the loader above was asked for none)
+        train, held_out = D.split(examples, cfg.val_fraction, cfg.seed)
+        log = re.sub(r"\d+ train / \d+ val", f"{len(train)} train / {len(held_out)} val", log)
+    return {"rows": [example_pieces(e, tokenizer) for e in examples[:rows]], "total": len(examples), "log": log}
 
 
 def prompt_text(row) -> str | None:
