@@ -22,16 +22,29 @@ def start_chrome(width: int = 1200, height: int = 900):
     return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
 
 
+def chrome_or_skip(width: int = 1200, height: int = 900):
+    """start_chrome, or skip the test saying how to get the browser (selenium, chromium, chromedriver)."""
+    import pytest
+
+    pytest.importorskip("selenium.webdriver", reason=HOW)
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(HOW)
+    return start_chrome(width, height)
+
+
 def console_errors(driver) -> list[dict]:
     """The page's console entries at level SEVERE (errors, failed loads)."""
     return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
 def wait(driver, condition, seconds: float = 60):
-    """Until condition(driver) is truthy (its value), at most `seconds`."""
+    """Until condition(driver) is truthy (its value), at most `seconds`; an element the page re-rendered meanwhile
+    (stale) or has not rendered yet just means: look again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, seconds).until(condition)
+    ignored = [NoSuchElementException, StaleElementReferenceException]
+    return WebDriverWait(driver, seconds, ignored_exceptions=ignored).until(condition)
 
 
 def by_id(driver, element_id):

@@ -12,7 +12,7 @@ import sys
 import threading
 
 import pytest
-from browser import CHROMEDRIVER, CHROMIUM, HOW, console_errors, start_chrome
+from browser import chrome_or_skip, console_errors
 from docs_blocks import RUNNABLE_LANGUAGES, page_blocks
 
 import lorakit
@@ -155,13 +155,10 @@ def served_site(tmp_path_factory):
 
 
 def test_site_home_search_and_api_page_load_in_chromium_with_no_console_error(served_site):
-    pytest.importorskip("selenium.webdriver", reason=HOW)
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip(HOW)
+    driver = chrome_or_skip()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = start_chrome()
     try:
         driver.get(served_site + "/")
         assert "lorakit" in driver.title

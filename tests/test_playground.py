@@ -12,8 +12,7 @@ import re
 
 import httpx
 import pytest
-from browser import (CHROMEDRIVER, CHROMIUM, HOW, by_id, choose, console_errors, css, open_tab, options, start_chrome,
-                     type_into)
+from browser import by_id, choose, chrome_or_skip, console_errors, css, open_tab, options, type_into
 from browser import wait as browser_wait
 from conftest import tiny_train_config
 from test_serve import _start_server
@@ -57,10 +56,7 @@ def server(serve_model_dir, adapters, runs_dir):
 
 @pytest.fixture(scope="module")
 def browser(server):
-    pytest.importorskip("selenium.webdriver", reason=HOW)
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip(HOW)
-    driver = start_chrome()
+    driver = chrome_or_skip()
     driver.get(server + "/")
     _wait(driver, lambda d: len(options(d, "chat-model")) == 3)
     yield driver

@@ -14,7 +14,8 @@ import time
 
 import httpx
 import pytest
-from browser import CHROMEDRIVER, CHROMIUM, HOW, console_errors, start_chrome
+from browser import chrome_or_skip, console_errors
+from browser import wait as browser_wait
 from test_serve import _start_server
 
 from lorakit.train.config import DEMO_DATA
@@ -64,21 +65,14 @@ def training_server(small_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(training_server):
-    pytest.importorskip("selenium.webdriver", reason=HOW)
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip(HOW)
-    driver = start_chrome(1300, 1000)
+    driver = chrome_or_skip(1300, 1000)
     driver.get(training_server[0] + "/")
     yield driver
     driver.quit()
 
 
 def _wait(driver, condition, seconds=WAIT):
-    """Until condition(driver) is truthy; an element the page re-rendered meanwhile (stale) just means: look again."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, seconds, ignored_exceptions=[StaleElementReferenceException]).until(condition)
+    return browser_wait(driver, condition, seconds)
 
 
 # --- accessible names only ---------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ the engine's own refusals (errors.py) become 400 / 403 / 404 / 409 here.
 
 import asyncio
 import json
-import os
 import socket
 import time
 import uuid
@@ -230,8 +229,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, extens
         runs = f"; runs from {config.runs_dir}" if config.runs_dir else ""
         print(f"playground: open http://{host}:{port}/ in a browser{runs}", flush=True)
     if config.allow_training:
-        print(f"training: on (--allow-training); data from {config.data_root or os.path.join(config.runs_dir, 'data')}",
-              flush=True)
+        print(f"training: on (--allow-training); data from {config.training_data_root}", flush=True)
     app = create_app(engine, extensions)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")

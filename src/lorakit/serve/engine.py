@@ -60,6 +60,11 @@ class ServeConfig:
     data_root: str | None = None   # data files training may read (default: RUNS/data); uploads go to ROOT/uploads
     max_upload_bytes: int = 64 << 20  # largest data file upload (413 above it)
 
+    @property
+    def training_data_root(self) -> str | None:
+        """Where training may read data: data_root, else RUNS/data (None without a runs directory)."""
+        return self.data_root or (os.path.join(self.runs_dir, "data") if self.runs_dir else None)
+
     def __post_init__(self):
         if self.allow_training and not self.runs_dir:
             raise ValueError("allow_training needs a runs directory (runs_dir / --runs DIR) for the runs it starts")

@@ -2,7 +2,8 @@
 time (the others wait in a queue). Its output goes to RUN/train.log; its state to RUN/job.json (written whole), so a
 restarted server finds the runs that were queued or training when it stopped and shows them as interrupted,
 resumable from their checkpoint. Stop sends the child SIGUSR1: lorakit train finishes the step, writes its
-checkpoint and exits (stop_request.py; the kernel sends the same signal if the server dies first); Resume runs `lorakit train RUN/config.yaml --resume`.
+checkpoint and exits (stop_request.py; the kernel sends the same signal if the server dies first); Resume runs
+`lorakit train RUN/config.yaml --resume`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import sys
 import threading
 import time
 from collections import deque
-
-import yaml
 
 from ..train.checkpoint import CHECKPOINT_NAME
 from ..train.stop_request import STOP_SIGNAL
@@ -101,23 +100,24 @@ class TrainingJobs:
                 "queue_position": position}
 
     def names(self) -> list[str]:
-        return sorted((n for n in os.listdir(self.runs_dir) if self.read_state(n) is not None),
-                      key=lambda n: -(self.read_state(n) or {}).get("created", 0))
+        """Browser-started runs, newest first."""
+        states = {n: self.read_state(n) for n in os.listdir(self.runs_dir)}
+        return sorted((n for n, state in states.items() if state is not None),
+                      key=lambda n: -states[n].get("created", 0))
 
     # --- actions ----------------------------------------------------------------------------------
-    def submit(self, name: str, settings: dict) -> dict:
-        """Queue a new run: `settings` (a complete TrainConfig mapping, output_dir = the run directory) is written
-        to RUN/request.yaml, the config the child starts from."""
+    def submit(self, name: str, cfg) -> dict:
+        """Queue a new run: `cfg` (its TrainConfig, output_dir = the run directory) is written to RUN/request.yaml,
+        the config the child starts from."""
         directory = self.directory(name)
         with self.lock:
             if os.path.exists(directory):
                 raise Conflict(f"run {name!r} already exists under the runs directory; choose another name",
                                "run_exists")
             os.makedirs(directory)
-            with atomic_path(os.path.join(directory, REQUEST_FILE)) as tmp, open(tmp, "w") as f:
-                yaml.safe_dump(settings, f, sort_keys=False)
+            cfg.save_yaml(os.path.join(directory, REQUEST_FILE))
             self._write_state(name, status="queued", created=time.time(), resume=False, pid=None,
-                              max_steps=settings.get("max_steps"), returncode=None)
+                              max_steps=cfg.max_steps, returncode=None)
             self.queue.append(name)
         return self.describe(name)
 

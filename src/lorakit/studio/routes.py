@@ -51,8 +51,7 @@ class TrainView:
     def __init__(self, engine):
         self.engine, self.config = engine, engine.config
         self.jobs = TrainingJobs(self.config.runs_dir) if self.config.allow_training else None
-        runs = self.config.runs_dir
-        self.data_root = self.config.data_root or (os.path.join(runs, "data") if runs else None)
+        self.data_root = self.config.training_data_root
         if self.jobs:
             os.makedirs(self.data_root, exist_ok=True)
 
@@ -131,7 +130,7 @@ def _add_run_routes(app: FastAPI, view: TrainView) -> None:
             await _blocking(preview_rows, cfg, view.engine.tokenizer, 0)
         except ValueError as e:
             raise _data_error(e) from None
-        return await _blocking(view.jobs.submit, name, cfg.to_dict())
+        return await _blocking(view.jobs.submit, name, cfg)
 
     @app.get("/v1/train/runs/{name}")
     async def run(name: str):

@@ -3,11 +3,12 @@ injected into a copy of the model built on the meta device, no weights read), th
 (memory_check), and a short measured probe (`lorakit train` for PROBE_STEPS steps in a child process: seconds per
 step and peak resident memory, as the real run's first steps measure them).
 
-The playground's Train view shows these before Start (serve/train_routes.py).
+The playground's Train view shows these before Start (studio/routes.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,13 +16,12 @@ import sys
 import tempfile
 
 import torch
-import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
 from .. import calc
 from ..adapters import peft_format
 from ..adapters.task_models import get_peft_model
-from ..hardware import resolve_device_type, resolve_dtype
+from ..hardware import resolve_bf16, resolve_device_type
 from ..models.loading import resolve_model_dir
 from .config import TrainConfig
 from .memory_check import run_shape
@@ -60,20 +60,15 @@ def adapter_size(cfg: TrainConfig) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.peft_config["default"]
     state = peft_format.adapter_state_dict(model.model, "default", config, "auto")
-    shapes = {name: (tuple(t.shape), torch.float32 if t.dtype == torch.float32 else t.dtype)
-              for name, t in state.items()}
+    shapes = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
     return {"trainable_parameters": int(trainable), "adapter_bytes": safetensors_bytes(shapes),
             "saved_tensors": len(state)}
 
 
 def predicted_memory(cfg: TrainConfig) -> dict:
     """The calculator's predicted peak (GB, by component) for this run at its max_length."""
-    resolved = TrainConfig(**{**cfg.to_dict(), "bf16": cfg.bf16 if cfg.bf16 != "auto" else _auto_bf16(cfg)})
+    resolved = dataclasses.replace(cfg, bf16=resolve_bf16(cfg.bf16, resolve_device_type(cfg.device)))
     return calc.predict_run(calc.get_arch(resolve_model_dir(cfg.model)), run_shape(resolved))
-
-
-def _auto_bf16(cfg: TrainConfig) -> bool:
-    return resolve_dtype("auto", resolve_device_type(cfg.device)) == torch.bfloat16
 
 
 def probe(cfg: TrainConfig, steps: int = PROBE_STEPS, timeout_s: float = 600) -> dict:
@@ -82,12 +77,10 @@ def probe(cfg: TrainConfig, steps: int = PROBE_STEPS, timeout_s: float = 600) ->
     tokens per second and peak resident memory, as measured there. Raises RuntimeError with the child's last
     output lines when it fails."""
     with tempfile.TemporaryDirectory(prefix="lorakit-probe-") as tmp:
-        settings = {**cfg.to_dict(), "output_dir": os.path.join(tmp, "run"), "max_steps": steps, "prompts": None,
-                    "val_fraction": 0.0, "eval_data": None, "eval_every": 10 ** 6, "save_every": 10 ** 6,
-                    "progress": False, "resume": False, "overwrite": False, "memory_check": False}
         path = os.path.join(tmp, "probe.yaml")
-        with open(path, "w") as f:
-            yaml.safe_dump(settings, f, sort_keys=False)
+        dataclasses.replace(cfg, output_dir=os.path.join(tmp, "run"), max_steps=steps, prompts=None, val_fraction=0.0,
+                            eval_data=None, eval_every=10 ** 6, save_every=10 ** 6, progress=False,
+                            memory_check=False).save_yaml(path)
         done = subprocess.run([sys.executable, "-m", "lorakit", "train", path], capture_output=True, text=True,
                               timeout=timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if done.returncode != 0:

@@ -21,9 +21,9 @@ from torch import nn
 
 from ..kernels import linear_cross_entropy_sum
 from ..kernels.varlen_attention import VARLEN, unpad_batch
+from .data import IGNORE
 
 TOKEN_MULTIPLE = 16  # a padding-free batch's length is rounded up to this (fewer distinct matmul shapes)
-from .data import IGNORE
 
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 

@@ -133,10 +133,7 @@ function showStatus(status) {
 
 function followRun(name) {
   if (train.events) train.events.close();
-  if (train.run !== name) {
-    train.records = new Map();
-    train.log = "";
-  }
+  if (train.run !== name) train.records = new Map();  // a resumed run keeps its points (the stream resends them)
   train.run = name;
   $("train-run-title").textContent = `Run ${name}`;
   $("train-config").href = `/v1/train/runs/${encodeURIComponent(name)}/config.yaml`;
